@@ -1,0 +1,7 @@
+//! One module per CLI verb. Each has `Args` (clap) and `run(&Args) -> anyhow::Result<ExitCode>`:
+//! `Ok` carries the verdict's exit code (0 pass, 1 gate failed); `Err` is
+//! a usage or input error, printed on one line with exit code 2.
+
+pub mod capture;
+pub mod inspect;
+pub mod weights;

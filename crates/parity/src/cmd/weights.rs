@@ -1,0 +1,7 @@
+//! `parity weights` (owned by the llama-ref work; placeholder until it lands).
+use std::process::ExitCode;
+#[derive(clap::Args)]
+pub struct Args {}
+pub fn run(_args: &Args) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("weights is not implemented yet")
+}

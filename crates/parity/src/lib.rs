@@ -1,0 +1,5 @@
+//! The parity library: model resolution, metrics, alignment, localization,
+//! thresholds and reports. The `parity` binary is a thin CLI over it.
+
+pub mod cmd;
+pub mod model;

@@ -1,0 +1,39 @@
+//! `parity`: run a Qwen2 engine and llama.cpp side by side and find where they diverge.
+
+use clap::{Parser, Subcommand};
+use parity::cmd;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "parity", version, about = "Stage-by-stage parity of a Qwen2 engine against llama.cpp")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a GGUF's architecture, config, metadata and tensors.
+    Inspect(cmd::inspect::Args),
+    /// Check our dequantization of every tensor against ggml's own, bit for bit.
+    Weights(cmd::weights::Args),
+    /// Run one engine and dump every checkpoint (.npy + manifest.json).
+    Capture(cmd::capture::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Weights(args) => cmd::weights::run(args),
+        Command::Capture(args) => cmd::capture::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // One line: the whole context chain, no backtrace.
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
