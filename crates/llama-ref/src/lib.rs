@@ -1,1 +1,59 @@
+//! llama.cpp in-process through FFI (llama-cpp-sys-2, with llama-cpp-2 for
+//! backend init): every stage of the catalogue captured through the eval
+//! callback and converted to the canonical layout, plus ggml's own
+//! (de)quantization and llama.cpp's model quantizer. All `unsafe` of the
+//! workspace lives in this crate.
 
+mod backend;
+mod error;
+pub mod ggml;
+mod hook;
+mod model;
+mod quantize;
+
+pub use error::LlamaError;
+pub use model::LlamaRef;
+pub use quantize::quantize_model_id;
+
+/// Element type of llama.cpp's KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvType {
+    /// llama.cpp's default: production-like.
+    F16,
+    /// Exact: no rounding of K and V.
+    F32,
+}
+
+impl KvType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::F32 => "f32",
+        }
+    }
+}
+
+/// How `LlamaRef::run` runs llama.cpp.
+#[derive(Clone, Debug)]
+pub struct RefOptions {
+    pub kv_type: KvType,
+    /// Flash attention: attention-internal stages become unavailable.
+    pub flash_attn: bool,
+    pub threads: usize,
+    /// Layers to capture; `None` = all.
+    pub layers: Option<Vec<usize>>,
+    /// `false` runs without the eval callback at all (for timing).
+    pub capture: bool,
+}
+
+impl Default for RefOptions {
+    fn default() -> Self {
+        RefOptions {
+            kv_type: KvType::F16,
+            flash_attn: false,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            layers: None,
+            capture: true,
+        }
+    }
+}

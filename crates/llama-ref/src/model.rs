@@ -1,0 +1,460 @@
+//! `LlamaRef`: a llama.cpp model, tokenization, and a captured greedy run.
+
+use crate::hook::{self, Dims, Hook};
+use crate::{backend, KvType, LlamaError, RefOptions};
+use engine::capture::{Capture, CaptureConfig};
+use engine::stage::{Stage, StageId};
+use llama_cpp_sys_2 as sys;
+use std::ffi::{c_void, CString};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+/// Cache positions added beyond prompt + decode steps.
+const CTX_MARGIN: usize = 8;
+
+/// A llama.cpp model loaded in-process (CPU backend).
+pub struct LlamaRef {
+    model: NonNull<sys::llama_model>,
+    vocab: NonNull<sys::llama_vocab>,
+    dims: Dims,
+    n_ctx_train: usize,
+    path: PathBuf,
+}
+
+// SAFETY: the model is immutable after loading and owned by this value alone
+// (freed once, in Drop); llama.cpp allows using a model from any thread, one
+// context per run. `LlamaRef` is not `Sync`: tokenization goes through the
+// vocab's internal caches, so it stays on one thread at a time.
+unsafe impl Send for LlamaRef {}
+
+impl Drop for LlamaRef {
+    fn drop(&mut self) {
+        // SAFETY: `model` came from llama_model_load_from_file and is freed only here.
+        unsafe { sys::llama_model_free(self.model.as_ptr()) };
+    }
+}
+
+fn c_path(path: &Path) -> Result<CString, LlamaError> {
+    let s = path.to_str().ok_or_else(|| LlamaError::Input(format!("path is not UTF-8: {}", path.display())))?;
+    CString::new(s).map_err(|_| LlamaError::Input(format!("path contains a NUL byte: {}", path.display())))
+}
+
+/// RAII for a llama context.
+struct Context(NonNull<sys::llama_context>);
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: created by llama_init_from_model, freed only here.
+        unsafe { sys::llama_free(self.0.as_ptr()) };
+    }
+}
+
+/// RAII for a `llama_batch` from `llama_batch_init`.
+struct Batch(sys::llama_batch);
+
+impl Batch {
+    /// One sequence, positions `pos0..`, logits requested for every token.
+    fn new(tokens: &[i32], pos0: usize) -> Batch {
+        let n = tokens.len();
+        // SAFETY: allocates arrays for n tokens (no embeddings), one seq id each.
+        let raw = unsafe { sys::llama_batch_init(n as i32, 0, 1) };
+        let mut batch = Batch(raw);
+        for (i, &tok) in tokens.iter().enumerate() {
+            // SAFETY: llama_batch_init allocated n entries in each array and one
+            // seq id slot per token; i < n.
+            unsafe {
+                *batch.0.token.add(i) = tok;
+                *batch.0.pos.add(i) = (pos0 + i) as i32;
+                *batch.0.n_seq_id.add(i) = 1;
+                *(*batch.0.seq_id.add(i)) = 0;
+                *batch.0.logits.add(i) = 1;
+            }
+        }
+        batch.0.n_tokens = n as i32;
+        batch
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: the arrays came from llama_batch_init and are freed only here.
+        unsafe { sys::llama_batch_free(self.0) };
+    }
+}
+
+/// Owns the Hook for the lifetime of a run: the context keeps a raw pointer
+/// to it, so it is only ever reached through that same pointer.
+struct HookBox(*mut Hook);
+
+impl HookBox {
+    fn new(hook: Hook) -> HookBox {
+        HookBox(Box::into_raw(Box::new(hook)))
+    }
+    fn get(&mut self) -> &mut Hook {
+        // SAFETY: the pointer is from Box::into_raw and stays valid until Drop;
+        // `&mut self` ensures no other borrow from this side, and the callback
+        // only runs inside llama_decode, never while this borrow lives.
+        unsafe { &mut *self.0 }
+    }
+}
+
+impl Drop for HookBox {
+    fn drop(&mut self) {
+        // SAFETY: from Box::into_raw, reclaimed exactly once. Declared before the
+        // Context in `run`, so the context (the callback's only other user) is gone.
+        drop(unsafe { Box::from_raw(self.0) });
+    }
+}
+
+impl LlamaRef {
+    /// Load a GGUF with llama.cpp (CPU backend, llama.cpp's default model params).
+    pub fn load(path: &Path) -> Result<LlamaRef, LlamaError> {
+        if !path.is_file() {
+            return Err(LlamaError::NotFound(path.to_path_buf()));
+        }
+        backend::ensure()?;
+        let cpath = c_path(path)?;
+        // SAFETY: plain constructor of a params struct.
+        let params = unsafe { sys::llama_model_default_params() };
+        // SAFETY: `cpath` is a valid NUL-terminated string for the call's duration.
+        let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
+        let model = NonNull::new(raw).ok_or_else(|| LlamaError::Load {
+            path: path.to_path_buf(),
+            msg: "llama.cpp could not load this model (run with PARITY_LLAMA_LOG=1 for its log)".into(),
+        })?;
+        // SAFETY: live model; the vocab pointer lives as long as the model.
+        let vocab = unsafe { sys::llama_model_get_vocab(model.as_ptr()) } as *mut sys::llama_vocab;
+        let load_err = |msg: String| LlamaError::Load { path: path.to_path_buf(), msg };
+        let Some(vocab) = NonNull::new(vocab) else {
+            // SAFETY: freeing the model we just loaded, not yet owned by a LlamaRef.
+            unsafe { sys::llama_model_free(model.as_ptr()) };
+            return Err(load_err("the model has no vocabulary".into()));
+        };
+        let mut this = LlamaRef {
+            model,
+            vocab,
+            dims: Dims { n_layer: 0, n_embd: 0, n_head: 0, n_head_kv: 0, head_dim: 0, n_ff: 0, n_vocab: 0 },
+            n_ctx_train: 0,
+            path: path.to_path_buf(),
+        };
+        let m = model.as_ptr();
+        // SAFETY: getters on a live model / vocab.
+        let (n_layer, n_embd, n_head, n_head_kv, n_vocab, n_ctx_train) = unsafe {
+            (
+                sys::llama_model_n_layer(m),
+                sys::llama_model_n_embd(m),
+                sys::llama_model_n_head(m),
+                sys::llama_model_n_head_kv(m),
+                sys::llama_vocab_n_tokens(vocab.as_ptr()),
+                sys::llama_model_n_ctx_train(m),
+            )
+        };
+        let pos = |v: i32, what: &str| -> Result<usize, LlamaError> {
+            usize::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| load_err(format!("{what} is {v}")))
+        };
+        let arch = this.meta("general.architecture").ok_or_else(|| load_err("no general.architecture".into()))?;
+        let n_ff = this
+            .meta(&format!("{arch}.feed_forward_length"))
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or_else(|| load_err(format!("no {arch}.feed_forward_length")))?;
+        let n_head = pos(n_head, "n_head")?;
+        let n_embd = pos(n_embd, "n_embd")?;
+        let head_dim = match this.meta(&format!("{arch}.attention.key_length")).and_then(|v| v.parse().ok()) {
+            Some(d) => d,
+            None => n_embd / n_head,
+        };
+        this.dims = Dims {
+            n_layer: pos(n_layer, "n_layer")?,
+            n_embd,
+            n_head,
+            n_head_kv: pos(n_head_kv, "n_head_kv")?,
+            head_dim,
+            n_ff,
+            n_vocab: pos(n_vocab, "n_vocab")?,
+        };
+        this.n_ctx_train = pos(n_ctx_train, "n_ctx_train")?;
+        Ok(this)
+    }
+
+    /// A metadata value as a string.
+    fn meta(&self, key: &str) -> Option<String> {
+        let ckey = CString::new(key).ok()?;
+        let mut buf = vec![0u8; 256];
+        loop {
+            // SAFETY: live model; `buf` has buf.len() writable bytes; key is NUL-terminated.
+            let n = unsafe {
+                sys::llama_model_meta_val_str(self.model.as_ptr(), ckey.as_ptr(), buf.as_mut_ptr() as *mut _, buf.len())
+            };
+            let n = usize::try_from(n).ok()?;
+            if n < buf.len() {
+                return String::from_utf8(buf[..n].to_vec()).ok();
+            }
+            buf.resize(n + 1, 0);
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn n_layer(&self) -> usize {
+        self.dims.n_layer
+    }
+
+    pub fn n_ctx_train(&self) -> usize {
+        self.n_ctx_train
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.dims.n_vocab
+    }
+
+    /// Apply the model's own chat template to one user message, with the assistant prefix.
+    fn apply_chat_template(&self, prompt: &str) -> Result<String, LlamaError> {
+        // SAFETY: live model; a null name asks for the default template.
+        let tmpl = unsafe { sys::llama_model_chat_template(self.model.as_ptr(), std::ptr::null()) };
+        if tmpl.is_null() {
+            return Err(LlamaError::ChatTemplate("the model has no chat template".into()));
+        }
+        let role = CString::new("user").map_err(|_| LlamaError::ChatTemplate("role".into()))?;
+        let content = CString::new(prompt).map_err(|_| LlamaError::Input("prompt contains a NUL byte".into()))?;
+        let msg = sys::llama_chat_message { role: role.as_ptr(), content: content.as_ptr() };
+        let mut buf = vec![0u8; 2 * prompt.len() + 256];
+        loop {
+            let len = i32::try_from(buf.len()).map_err(|_| LlamaError::ChatTemplate("prompt too large".into()))?;
+            // SAFETY: `tmpl` is the model's NUL-terminated template; one message whose
+            // strings outlive the call; `buf` has `len` writable bytes.
+            let n = unsafe { sys::llama_chat_apply_template(tmpl, &msg, 1, true, buf.as_mut_ptr() as *mut _, len) };
+            if n < 0 {
+                return Err(LlamaError::ChatTemplate("llama.cpp does not support this model's chat template".into()));
+            }
+            let n = n as usize;
+            if n <= buf.len() {
+                buf.truncate(n);
+                return String::from_utf8(buf).map_err(|_| LlamaError::ChatTemplate("template output is not UTF-8".into()));
+            }
+            buf.resize(n, 0);
+        }
+    }
+
+    /// Tokenize `prompt` (special tokens parsed); with `chat`, inside the
+    /// model's chat template as one user turn followed by the assistant prefix.
+    pub fn tokenize(&self, prompt: &str, chat: bool) -> Result<Vec<i32>, LlamaError> {
+        let text = if chat { self.apply_chat_template(prompt)? } else { prompt.to_string() };
+        let len = i32::try_from(text.len()).map_err(|_| LlamaError::Tokenize("prompt too large".into()))?;
+        let mut tokens = vec![0i32; text.len() + 8];
+        loop {
+            let cap = i32::try_from(tokens.len()).map_err(|_| LlamaError::Tokenize("prompt too large".into()))?;
+            // SAFETY: live vocab; `text` has `len` bytes; `tokens` has `cap` slots.
+            let n = unsafe {
+                sys::llama_tokenize(self.vocab.as_ptr(), text.as_ptr() as *const _, len, tokens.as_mut_ptr(), cap, true, true)
+            };
+            if n == i32::MIN {
+                return Err(LlamaError::Tokenize("token count overflows".into()));
+            }
+            if n >= 0 {
+                tokens.truncate(n as usize);
+                return Ok(tokens);
+            }
+            tokens.resize((-n) as usize, 0);
+        }
+    }
+
+    /// The text of one token (special tokens rendered); lossy UTF-8, empty for an invalid id.
+    pub fn token_piece(&self, token: i32) -> String {
+        if token < 0 || token as usize >= self.dims.n_vocab {
+            return String::new();
+        }
+        let mut buf = vec![0u8; 64];
+        loop {
+            // SAFETY: live vocab, valid token id; `buf` has buf.len() writable bytes.
+            let n = unsafe {
+                sys::llama_token_to_piece(self.vocab.as_ptr(), token, buf.as_mut_ptr() as *mut _, buf.len() as i32, 0, true)
+            };
+            if n >= 0 {
+                buf.truncate(n as usize);
+                return String::from_utf8_lossy(&buf).into_owned();
+            }
+            buf.resize((-n) as usize, 0);
+        }
+    }
+
+    /// Prefill `tokens` (logits for every token), then `n_decode` greedy
+    /// steps, capturing every stage of the catalogue for the layers asked.
+    /// The caller fills `prompt`, `chat` and `model_sha256`.
+    pub fn run(&self, tokens: &[i32], n_decode: usize, opts: &RefOptions) -> Result<Capture, LlamaError> {
+        let d = self.dims;
+        if tokens.is_empty() {
+            return Err(LlamaError::Input("empty prompt: no tokens to prefill".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= d.n_vocab) {
+            return Err(LlamaError::Input(format!("token {bad} is outside the vocabulary of {}", d.n_vocab)));
+        }
+        let total = tokens.len() + n_decode;
+        if total > self.n_ctx_train {
+            return Err(LlamaError::ContextTooLong { n_prompt: tokens.len(), n_decode, n_ctx_train: self.n_ctx_train });
+        }
+        let layers: Vec<usize> = match &opts.layers {
+            None => (0..d.n_layer).collect(),
+            Some(ls) => {
+                let mut ls = ls.clone();
+                ls.sort_unstable();
+                ls.dedup();
+                if let Some(&l) = ls.iter().find(|&&l| l >= d.n_layer) {
+                    return Err(LlamaError::Input(format!(
+                        "layer {l} out of range: the model has {} layers (0..{})",
+                        d.n_layer,
+                        d.n_layer - 1
+                    )));
+                }
+                ls
+            }
+        };
+        let threads = i32::try_from(opts.threads.max(1)).unwrap_or(i32::MAX);
+        let n_ctx = (total + CTX_MARGIN).min(self.n_ctx_train.max(total));
+        let n_ctx_u32 = u32::try_from(n_ctx).map_err(|_| LlamaError::Input("context too large".into()))?;
+
+        // Declared before the context: dropped after it (see HookBox::drop).
+        let mut hook = HookBox::new(Hook::new(d, &layers));
+        // SAFETY: plain constructor of a params struct.
+        let mut cparams = unsafe { sys::llama_context_default_params() };
+        cparams.n_ctx = n_ctx_u32;
+        // the whole prompt in one ubatch: the prefill is exactly one forward pass
+        cparams.n_batch = n_ctx_u32;
+        cparams.n_ubatch = n_ctx_u32;
+        cparams.n_seq_max = 1;
+        cparams.n_threads = threads;
+        cparams.n_threads_batch = threads;
+        cparams.flash_attn_type =
+            if opts.flash_attn { sys::LLAMA_FLASH_ATTN_TYPE_ENABLED } else { sys::LLAMA_FLASH_ATTN_TYPE_DISABLED };
+        let kv = match opts.kv_type {
+            KvType::F16 => sys::GGML_TYPE_F16,
+            KvType::F32 => sys::GGML_TYPE_F32,
+        };
+        cparams.type_k = kv;
+        cparams.type_v = kv;
+        cparams.no_perf = true;
+        if opts.capture {
+            cparams.cb_eval = Some(hook::eval_callback);
+            cparams.cb_eval_user_data = hook.0 as *mut c_void;
+        }
+        // SAFETY: live model; params fully initialised from the defaults; the
+        // callback's user data outlives the context (HookBox declared first).
+        let raw = unsafe { sys::llama_init_from_model(self.model.as_ptr(), cparams) };
+        let ctx = Context(NonNull::new(raw).ok_or_else(|| {
+            LlamaError::Context(format!("n_ctx {n_ctx}, kv {}, flash_attn {}", opts.kv_type.name(), opts.flash_attn))
+        })?);
+
+        let mut generated = Vec::with_capacity(n_decode + 1);
+        let mut unavailable = Vec::new();
+        for step in 0..=n_decode {
+            let (input, n_past): (Vec<i32>, usize) = if step == 0 {
+                (tokens.to_vec(), 0)
+            } else {
+                (vec![generated[step - 1]], tokens.len() + step - 1)
+            };
+            {
+                let h = hook.get();
+                h.step = step;
+                h.n_past = n_past;
+                h.n_tokens = input.len();
+            }
+            let batch = Batch::new(&input, n_past);
+            // SAFETY: live context; the batch arrays are valid for n_tokens entries.
+            let rc = unsafe { sys::llama_decode(ctx.0.as_ptr(), batch.0) };
+            drop(batch);
+            if let Some(e) = hook.get().error.take() {
+                return Err(LlamaError::Capture(e));
+            }
+            if rc != 0 {
+                return Err(LlamaError::Decode { step, code: rc });
+            }
+            // SAFETY: live context after a successful decode that requested
+            // logits for every token; index n-1 is the last of them.
+            let last = unsafe { sys::llama_get_logits_ith(ctx.0.as_ptr(), input.len() as i32 - 1) };
+            if last.is_null() {
+                return Err(LlamaError::Capture(format!("step {step}: llama.cpp returned no logits")));
+            }
+            // SAFETY: llama.cpp's logits row holds n_vocab floats, valid until the next decode.
+            let row = unsafe { std::slice::from_raw_parts(last, d.n_vocab) };
+            generated.push(argmax(row) as i32);
+            if opts.capture {
+                self.check_step(hook.get(), step, &layers, opts.flash_attn, &mut unavailable)?;
+            }
+        }
+        drop(ctx);
+
+        let tensors = std::mem::take(&mut hook.get().tensors).into_iter().map(|(id, (_, t))| (id, t)).collect();
+        Ok(Capture {
+            engine: "llama.cpp".into(),
+            model_sha256: String::new(),
+            prompt: String::new(),
+            chat: false,
+            tokens: tokens.to_vec(),
+            generated,
+            config: CaptureConfig {
+                kv_type: opts.kv_type.name().into(),
+                flash_attn: opts.flash_attn,
+                n_layer: d.n_layer,
+                n_embd: d.n_embd,
+                n_head: d.n_head,
+                n_head_kv: d.n_head_kv,
+                head_dim: d.head_dim,
+                n_ff: d.n_ff,
+                n_vocab: d.n_vocab,
+                layers,
+                n_decode,
+                threads: threads as usize,
+            },
+            tensors,
+            unavailable,
+        })
+    }
+
+    /// Every stage asked for in this step must have been captured (a stage
+    /// the table failed to find is an error, never a silent gap); attention
+    /// internals under flash attention are recorded as unavailable.
+    fn check_step(
+        &self,
+        hook: &mut Hook,
+        step: usize,
+        layers: &[usize],
+        flash_attn: bool,
+        unavailable: &mut Vec<StageId>,
+    ) -> Result<(), LlamaError> {
+        let mut expected: Vec<StageId> = vec![StageId::global(step, Stage::Embed)];
+        for &l in layers {
+            expected.extend(Stage::PER_LAYER.iter().map(|&s| StageId::layer(step, l, s)));
+        }
+        expected.push(StageId::global(step, Stage::FinalNorm));
+        expected.push(StageId::global(step, Stage::Logits));
+        for id in expected {
+            let internal = Stage::ATTENTION_INTERNAL.contains(&id.stage);
+            let present = hook.tensors.contains_key(&id);
+            match (flash_attn && internal, present) {
+                (true, false) => unavailable.push(id),
+                (true, true) => {
+                    return Err(LlamaError::Capture(format!("{id}: captured although flash attention was asked for")))
+                }
+                (false, true) => {}
+                (false, false) => {
+                    return Err(LlamaError::Capture(format!(
+                        "{id}: no llama.cpp graph node matched this stage (run with PARITY_LLAMA_NODES=1 to list the nodes)"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Index of the first maximum (NaN never wins).
+pub(crate) fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] || row[best].is_nan() {
+            best = i;
+        }
+    }
+    best
+}
