@@ -1,7 +1,125 @@
-//! `parity capture` (owned by the llama-ref work; placeholder until it lands).
+//! `parity capture`: run one engine on a prompt and dump every checkpoint
+//! (`.npy` per stage + `manifest.json`).
+
+use crate::cmd::common;
+use anyhow::{bail, Context, Result};
+use engine::capture::write_dump;
+use llama_ref::{KvType, LlamaRef, RefOptions};
+use std::path::PathBuf;
 use std::process::ExitCode;
-#[derive(clap::Args)]
-pub struct Args {}
-pub fn run(_args: &Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("capture is not implemented yet")
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// llama.cpp in-process (CPU).
+    Llama,
+    /// Our engine.
+    Ours,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kv {
+    F16,
+    F32,
+}
+
+impl From<Kv> for KvType {
+    fn from(kv: Kv) -> KvType {
+        match kv {
+            Kv::F16 => KvType::F16,
+            Kv::F32 => KvType::F32,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Which engine to run.
+    #[arg(long, value_enum, default_value = "llama")]
+    pub engine: Engine,
+    /// Backend of our engine (`--engine ours`); llama.cpp runs on the CPU.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: Backend,
+    /// GGUF model (default: the cached reference model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Prompt text (special tokens such as <|im_start|> are parsed).
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template (one user turn + assistant prefix).
+    #[arg(long)]
+    pub chat: bool,
+    /// Greedy decode steps after the prefill.
+    #[arg(long, default_value_t = 0)]
+    pub decode: usize,
+    /// KV cache element type (f16: llama.cpp's default; f32: exact).
+    #[arg(long, value_enum, default_value = "f16")]
+    pub kv: Kv,
+    /// Flash attention (attention scores/probs become unavailable).
+    #[arg(long)]
+    pub flash_attn: bool,
+    /// CPU threads (default: all available).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Capture one layer only.
+    #[arg(long, conflicts_with = "layers")]
+    pub layer: Option<usize>,
+    /// Capture layers A..B (both included).
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(args: &Args) -> Result<ExitCode> {
+    match args.engine {
+        Engine::Llama => run_llama(args),
+        Engine::Ours => bail!("--engine ours: the engine's capture is not wired in yet"),
+    }
+}
+
+fn run_llama(args: &Args) -> Result<ExitCode> {
+    if args.backend == Backend::Cuda {
+        bail!("--backend cuda applies to --engine ours: llama.cpp runs on the CPU here");
+    }
+    if args.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    let model = crate::model::resolve(args.model.as_deref())?;
+    let llama = LlamaRef::load(&model)?;
+    let layers = common::parse_layers(args.layer, args.layers.as_deref(), llama.n_layer())?;
+    let tokens = llama.tokenize(&args.prompt, args.chat)?;
+    common::check_context(tokens.len(), args.decode, llama.n_ctx_train())?;
+    let sha = common::sha256_file(&model)?;
+
+    let mut opts = RefOptions {
+        kv_type: args.kv.into(),
+        flash_attn: args.flash_attn,
+        layers,
+        capture: true,
+        ..RefOptions::default()
+    };
+    if let Some(t) = args.threads {
+        opts.threads = t;
+    }
+    let mut capture = llama.run(&tokens, args.decode, &opts)?;
+    capture.prompt = args.prompt.clone();
+    capture.chat = args.chat;
+    capture.model_sha256 = sha;
+    write_dump(&capture, &args.out).with_context(|| format!("writing the dump to {}", args.out.display()))?;
+    println!(
+        "llama.cpp: {} prompt tokens, {} steps, {} stages written ({} unavailable) to {}",
+        capture.tokens.len(),
+        args.decode + 1,
+        capture.tensors.len(),
+        capture.unavailable.len(),
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,151 @@
+//! `parity capture --engine llama` and `parity weights` through the built binary.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+const REFERENCE_SHA256: &str = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
+
+fn real_model() -> Option<PathBuf> {
+    let dir = match std::env::var_os("QWEN2_PARITY_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache").join("qwen2-parity"),
+    };
+    let path = dir.join(MODEL_FILE);
+    path.is_file().then_some(path)
+}
+
+macro_rules! real_model_or_skip {
+    () => {
+        match real_model() {
+            Some(p) => p,
+            None => {
+                println!("SKIPPED: real model not cached");
+                return;
+            }
+        }
+    };
+}
+
+fn parity(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_parity")).args(args).output().expect("run parity")
+}
+
+fn numpy_available() -> bool {
+    Command::new("python3").args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn capture_writes_every_stage_of_every_step() {
+    let model = real_model_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dump");
+    let o = parity(&[
+        "capture",
+        "--engine",
+        "llama",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Write a haiku about GPU computing",
+        "--decode",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.contains("2055 stages written"), "{stdout}");
+
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let stages = manifest["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 17 * 24 * 5 + 3 * 5);
+    assert_eq!(manifest["n_steps"], 5);
+    assert_eq!(manifest["engine"], "llama.cpp");
+    assert_eq!(manifest["prompt"], "Write a haiku about GPU computing");
+    assert_eq!(manifest["chat"], false);
+    assert_eq!(manifest["generated"].as_array().unwrap().len(), 5);
+    assert_eq!(manifest["config"]["kv_type"], "f16");
+    assert_eq!(manifest["unavailable"].as_array().unwrap().len(), 0);
+    let sha = manifest["model_sha256"].as_str().unwrap();
+    assert_eq!(sha.len(), 64);
+    if std::fs::metadata(&model).unwrap().len() == 491_400_064 {
+        assert_eq!(sha, REFERENCE_SHA256);
+    }
+
+    // every .npy loads, with the manifest's shape: our reader always, numpy when installed
+    let back = engine::capture::read_dump(&out).unwrap();
+    assert_eq!(back.tensors.len(), stages.len());
+    if numpy_available() {
+        let script = r#"
+import json, sys, numpy as np, os
+d = sys.argv[1]
+m = json.load(open(os.path.join(d, "manifest.json")))
+for e in m["stages"]:
+    a = np.load(os.path.join(d, e["file"]))
+    assert a.dtype == np.float32, e["file"]
+    assert list(a.shape) == e["shape"], (e["file"], a.shape, e["shape"])
+    assert np.isfinite(a).all(), e["file"]
+print(len(m["stages"]))
+"#;
+        let o = Command::new("python3").args(["-c", script, out.to_str().unwrap()]).output().unwrap();
+        assert!(o.status.success(), "numpy: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "2055");
+    } else {
+        println!("numpy not installed: .npy files checked with engine::capture::read_npy only");
+    }
+}
+
+#[test]
+fn capture_of_one_layer_with_flash_attention() {
+    let model = real_model_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dump");
+    let o = parity(&[
+        "capture", "--model", model.to_str().unwrap(), "--prompt", "Hello", "--chat", "--decode", "1", "--layer", "3",
+        "--flash-attn", "--kv", "f32", "--threads", "1", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = engine::capture::read_dump(&out).unwrap();
+    assert!(c.chat);
+    assert_eq!(c.config.layers, vec![3]);
+    assert_eq!(c.config.threads, 1);
+    assert_eq!(c.config.kv_type, "f32");
+    assert!(c.config.flash_attn);
+    assert_eq!(c.tensors.len(), (15 + 3) * 2);
+    assert_eq!(c.unavailable.len(), 2 * 2);
+    assert!(c.tensors.keys().all(|id| id.layer.is_none_or(|l| l == 3)));
+}
+
+fn assert_usage_error(o: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "stderr: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
+    assert!(stderr.contains(needle), "{stderr:?} does not mention {needle:?}");
+}
+
+#[test]
+fn bad_capture_inputs_exit_2_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dump");
+    let out = out.to_str().unwrap();
+    let o = parity(&["capture", "--model", "/nonexistent/model.gguf", "--prompt", "hi", "--out", out]);
+    assert_usage_error(&o, "model file not found: /nonexistent/model.gguf");
+    let o = parity(&["capture", "--engine", "ours", "--model", "/nonexistent/model.gguf", "--prompt", "hi", "--out", out]);
+    assert_usage_error(&o, "--engine ours");
+
+    let model = real_model_or_skip!();
+    let m = model.to_str().unwrap();
+    let o = parity(&["capture", "--model", m, "--prompt", "hi", "--layer", "30", "--out", out]);
+    assert_usage_error(&o, "layer 30 out of range: the model has 24 layers (0..23)");
+    let o = parity(&["capture", "--model", m, "--prompt", "hi", "--layers", "20..24", "--out", out]);
+    assert_usage_error(&o, "layer 24 out of range: the model has 24 layers (0..23)");
+    let o = parity(&["capture", "--model", m, "--prompt", "hi", "--decode", "40000", "--out", out]);
+    assert_usage_error(&o, "prompt of 1 tokens + 40000 decode steps exceeds the model's context of 32768");
+    // Qwen2 tokenizes digits one by one: 33,000 digits are 33,000 tokens in a 33 KB argument
+    let long = "0123456789".repeat(3_300);
+    let o = parity(&["capture", "--model", m, "--prompt", &long, "--out", out]);
+    assert_usage_error(&o, "prompt of 33000 tokens + 0 decode steps exceeds the model's context of 32768");
+    assert!(!std::path::Path::new(out).exists(), "a failed capture must not leave a dump");
+}
