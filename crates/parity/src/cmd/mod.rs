@@ -3,5 +3,6 @@
 //! a usage or input error, printed on one line with exit code 2.
 
 pub mod capture;
+pub mod common;
 pub mod inspect;
 pub mod weights;
