@@ -1,0 +1,343 @@
+//! Alignment of two captures by checkpoint, per-stage comparison against
+//! thresholds, and localization: the first divergence in execution order and
+//! the stage where the error grows the most relative to its inputs.
+
+use crate::metrics::{compare, compare_logits, LogitsMetrics, StageMetrics};
+use crate::thresholds::Thresholds;
+use engine::capture::Capture;
+use engine::stage::{Stage, StageId};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Added to an input's relative L2 before dividing, so that ratios between
+/// two tiny noise levels (1e-7 / 1e-9) never outrank a real error jump.
+pub const JUMP_EPSILON: f64 = 1e-4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Match,
+    Diverged,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StageRow {
+    pub id: StageId,
+    pub metrics: StageMetrics,
+    /// `None`: the thresholds have no value for this stage; the row is then
+    /// not gated (it fails only on non-finite values).
+    pub threshold: Option<f64>,
+    pub pass: bool,
+    pub ours_provenance: String,
+    pub ref_provenance: String,
+    /// rel_l2 of this row / (largest rel_l2 among its inputs + JUMP_EPSILON);
+    /// `None` when none of its inputs was compared.
+    pub jump: Option<f64>,
+    /// The input whose rel_l2 was used for `jump` (`None` for `embed`, whose
+    /// input is the token ids, taken as exact).
+    pub jump_from: Option<StageId>,
+}
+
+impl StageRow {
+    /// max_abs / threshold (INFINITY for non-finite values), when gated.
+    pub fn ratio(&self) -> Option<f64> {
+        self.threshold.map(|t| if self.metrics.non_finite > 0 { f64::INFINITY } else { self.metrics.max_abs / t })
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DiffReport {
+    pub ours_engine: String,
+    pub reference_engine: String,
+    pub prompt: String,
+    pub tokens: Vec<i32>,
+    pub model_sha256: String,
+    /// The KV cache types ("f32", or "ours f32, reference f16" when they differ).
+    pub kv_type: String,
+    pub thresholds_source: String,
+    pub n_layer: usize,
+    /// Compared checkpoints in execution order.
+    pub rows: Vec<StageRow>,
+    /// Present on one side only; the string says which side lacks it: "ours" or "reference".
+    pub missing: Vec<(StageId, String)>,
+    /// Present on neither, or on one side only while the other side declares
+    /// it unobservable (attention internals under flash attention).
+    pub unavailable: Vec<StageId>,
+    /// Present on both sides with shapes that cannot be compared (a divergence).
+    pub shape_mismatch: Vec<(StageId, String)>,
+    /// Index into `rows` of the first failing row in execution order.
+    pub first_divergence: Option<usize>,
+    /// Index into `rows` of the row with the largest `jump`.
+    pub largest_jump: Option<usize>,
+    /// Per step, when both sides have logits.
+    pub logits: Vec<(usize, LogitsMetrics)>,
+    /// The KL gate from the thresholds, if any.
+    pub logits_kl_max: Option<f64>,
+    pub verdict: Verdict,
+}
+
+/// A divergence that is not a failing row: the earliest of them in execution order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FirstProblem {
+    Row(usize),
+    Missing(StageId, String),
+    ShapeMismatch(StageId, String),
+    LogitsKl(usize, f64),
+}
+
+impl DiffReport {
+    /// The earliest problem in execution order: a failing row, a missing
+    /// stage or a shape mismatch; else a logits KL over its gate.
+    pub fn first_problem(&self) -> Option<FirstProblem> {
+        let mut best: Option<(StageId, FirstProblem)> = None;
+        let mut consider = |id: StageId, p: FirstProblem| {
+            if best.as_ref().map_or(true, |(b, _)| id < *b) {
+                best = Some((id, p));
+            }
+        };
+        if let Some(i) = self.first_divergence {
+            consider(self.rows[i].id, FirstProblem::Row(i));
+        }
+        if let Some((id, side)) = self.missing.first() {
+            consider(*id, FirstProblem::Missing(*id, side.clone()));
+        }
+        if let Some((id, msg)) = self.shape_mismatch.first() {
+            consider(*id, FirstProblem::ShapeMismatch(*id, msg.clone()));
+        }
+        if let Some((_, p)) = best {
+            return Some(p);
+        }
+        let gate = self.logits_kl_max?;
+        self.logits.iter().find(|(_, m)| m.kl_max.is_nan() || m.kl_max > gate).map(|(s, m)| FirstProblem::LogitsKl(*s, m.kl_max))
+    }
+
+    pub fn n_failed(&self) -> usize {
+        self.rows.iter().filter(|r| !r.pass).count()
+    }
+
+    pub fn n_ungated(&self) -> usize {
+        self.rows.iter().filter(|r| r.threshold.is_none()).count()
+    }
+}
+
+/// Checkpoints whose output feeds `id`, within the same step (the KV cache
+/// of earlier steps is not counted).
+pub fn inputs_of(id: &StageId, n_layer: usize) -> Vec<StageId> {
+    let step = id.step;
+    let g = |s| StageId::global(step, s);
+    let Some(l) = id.layer else {
+        return match id.stage {
+            Stage::FinalNorm if n_layer > 0 => vec![StageId::layer(step, n_layer - 1, Stage::LayerOut)],
+            Stage::FinalNorm => vec![g(Stage::Embed)],
+            Stage::Logits => vec![g(Stage::FinalNorm)],
+            _ => vec![],
+        };
+    };
+    let at = |s| StageId::layer(step, l, s);
+    let layer_in = if l == 0 { g(Stage::Embed) } else { StageId::layer(step, l - 1, Stage::LayerOut) };
+    match id.stage {
+        Stage::AttnNorm => vec![layer_in],
+        Stage::QProj | Stage::KProj | Stage::VProj => vec![at(Stage::AttnNorm)],
+        Stage::QRope => vec![at(Stage::QProj)],
+        Stage::KRope => vec![at(Stage::KProj)],
+        Stage::AttnScores => vec![at(Stage::QRope), at(Stage::KRope)],
+        Stage::AttnProbs => vec![at(Stage::AttnScores)],
+        Stage::AttnCtx => vec![at(Stage::AttnProbs), at(Stage::VProj)],
+        Stage::AttnOut => vec![at(Stage::AttnCtx)],
+        Stage::AttnResidual => vec![at(Stage::AttnOut), layer_in],
+        Stage::FfnNorm => vec![at(Stage::AttnResidual)],
+        Stage::FfnGate | Stage::FfnUp => vec![at(Stage::FfnNorm)],
+        Stage::FfnAct => vec![at(Stage::FfnGate), at(Stage::FfnUp)],
+        Stage::FfnDown => vec![at(Stage::FfnAct)],
+        Stage::LayerOut => vec![at(Stage::AttnResidual), at(Stage::FfnDown)],
+        Stage::Embed | Stage::FinalNorm | Stage::Logits => vec![],
+    }
+}
+
+/// The largest rel_l2 among the compared inputs of `id`; an input that was
+/// not compared (unavailable under flash attention, or not captured) is
+/// replaced by its own inputs, a few levels deep.
+fn input_error(id: &StageId, n_layer: usize, rel: &BTreeMap<StageId, f64>, depth: usize) -> Option<(f64, StageId)> {
+    let mut best: Option<(f64, StageId)> = None;
+    for input in inputs_of(id, n_layer) {
+        let found = match rel.get(&input) {
+            Some(&x) => Some((x, input)),
+            None if depth > 0 => input_error(&input, n_layer, rel, depth - 1),
+            None => None,
+        };
+        if let Some((x, from)) = found {
+            let better = match best {
+                None => true,
+                Some((b, _)) => x.total_cmp(&b).is_gt(),
+            };
+            if better {
+                best = Some((x, from));
+            }
+        }
+    }
+    best
+}
+
+fn jump_ratio(rel_l2: f64, input: f64) -> f64 {
+    match (rel_l2.is_finite(), input.is_finite()) {
+        (true, true) => rel_l2 / (input + JUMP_EPSILON),
+        (false, true) => f64::INFINITY,
+        // Already non-finite upstream: the jump is not here.
+        (_, false) => 0.0,
+    }
+}
+
+/// The number of layers: from the captures' configs, else from the layer indices seen.
+fn layer_count(ours: &Capture, reference: &Capture) -> usize {
+    let from_config = ours.config.n_layer.max(reference.config.n_layer);
+    if from_config > 0 {
+        return from_config;
+    }
+    ours.tensors
+        .keys()
+        .chain(reference.tensors.keys())
+        .filter_map(|id| id.layer)
+        .max()
+        .map_or(0, |l| l + 1)
+}
+
+/// Why two captures cannot be compared at all (different models, tokens or
+/// architectures), or `Ok` when they can.
+pub fn check_comparable(ours: &Capture, reference: &Capture) -> Result<(), String> {
+    if !ours.model_sha256.is_empty()
+        && !reference.model_sha256.is_empty()
+        && !ours.model_sha256.eq_ignore_ascii_case(&reference.model_sha256)
+    {
+        return Err(format!(
+            "the captures are of different models: ours {} vs reference {}",
+            ours.model_sha256, reference.model_sha256
+        ));
+    }
+    if ours.tokens != reference.tokens {
+        return Err(format!(
+            "the captures ran different prompt tokens: ours {} tokens {:?}, reference {} tokens {:?}",
+            ours.tokens.len(),
+            &ours.tokens[..ours.tokens.len().min(8)],
+            reference.tokens.len(),
+            &reference.tokens[..reference.tokens.len().min(8)]
+        ));
+    }
+    let (a, b) = (&ours.config, &reference.config);
+    let dims = |c: &engine::capture::CaptureConfig| [c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab];
+    let (da, db) = (dims(a), dims(b));
+    if da.iter().all(|&x| x > 0) && db.iter().all(|&x| x > 0) && da != db {
+        return Err(format!("the captures have different architectures: ours {da:?} vs reference {db:?} (layers, embd, heads, kv heads, head dim, ff, vocab)"));
+    }
+    Ok(())
+}
+
+/// Align `ours` and `reference` by checkpoint and compare every checkpoint
+/// both have (those `filter` accepts, when given).
+pub fn diff_captures(
+    ours: &Capture,
+    reference: &Capture,
+    thresholds: &Thresholds,
+    filter: Option<&dyn Fn(&StageId) -> bool>,
+) -> DiffReport {
+    let keep = |id: &StageId| filter.map_or(true, |f| f(id));
+    let n_layer = layer_count(ours, reference);
+    let unavailable_ours: BTreeSet<StageId> = ours.unavailable.iter().copied().collect();
+    let unavailable_ref: BTreeSet<StageId> = reference.unavailable.iter().copied().collect();
+    let all: BTreeSet<StageId> = ours.tensors.keys().chain(reference.tensors.keys()).copied().filter(keep).collect();
+
+    let mut rows = Vec::new();
+    let mut missing = Vec::new();
+    let mut unavailable: BTreeSet<StageId> =
+        unavailable_ours.union(&unavailable_ref).copied().filter(|id| keep(id) && !all.contains(id)).collect();
+    let mut shape_mismatch = Vec::new();
+    let mut logits = Vec::new();
+
+    for id in all {
+        match (ours.tensors.get(&id), reference.tensors.get(&id)) {
+            (Some(a), Some(b)) => match compare(id.stage, &a.tensor, &b.tensor) {
+                Ok(metrics) => {
+                    let threshold = thresholds.for_stage(&id);
+                    let pass = metrics.non_finite == 0 && threshold.map_or(true, |t| metrics.max_abs <= t);
+                    if id.stage == Stage::Logits {
+                        if let Ok(m) = compare_logits(&a.tensor, &b.tensor) {
+                            logits.push((id.step, m));
+                        }
+                    }
+                    rows.push(StageRow {
+                        id,
+                        metrics,
+                        threshold,
+                        pass,
+                        ours_provenance: a.provenance.clone(),
+                        ref_provenance: b.provenance.clone(),
+                        jump: None,
+                        jump_from: None,
+                    });
+                }
+                Err(e) => shape_mismatch.push((id, e.to_string())),
+            },
+            (None, Some(_)) if unavailable_ours.contains(&id) => {
+                unavailable.insert(id);
+            }
+            (Some(_), None) if unavailable_ref.contains(&id) => {
+                unavailable.insert(id);
+            }
+            (None, Some(_)) => missing.push((id, "ours".to_string())),
+            (Some(_), None) => missing.push((id, "reference".to_string())),
+            (None, None) => {}
+        }
+    }
+
+    // Localization.
+    let first_divergence = rows.iter().position(|r| !r.pass);
+    let rel: BTreeMap<StageId, f64> = rows.iter().map(|r| (r.id, r.metrics.rel_l2)).collect();
+    for row in &mut rows {
+        if inputs_of(&row.id, n_layer).is_empty() {
+            // embed: its input is the token ids, exact on both sides.
+            row.jump = Some(jump_ratio(row.metrics.rel_l2, 0.0));
+        } else if let Some((x, from)) = input_error(&row.id, n_layer, &rel, 3) {
+            row.jump = Some(jump_ratio(row.metrics.rel_l2, x));
+            row.jump_from = Some(from);
+        }
+    }
+    let mut largest_jump: Option<usize> = None;
+    for (i, row) in rows.iter().enumerate() {
+        if let Some(j) = row.jump {
+            if largest_jump.map_or(true, |b| j > rows[b].jump.unwrap_or(f64::NEG_INFINITY)) {
+                largest_jump = Some(i);
+            }
+        }
+    }
+
+    let logits_kl_max = thresholds.logits_kl_max;
+    let kl_ok = logits_kl_max.map_or(true, |gate| logits.iter().all(|(_, m)| m.kl_max <= gate));
+    let verdict = if first_divergence.is_none() && missing.is_empty() && shape_mismatch.is_empty() && kl_ok {
+        Verdict::Match
+    } else {
+        Verdict::Diverged
+    };
+    let kv_type = if ours.config.kv_type == reference.config.kv_type {
+        ours.config.kv_type.clone()
+    } else {
+        format!("ours {}, reference {}", ours.config.kv_type, reference.config.kv_type)
+    };
+    DiffReport {
+        ours_engine: ours.engine.clone(),
+        reference_engine: reference.engine.clone(),
+        prompt: reference.prompt.clone(),
+        tokens: reference.tokens.clone(),
+        model_sha256: if reference.model_sha256.is_empty() { ours.model_sha256.clone() } else { reference.model_sha256.clone() },
+        kv_type,
+        thresholds_source: thresholds.source.clone(),
+        n_layer,
+        rows,
+        missing,
+        unavailable: unavailable.into_iter().collect(),
+        shape_mismatch,
+        first_divergence,
+        largest_jump,
+        logits,
+        logits_kl_max,
+        verdict,
+    }
+}

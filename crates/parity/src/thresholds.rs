@@ -1,0 +1,183 @@
+//! Per-stage max-abs thresholds: calibrated on clean runs, stored per model
+//! and backend under `fixtures/thresholds/<sha256[..16]>-<backend>.json`.
+//!
+//! ```json
+//! { "model_sha256": "...", "backend": "cpu", "kv_type": "f32", "safety_factor": 4.0,
+//!   "prompts": 5, "created_by": "parity calibrate",
+//!   "stages": { "attn_norm": { "default": 1e-4, "per_layer": [1e-5, ...] }, "logits": { "default": 0.1, "per_layer": null } },
+//!   "logits_kl_max": 1e-3 }
+//! ```
+
+use engine::stage::{Stage, StageId};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ThresholdsError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageThreshold {
+    /// Used for global stages, and for layers without a per-layer value.
+    pub default: f64,
+    /// One value per layer (the noise floor grows through the layers).
+    pub per_layer: Option<Vec<f64>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    pub model_sha256: String,
+    /// "cpu" or "cuda".
+    pub backend: String,
+    pub kv_type: String,
+    pub safety_factor: f64,
+    /// Number of prompts the calibration ran.
+    pub prompts: usize,
+    pub created_by: String,
+    /// Keyed by stage name (`Stage::name`).
+    pub stages: BTreeMap<String, StageThreshold>,
+    /// Gate on the largest per-row KL(ref || ours) of the logits, if set.
+    pub logits_kl_max: Option<f64>,
+    /// Where these thresholds came from (a file path, or `--threshold X`); not stored.
+    #[serde(skip)]
+    pub source: String,
+}
+
+fn all_stages() -> impl Iterator<Item = Stage> {
+    Stage::GLOBAL.into_iter().chain(Stage::PER_LAYER)
+}
+
+fn valid(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+impl Thresholds {
+    /// One threshold for every stage (`--threshold X`).
+    pub fn uniform(x: f64) -> Thresholds {
+        Thresholds {
+            model_sha256: String::new(),
+            backend: String::new(),
+            kv_type: String::new(),
+            safety_factor: 1.0,
+            prompts: 0,
+            created_by: "--threshold".to_string(),
+            stages: all_stages()
+                .map(|s| (s.name().to_string(), StageThreshold { default: x, per_layer: None }))
+                .collect(),
+            logits_kl_max: None,
+            source: format!("--threshold {x:e}"),
+        }
+    }
+
+    /// The max-abs threshold for one checkpoint: the per-layer value when the
+    /// file has one for that layer, else the stage default; `None` when the
+    /// stage is not in the file.
+    pub fn for_stage(&self, id: &StageId) -> Option<f64> {
+        let t = self.stages.get(id.stage.name())?;
+        if let (Some(layer), Some(per_layer)) = (id.layer, t.per_layer.as_ref()) {
+            if let Some(&x) = per_layer.get(layer) {
+                return Some(x);
+            }
+        }
+        Some(t.default)
+    }
+
+    /// `fixtures_dir/thresholds/<model_sha256 first 16 hex>-<backend>.json`.
+    pub fn default_path(fixtures_dir: &Path, model_sha256: &str, backend: &str) -> PathBuf {
+        let short: String = model_sha256.chars().take(16).collect();
+        fixtures_dir.join("thresholds").join(format!("{short}-{backend}.json"))
+    }
+
+    pub fn load(path: &Path) -> Result<Thresholds, ThresholdsError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ThresholdsError::Io { path: path.to_path_buf(), source })?;
+        let bad = |msg: String| ThresholdsError::Format { path: path.to_path_buf(), msg };
+        let mut t: Thresholds = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        for (name, st) in &t.stages {
+            if Stage::from_name(name).is_none() {
+                return Err(bad(format!("unknown stage {name:?}")));
+            }
+            if !valid(st.default) {
+                return Err(bad(format!("stage {name}: default {} is not a positive finite number", st.default)));
+            }
+            if let Some(per_layer) = &st.per_layer {
+                if let Some((l, x)) = per_layer.iter().enumerate().find(|(_, x)| !valid(**x)) {
+                    return Err(bad(format!("stage {name}: layer {l}: {x} is not a positive finite number")));
+                }
+            }
+        }
+        if let Some(kl) = t.logits_kl_max {
+            if !valid(kl) {
+                return Err(bad(format!("logits_kl_max {kl} is not a positive finite number")));
+            }
+        }
+        t.source = path.display().to_string();
+        Ok(t)
+    }
+
+    /// Write as pretty JSON, creating the parent directory.
+    pub fn save(&self, path: &Path) -> Result<(), ThresholdsError> {
+        let io = |source| ThresholdsError::Io { path: path.to_path_buf(), source };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let json = serde_json::to_string_pretty(self)
+            .map_err(|e| ThresholdsError::Format { path: path.to_path_buf(), msg: e.to_string() })?;
+        std::fs::write(path, json + "\n").map_err(|source| ThresholdsError::Io { path: path.to_path_buf(), source })
+    }
+}
+
+/// Build thresholds from observed clean max-abs values (any number of
+/// prompts and steps): per stage and layer, the largest observation times
+/// `safety_factor`, never below `floor`; the stage default is the same over
+/// all layers (and the only value for global stages). Layers never observed
+/// get the stage default. Non-finite observations are ignored: a clean run
+/// that produced NaN is not a calibration, and the caller should refuse it.
+///
+/// Metadata (`model_sha256`, `backend`, `kv_type`, `prompts`,
+/// `logits_kl_max`) is left for the caller to fill in.
+pub fn calibrate(observed: &[(StageId, f64)], safety_factor: f64, floor: f64, n_layer: usize) -> Thresholds {
+    let scale = |x: f64| (x * safety_factor).max(floor);
+    let mut per_stage: BTreeMap<Stage, (f64, Vec<Option<f64>>)> = BTreeMap::new();
+    for &(id, x) in observed {
+        if !x.is_finite() {
+            continue;
+        }
+        let entry = per_stage.entry(id.stage).or_insert_with(|| (f64::NEG_INFINITY, vec![None; n_layer]));
+        entry.0 = entry.0.max(x);
+        if let Some(l) = id.layer {
+            if entry.1.len() <= l {
+                entry.1.resize(l + 1, None);
+            }
+            let slot = &mut entry.1[l];
+            *slot = Some(slot.map_or(x, |y| y.max(x)));
+        }
+    }
+    let stages = per_stage
+        .into_iter()
+        .map(|(stage, (max, layers))| {
+            let default = scale(max);
+            let per_layer = if stage.is_global() || layers.iter().all(Option::is_none) {
+                None
+            } else {
+                Some(layers.into_iter().map(|x| x.map_or(default, scale)).collect())
+            };
+            (stage.name().to_string(), StageThreshold { default, per_layer })
+        })
+        .collect();
+    Thresholds {
+        model_sha256: String::new(),
+        backend: String::new(),
+        kv_type: String::new(),
+        safety_factor,
+        prompts: 0,
+        created_by: "parity calibrate".to_string(),
+        stages,
+        logits_kl_max: None,
+        source: "calibration".to_string(),
+    }
+}
