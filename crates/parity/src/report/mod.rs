@@ -1,0 +1,261 @@
+//! Renderings of a [`DiffReport`]: terminal tables, JSON, Markdown and a
+//! self-contained HTML page with inline SVG pictures.
+
+pub mod html;
+pub mod json;
+pub mod markdown;
+pub mod table;
+
+pub use html::render_html;
+pub use json::render_json;
+pub use markdown::render_markdown;
+pub use table::render_terminal;
+
+use crate::diff::{DiffReport, FirstProblem, Verdict};
+use engine::stage::{Stage, StageId};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// "4.1e-1"; "inf" / "NaN" for non-finite values.
+pub fn sci(x: f64) -> String {
+    format!("{x:.1e}")
+}
+
+/// "prefill" or "decode k".
+pub fn step_label(step: usize) -> String {
+    if step == 0 {
+        "prefill".to_string()
+    } else {
+        format!("decode {step}")
+    }
+}
+
+/// The stages shown as columns of the compact per-step tables.
+pub const KEY_STAGES: [Stage; 10] = [
+    Stage::AttnNorm,
+    Stage::QRope,
+    Stage::KRope,
+    Stage::VProj,
+    Stage::AttnProbs,
+    Stage::AttnCtx,
+    Stage::AttnOut,
+    Stage::FfnAct,
+    Stage::FfnDown,
+    Stage::LayerOut,
+];
+
+/// Stage families for the line charts.
+pub const FAMILIES: [(&str, &[Stage]); 3] = [
+    ("residual stream", &[Stage::AttnNorm, Stage::AttnResidual, Stage::FfnNorm, Stage::LayerOut]),
+    (
+        "attention",
+        &[
+            Stage::QProj,
+            Stage::KProj,
+            Stage::VProj,
+            Stage::QRope,
+            Stage::KRope,
+            Stage::AttnScores,
+            Stage::AttnProbs,
+            Stage::AttnCtx,
+            Stage::AttnOut,
+        ],
+    ),
+    ("FFN", &[Stage::FfnGate, Stage::FfnUp, Stage::FfnAct, Stage::FfnDown]),
+];
+
+/// What the report knows about one checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Cell {
+    /// Compared: index into `rows`.
+    Row(usize),
+    /// Present on one side only; names the side that lacks it.
+    Missing(String),
+    ShapeMismatch,
+    Unavailable,
+    /// Neither side captured it.
+    Absent,
+}
+
+/// Lookup of every checkpoint of a report.
+pub struct Index {
+    cells: BTreeMap<StageId, Cell>,
+}
+
+impl Index {
+    pub fn new(r: &DiffReport) -> Index {
+        let mut cells = BTreeMap::new();
+        for (i, row) in r.rows.iter().enumerate() {
+            cells.insert(row.id, Cell::Row(i));
+        }
+        for (id, side) in &r.missing {
+            cells.insert(*id, Cell::Missing(side.clone()));
+        }
+        for (id, _) in &r.shape_mismatch {
+            cells.insert(*id, Cell::ShapeMismatch);
+        }
+        for id in &r.unavailable {
+            cells.insert(*id, Cell::Unavailable);
+        }
+        Index { cells }
+    }
+
+    pub fn get(&self, id: &StageId) -> Cell {
+        self.cells.get(id).cloned().unwrap_or(Cell::Absent)
+    }
+
+    pub fn steps(&self) -> Vec<usize> {
+        self.cells.keys().map(|id| id.step).collect::<BTreeSet<_>>().into_iter().collect()
+    }
+
+    /// Layers seen in `step`, in order.
+    pub fn layers(&self, step: usize) -> Vec<usize> {
+        self.cells
+            .keys()
+            .filter(|id| id.step == step)
+            .filter_map(|id| id.layer)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    pub fn has_global(&self, step: usize) -> bool {
+        self.cells.keys().any(|id| id.step == step && id.layer.is_none())
+    }
+}
+
+/// One character per checkpoint for the heat lines: how close max_abs is to
+/// its threshold.
+pub fn heat_char(r: &DiffReport, cell: &Cell) -> char {
+    match cell {
+        Cell::Row(i) => {
+            let row = &r.rows[*i];
+            if row.metrics.non_finite > 0 {
+                return 'X';
+            }
+            match row.ratio() {
+                None => '~',
+                Some(x) if x <= 0.01 => '.',
+                Some(x) if x <= 0.1 => ':',
+                Some(x) if x <= 0.5 => '-',
+                Some(x) if x <= 1.0 => '=',
+                Some(x) if x <= 10.0 => '!',
+                Some(x) if x <= 1000.0 => '#',
+                Some(_) => 'X',
+            }
+        }
+        Cell::Missing(_) => '?',
+        Cell::ShapeMismatch => 'S',
+        Cell::Unavailable => '_',
+        Cell::Absent => ' ',
+    }
+}
+
+pub const HEAT_LEGEND: &str =
+    "heat: max-abs/threshold  . <=0.01  : <=0.1  - <=0.5  = <=1 (pass)  ! <=10  # <=1000  X more or NaN/Inf (fail)  ~ no threshold  ? missing  S shape mismatch  _ unavailable";
+
+/// The verdict block: the verdict line, then for a divergence the
+/// "look at:" line, the worst element and the largest-jump line.
+pub fn verdict_lines(r: &DiffReport) -> Vec<String> {
+    let mut out = Vec::new();
+    let problem = r.first_problem();
+    match &problem {
+        None => {
+            let mut line = format!("MATCH: {} stages within thresholds", r.rows.len());
+            let ungated = r.n_ungated();
+            if ungated > 0 {
+                line.push_str(&format!(" ({ungated} of them without a threshold, not gated)"));
+            }
+            out.push(line);
+        }
+        Some(FirstProblem::Row(i)) => {
+            let row = &r.rows[*i];
+            let m = &row.metrics;
+            let value = if m.non_finite > 0 {
+                format!("max-abs inf ({} NaN/Inf values)", m.non_finite)
+            } else {
+                format!("max-abs {}", sci(m.max_abs))
+            };
+            let threshold = row.threshold.map_or("no threshold".to_string(), sci);
+            out.push(format!("FIRST DIVERGENCE: {}: {value} > {threshold}", row.id));
+            out.push(format!("look at: {}", row.id.stage.what_to_check()));
+            if let Some(w) = &m.worst {
+                out.push(format!(
+                    "worst element: {}: ours {} vs reference {} (rel-L2 {}, cosine {:.6})",
+                    w.coords, w.ours, w.reference, sci(m.rel_l2), m.cosine
+                ));
+            }
+        }
+        Some(FirstProblem::Missing(id, side)) => {
+            out.push(format!("FIRST DIVERGENCE: {id}: missing in {side}"));
+            out.push(format!("look at: the checkpoint hook of {} in {side}", id.stage));
+        }
+        Some(FirstProblem::ShapeMismatch(id, msg)) => {
+            out.push(format!("FIRST DIVERGENCE: {id}: {msg}"));
+            out.push(format!("look at: the canonical layout of {} (engine::stage)", id.stage));
+        }
+        Some(FirstProblem::LogitsKl(step, kl)) => {
+            out.push(format!(
+                "FIRST DIVERGENCE: {}, logits: KL max {} > {}",
+                step_label(*step),
+                sci(*kl),
+                r.logits_kl_max.map_or("-".to_string(), sci)
+            ));
+            out.push(format!("look at: {}", Stage::Logits.what_to_check()));
+        }
+    }
+    if r.verdict == Verdict::Diverged {
+        if let Some(line) = jump_line(r) {
+            out.push(line);
+        }
+    }
+    out
+}
+
+/// "largest jump: prefill, layer 3, q_rope: rel-L2 1.0e0, 830x its input (prefill, layer 3, q_proj: rel-L2 1.2e-3)".
+pub fn jump_line(r: &DiffReport) -> Option<String> {
+    let row = &r.rows[r.largest_jump?];
+    let jump = row.jump?;
+    let from = match row.jump_from {
+        Some(from) => {
+            let input_rel = r.rows.iter().find(|x| x.id == from).map_or(f64::NAN, |x| x.metrics.rel_l2);
+            format!("its input ({from}: rel-L2 {})", sci(input_rel))
+        }
+        None => "its exact input (token ids)".to_string(),
+    };
+    Some(format!("largest jump: {}: rel-L2 {}, {} x {from}", row.id, sci(row.metrics.rel_l2), sci(jump)))
+}
+
+/// Header lines: engines, model, prompt, tokens, KV type, thresholds.
+pub fn header_lines(r: &DiffReport) -> Vec<String> {
+    let short: String = r.model_sha256.chars().take(16).collect();
+    let mut prompt: String = r.prompt.chars().take(80).collect();
+    if r.prompt.chars().count() > 80 {
+        prompt.push('…');
+    }
+    vec![
+        format!("ours: {}   reference: {}", r.ours_engine, r.reference_engine),
+        format!("model: {short}   kv cache: {}   prompt: {prompt:?} ({} tokens)", r.kv_type, r.tokens.len()),
+        format!(
+            "thresholds: {}   compared: {}   failed: {}   missing: {}   unavailable: {}",
+            r.thresholds_source,
+            r.rows.len(),
+            r.n_failed(),
+            r.missing.len(),
+            r.unavailable.len()
+        ),
+    ]
+}
+
+/// The row of `rows` with the largest max_abs/threshold among `ids` (ties: the first).
+pub fn worst_of(r: &DiffReport, index: &Index, ids: impl Iterator<Item = StageId>) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for id in ids {
+        if let Cell::Row(i) = index.get(&id) {
+            let key = r.rows[i].ratio().unwrap_or(if r.rows[i].metrics.non_finite > 0 { f64::INFINITY } else { 0.0 });
+            if best.map_or(true, |(_, b)| key > b) {
+                best = Some((i, key));
+            }
+        }
+    }
+    best.map(|(i, _)| i)
+}
