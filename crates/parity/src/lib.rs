@@ -2,4 +2,8 @@
 //! thresholds and reports. The `parity` binary is a thin CLI over it.
 
 pub mod cmd;
+pub mod diff;
+pub mod metrics;
 pub mod model;
+pub mod report;
+pub mod thresholds;

@@ -19,6 +19,8 @@ enum Command {
     Weights(cmd::weights::Args),
     /// Run one engine and dump every checkpoint (.npy + manifest.json).
     Capture(cmd::capture::Args),
+    /// Compare two capture dumps stage by stage: first divergence, largest jump, reports.
+    Diff(cmd::diff::Args),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Weights(args) => cmd::weights::run(args),
         Command::Capture(args) => cmd::capture::run(args),
+        Command::Diff(args) => cmd::diff::run(args),
     };
     match result {
         Ok(code) => code,

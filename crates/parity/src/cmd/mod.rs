@@ -4,5 +4,6 @@
 
 pub mod capture;
 pub mod common;
+pub mod diff;
 pub mod inspect;
 pub mod weights;
