@@ -2,6 +2,7 @@
 //! proved against, and the quantizer the tests feed it from.
 
 use crate::LlamaError;
+use gguf::GgmlType;
 use llama_cpp_sys_2 as sys;
 use std::ffi::c_void;
 
@@ -143,6 +144,18 @@ pub fn quantize_id(id: u32, data: &[f32], n_per_row: usize) -> Result<Vec<u8>, L
     Ok(bytes.to_vec())
 }
 
+
+/// Dequantize with ggml itself (`ggml_get_type_traits(type)->to_float`),
+/// after checking that `bytes` holds exactly `n_elements` values.
+pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, LlamaError> {
+    dequantize_id(ty.id(), bytes, n_elements)
+}
+
+/// Quantize rows of `n_per_row` values with `ggml_quantize_chunk`; types
+/// that need an importance matrix are refused.
+pub fn quantize(ty: GgmlType, data: &[f32], n_per_row: usize) -> Result<Vec<u8>, LlamaError> {
+    quantize_id(ty.id(), data, n_per_row)
+}
 
 #[cfg(test)]
 mod tests {

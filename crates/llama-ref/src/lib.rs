@@ -13,7 +13,7 @@ mod quantize;
 
 pub use error::LlamaError;
 pub use model::LlamaRef;
-pub use quantize::quantize_model_id;
+pub use quantize::quantize_model;
 
 /// Element type of llama.cpp's KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

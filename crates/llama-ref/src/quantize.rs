@@ -1,6 +1,7 @@
 //! Whole-model quantization with llama.cpp's own `llama_model_quantize`.
 
 use crate::{backend, LlamaError};
+use gguf::GgmlType;
 use llama_cpp_sys_2 as sys;
 use std::ffi::CString;
 use std::path::Path;
@@ -34,7 +35,15 @@ fn c_path(path: &Path) -> Result<CString, LlamaError> {
 /// usual per-tensor mix for that ftype; rows that do not fit a K-quant's
 /// 256-wide blocks fall back to llama.cpp's own choice). Quiet.
 
-pub fn quantize_model_id(src: &Path, dst: &Path, id: u32) -> Result<(), LlamaError> {
+/// Quantize the model at `src` into `dst`, mostly `target` (llama.cpp's
+/// usual per-tensor mix for that ftype: Q3_K/Q4_K/Q5_K mean the _M mixes;
+/// rows that do not fit a K-quant's 256-wide blocks fall back to llama.cpp's
+/// own choice). Quiet unless PARITY_LLAMA_LOG is set.
+pub fn quantize_model(src: &Path, dst: &Path, target: GgmlType) -> Result<(), LlamaError> {
+    quantize_model_id(src, dst, target.id())
+}
+
+fn quantize_model_id(src: &Path, dst: &Path, id: u32) -> Result<(), LlamaError> {
     let ftype = ftype_for(id).ok_or_else(|| LlamaError::UnsupportedType {
         ty: crate::hook::type_name(id),
         what: "whole-model quantization",

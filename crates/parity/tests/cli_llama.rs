@@ -149,3 +149,50 @@ fn bad_capture_inputs_exit_2_with_one_line() {
     assert_usage_error(&o, "prompt of 33000 tokens + 0 decode steps exceeds the model's context of 32768");
     assert!(!std::path::Path::new(out).exists(), "a failed capture must not leave a dump");
 }
+
+#[test]
+fn weights_match_ggml_bit_for_bit_on_the_real_model() {
+    let model = real_model_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("w.json");
+    let o = parity(&["weights", "--model", model.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["tensors_checked"], 291);
+    assert_eq!(v["tensors_mismatched"], 0);
+    assert_eq!(v["model"], model.to_str().unwrap());
+    for ty in ["F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"] {
+        assert_eq!(v["by_type"][ty]["mismatched"], 0, "{ty}");
+        assert!(v["by_type"][ty]["tensors"].as_u64().unwrap() > 0, "{ty}");
+    }
+    let total: u64 = v["by_type"].as_object().unwrap().values().map(|s| s["tensors"].as_u64().unwrap()).sum();
+    assert_eq!(total, 291);
+    assert!(stdout.contains("Q4_K"), "{stdout}");
+}
+
+#[test]
+fn weights_on_a_synthetic_f16_model_and_bad_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f16.gguf");
+    let spec = gguf::synth::SynthSpec { weight_type: gguf::GgmlType::F16, ..gguf::synth::SynthSpec::tiny() };
+    gguf::synth::write_tiny_qwen2(&spec, &path).unwrap();
+    let json = dir.path().join("w.json");
+    let o = parity(&["weights", "--model", path.to_str().unwrap(), "--json", json.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["by_type"]["F16"]["tensors"].as_u64().unwrap() > 0);
+    assert!(v["by_type"]["F32"]["tensors"].as_u64().unwrap() > 0);
+
+    let o = parity(&["weights", "--model", "/nonexistent/model.gguf"]);
+    assert_usage_error(&o, "/nonexistent/model.gguf");
+
+    // a tensor type neither side dequantizes: exit 2 naming the type and the tensor
+    let mut w = gguf::GgufWriter::new();
+    w.add("general.architecture", gguf::MetadataValue::String("qwen2".into()));
+    w.add_tensor("blk.0.odd.weight", vec![32, 1], gguf::GgmlType::IQ4_NL, vec![0u8; 18]).unwrap();
+    let odd = dir.path().join("odd.gguf");
+    w.write(&odd).unwrap();
+    let o = parity(&["weights", "--model", odd.to_str().unwrap()]);
+    assert_usage_error(&o, "tensor blk.0.odd.weight: ggml type IQ4_NL is not supported");
+}
