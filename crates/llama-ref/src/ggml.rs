@@ -58,7 +58,7 @@ fn traits(id: u32) -> Option<Traits> {
 /// 16-byte aligned copy of `bytes` when they are not aligned already: ggml's
 /// block structs expect at least their natural alignment.
 fn aligned(bytes: &[u8]) -> Option<Vec<u128>> {
-    if (bytes.as_ptr() as usize) % 16 == 0 {
+    if (bytes.as_ptr() as usize).is_multiple_of(16) {
         return None;
     }
     let mut buf = vec![0u128; bytes.len().div_ceil(16)];
@@ -71,7 +71,7 @@ fn aligned(bytes: &[u8]) -> Option<Vec<u128>> {
 /// `to_float` (after checking that `bytes` holds exactly those elements).
 pub fn dequantize_id(id: u32, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, LlamaError> {
     let t = traits(id).ok_or_else(|| LlamaError::UnsupportedType { ty: format!("id {id}"), what: "dequantization by ggml" })?;
-    if n_elements % t.blck_size != 0 {
+    if !n_elements.is_multiple_of(t.blck_size) {
         return Err(LlamaError::BadLength {
             ty: t.name,
             msg: format!("{n_elements} elements is not a multiple of the block size {}", t.blck_size),
@@ -108,13 +108,13 @@ pub fn quantize_id(id: u32, data: &[f32], n_per_row: usize) -> Result<Vec<u8>, L
     if !QUANTIZABLE.contains(&id) {
         return Err(LlamaError::UnsupportedType { ty: t.name, what: "quantization by ggml" });
     }
-    if n_per_row == 0 || n_per_row % t.blck_size != 0 {
+    if n_per_row == 0 || !n_per_row.is_multiple_of(t.blck_size) {
         return Err(LlamaError::BadLength {
             ty: t.name,
             msg: format!("row length {n_per_row} is not a positive multiple of the block size {}", t.blck_size),
         });
     }
-    if data.len() % n_per_row != 0 {
+    if !data.len().is_multiple_of(n_per_row) {
         return Err(LlamaError::BadLength { ty: t.name, msg: format!("{} values do not make whole rows of {n_per_row}", data.len()) });
     }
     let n_rows = data.len() / n_per_row;

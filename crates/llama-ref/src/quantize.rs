@@ -32,10 +32,6 @@ fn c_path(path: &Path) -> Result<CString, LlamaError> {
 }
 
 /// Quantize the model at `src` into `dst`, mostly `target` (llama.cpp's
-/// usual per-tensor mix for that ftype; rows that do not fit a K-quant's
-/// 256-wide blocks fall back to llama.cpp's own choice). Quiet.
-
-/// Quantize the model at `src` into `dst`, mostly `target` (llama.cpp's
 /// usual per-tensor mix for that ftype: Q3_K/Q4_K/Q5_K mean the _M mixes;
 /// rows that do not fit a K-quant's 256-wide blocks fall back to llama.cpp's
 /// own choice). Quiet unless PARITY_LLAMA_LOG is set.

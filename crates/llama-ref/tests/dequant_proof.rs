@@ -33,7 +33,7 @@ fn rows(seed: u64) -> (Vec<f32>, usize) {
         for i in 0..n_per_row {
             let g: f32 = (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>() * 0.5;
             data.push(match r {
-                0 | 1 | 2 => g * 0.05,
+                0..=2 => g * 0.05,
                 3 => g * 1e-6,
                 4 => g * 300.0,
                 5 => 0.0,
@@ -80,7 +80,7 @@ fn special_float_values_agree_for_f16_and_bf16() {
     // infinities, subnormals, overflow to inf, signed zero, NaN
     let data: Vec<f32> = vec![
         0.0, -0.0, 1.0, -1.0, 65504.0, 70000.0, -1e6, 1e-7, 6e-8, -3e-8, f32::INFINITY, f32::NEG_INFINITY,
-        f32::NAN, 1e30, 1e-30, 3.3895314e38, 1.17549435e-38, 0.333333, 2.5e-5, 12345.678, -0.1, 7.0, 1e-45, -1e-40,
+        f32::NAN, 1e30, 1e-30, 3.3895314e38, f32::MIN_POSITIVE, 0.333333, 2.5e-5, 12345.678, -0.1, 7.0, 1e-45, -1e-40,
         5.0, 6.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0,
     ];
     for ty in [GgmlType::F16, GgmlType::BF16] {

@@ -31,7 +31,7 @@ macro_rules! real_model_or_skip {
     };
 }
 
-pub fn get<'a>(c: &'a Capture, step: usize, layer: Option<usize>, stage: Stage) -> &'a Tensor {
+pub fn get(c: &Capture, step: usize, layer: Option<usize>, stage: Stage) -> &Tensor {
     let id = StageId { step, layer, stage };
     c.get(&id).unwrap_or_else(|| panic!("missing {id}"))
 }
@@ -70,7 +70,7 @@ pub fn worst(a: &[f32], b: &[f32], atol: f32, rtol: f32) -> (f32, usize) {
     let mut w = (0f32, 0usize);
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
         let r = (x - y).abs() / (atol + rtol * y.abs());
-        if !(r <= w.0) {
+        if r > w.0 || r.is_nan() {
             w = (r, i);
         }
     }
