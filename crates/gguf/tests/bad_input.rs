@@ -21,7 +21,10 @@ fn missing_file() {
     let e = GgufFile::open(&p).unwrap_err();
     assert!(matches!(e, GgufError::NotFound { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(msg.contains("nope.gguf") && msg.contains("not found"), "{msg}");
+    assert!(
+        msg.contains("nope.gguf") && msg.contains("not found"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -37,14 +40,26 @@ fn bad_magic() {
     let mut b = base_bytes();
     b[0..4].copy_from_slice(b"GGML");
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::BadMagic { found, .. } if &found == b"GGML"), "{e:?}");
+    assert!(
+        matches!(e, GgufError::BadMagic { found, .. } if &found == b"GGML"),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("bad magic"), "{e}");
 }
 
 #[test]
 fn empty_file_is_truncated_header() {
     let e = open_err(&[]);
-    assert!(matches!(e, GgufError::Truncated { section: Section::Header, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            GgufError::Truncated {
+                section: Section::Header,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("truncated in header"), "{e}");
 }
 
@@ -53,7 +68,10 @@ fn version_1_unsupported() {
     let mut b = base_bytes();
     put_u32(&mut b, 4, 1);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::UnsupportedVersion { version: 1, .. }), "{e:?}");
+    assert!(
+        matches!(e, GgufError::UnsupportedVersion { version: 1, .. }),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("unsupported GGUF version 1"), "{e}");
 }
 
@@ -63,7 +81,10 @@ fn version_4_and_big_endian_unsupported() {
         let mut b = base_bytes();
         put_u32(&mut b, 4, v);
         let e = open_err(&b);
-        assert!(matches!(e, GgufError::UnsupportedVersion { version, .. } if version == v), "{e:?}");
+        assert!(
+            matches!(e, GgufError::UnsupportedVersion { version, .. } if version == v),
+            "{e:?}"
+        );
         assert!(e.to_string().contains(&format!("version {v}")), "{e}");
     }
 }
@@ -83,7 +104,16 @@ fn truncated_header() {
     let b = base_bytes();
     for cut in [2, 4, 6, 8, 12, 16, 20, 23] {
         let e = open_err(&b[..cut]);
-        assert!(matches!(e, GgufError::Truncated { section: Section::Header, .. }), "cut {cut}: {e:?}");
+        assert!(
+            matches!(
+                e,
+                GgufError::Truncated {
+                    section: Section::Header,
+                    ..
+                }
+            ),
+            "cut {cut}: {e:?}"
+        );
         assert!(e.to_string().contains("truncated in header"), "{e}");
     }
 }
@@ -93,9 +123,21 @@ fn truncated_metadata_value_type() {
     let b = base_bytes();
     let at = after_str(&b, "test.kaa") + 2; // inside the u32 value type
     let e = open_err(&b[..at]);
-    assert!(matches!(e, GgufError::Truncated { section: Section::Metadata, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            GgufError::Truncated {
+                section: Section::Metadata,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let msg = e.to_string();
-    assert!(msg.contains("truncated in metadata") && msg.contains("test.kaa"), "{msg}");
+    assert!(
+        msg.contains("truncated in metadata") && msg.contains("test.kaa"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -104,8 +146,13 @@ fn truncated_metadata_at_every_byte() {
     let end = after_str(&b, "hello world");
     for cut in 24..end {
         let e = open_err(&b[..cut]);
-        let ok = matches!(e, GgufError::Truncated { section: Section::Metadata, .. })
-            || matches!(e, GgufError::StringTooLong { .. })
+        let ok = matches!(
+            e,
+            GgufError::Truncated {
+                section: Section::Metadata,
+                ..
+            }
+        ) || matches!(e, GgufError::StringTooLong { .. })
             || matches!(e, GgufError::ArrayTooLong { .. });
         assert!(ok, "cut {cut}: {e:?}");
     }
@@ -118,15 +165,32 @@ fn truncated_tensor_infos_at_every_byte() {
     let (_, _, _, off) = tensor_fields(&b, "alphb");
     for cut in start..off + 8 {
         let e = open_err(&b[..cut]);
-        let ok = matches!(e, GgufError::Truncated { section: Section::TensorInfo, .. })
-            || matches!(e, GgufError::StringTooLong { .. });
+        let ok = matches!(
+            e,
+            GgufError::Truncated {
+                section: Section::TensorInfo,
+                ..
+            }
+        ) || matches!(e, GgufError::StringTooLong { .. });
         assert!(ok, "cut {cut}: {e:?}");
     }
     let (n_dims_at, ..) = tensor_fields(&b, "alpha");
     let e = open_err(&b[..n_dims_at + 1]);
-    assert!(matches!(e, GgufError::Truncated { section: Section::TensorInfo, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            GgufError::Truncated {
+                section: Section::TensorInfo,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let msg = e.to_string();
-    assert!(msg.contains("truncated in tensor infos") && msg.contains("alpha"), "{msg}");
+    assert!(
+        msg.contains("truncated in tensor infos") && msg.contains("alpha"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -137,9 +201,24 @@ fn truncated_data() {
     // Cut right after the tensor infos, in the padding, and inside each tensor.
     // alpha: 64 bytes at 0; alphb: 2 Q8_0 blocks = 68 bytes at 64 (the padding
     // after the last tensor is not needed).
-    for cut in [off + 8, data_start, data_start + 10, data_start + 64 + 5, data_start + 64 + 67] {
+    for cut in [
+        off + 8,
+        data_start,
+        data_start + 10,
+        data_start + 64 + 5,
+        data_start + 64 + 67,
+    ] {
         let e = open_err(&b[..cut]);
-        assert!(matches!(e, GgufError::Truncated { section: Section::Data, .. }), "cut {cut}: {e:?}");
+        assert!(
+            matches!(
+                e,
+                GgufError::Truncated {
+                    section: Section::Data,
+                    ..
+                }
+            ),
+            "cut {cut}: {e:?}"
+        );
         assert!(e.to_string().contains("truncated in tensor data"), "{e}");
     }
 }
@@ -154,9 +233,15 @@ fn string_length_beyond_file() {
     });
     put_u64(&mut b, at, 1 << 40);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::StringTooLong { len, .. } if len == 1 << 40), "{e:?}");
+    assert!(
+        matches!(e, GgufError::StringTooLong { len, .. } if len == 1 << 40),
+        "{e:?}"
+    );
     let msg = e.to_string();
-    assert!(msg.contains("test.string") && msg.contains("beyond the end of the file"), "{msg}");
+    assert!(
+        msg.contains("test.string") && msg.contains("beyond the end of the file"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -165,7 +250,10 @@ fn key_length_beyond_file() {
     let at = after_str(&b, "test.kaa") - 8 - 8;
     put_u64(&mut b, at, u64::MAX);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::StringTooLong { len: u64::MAX, .. }), "{e:?}");
+    assert!(
+        matches!(e, GgufError::StringTooLong { len: u64::MAX, .. }),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("key of metadata entry 1"), "{e}");
 }
 
@@ -177,7 +265,10 @@ fn array_length_beyond_file() {
     assert_eq!(u64::from_le_bytes(b[at..at + 8].try_into().unwrap()), 3);
     put_u64(&mut b, at, 1 << 60);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::ArrayTooLong { count, ref key, .. } if count == 1 << 60 && key == "test.array"), "{e:?}");
+    assert!(
+        matches!(e, GgufError::ArrayTooLong { count, ref key, .. } if count == 1 << 60 && key == "test.array"),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("array length"), "{e}");
 }
 
@@ -192,7 +283,16 @@ fn header(n_tensors: u64, n_kv: u64) -> Vec<u8> {
 #[test]
 fn huge_kv_count_does_not_allocate() {
     let e = open_err(&header(0, u64::MAX));
-    assert!(matches!(e, GgufError::Truncated { section: Section::Metadata, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            GgufError::Truncated {
+                section: Section::Metadata,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     // In a real file the parse runs into the tensor infos and fails there.
     let mut b = base_bytes();
     put_u64(&mut b, 16, u64::MAX);
@@ -202,7 +302,16 @@ fn huge_kv_count_does_not_allocate() {
 #[test]
 fn huge_tensor_count_does_not_allocate() {
     let e = open_err(&header(u64::MAX, 0));
-    assert!(matches!(e, GgufError::Truncated { section: Section::TensorInfo, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            GgufError::Truncated {
+                section: Section::TensorInfo,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let mut b = base_bytes();
     put_u64(&mut b, 8, u64::MAX);
     open_err(&b);
@@ -214,8 +323,14 @@ fn invalid_value_type() {
     let at = after_str(&b, "test.kaa");
     put_u32(&mut b, at, 13);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::InvalidValueType { type_id: 13, ref key, .. } if key == "test.kaa"), "{e:?}");
-    assert!(e.to_string().contains("invalid metadata value type 13"), "{e}");
+    assert!(
+        matches!(e, GgufError::InvalidValueType { type_id: 13, ref key, .. } if key == "test.kaa"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("invalid metadata value type 13"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -224,7 +339,10 @@ fn invalid_array_element_type() {
     let at = after_str(&b, "test.array") + 4;
     put_u32(&mut b, at, 99);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::InvalidValueType { type_id: 99, .. }), "{e:?}");
+    assert!(
+        matches!(e, GgufError::InvalidValueType { type_id: 99, .. }),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -243,8 +361,14 @@ fn duplicate_keys() {
     let at = after_str(&b, "test.kab") - 1;
     b[at] = b'a';
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::DuplicateKey { ref key, .. } if key == "test.kaa"), "{e:?}");
-    assert!(e.to_string().contains("duplicate metadata key 'test.kaa'"), "{e}");
+    assert!(
+        matches!(e, GgufError::DuplicateKey { ref key, .. } if key == "test.kaa"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("duplicate metadata key 'test.kaa'"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -276,7 +400,10 @@ fn arrays_nested_too_deep() {
         b.extend_from_slice(&1u64.to_le_bytes()); // one element
     }
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::NestingTooDeep { ref key, .. } if key == "deep"), "{e:?}");
+    assert!(
+        matches!(e, GgufError::NestingTooDeep { ref key, .. } if key == "deep"),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -300,7 +427,10 @@ fn alignment_wrong_type() {
     put_u32(&mut b, at, 5); // u32 -> i32
     let e = open_err(&b);
     assert!(matches!(e, GgufError::BadAlignment { .. }), "{e:?}");
-    assert!(e.to_string().contains("must be of type u32, found i32"), "{e}");
+    assert!(
+        e.to_string().contains("must be of type u32, found i32"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -309,8 +439,14 @@ fn duplicate_tensor_names() {
     let at = after_str(&b, "alphb") - 1;
     b[at] = b'a';
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::DuplicateTensor { ref name, .. } if name == "alpha"), "{e:?}");
-    assert!(e.to_string().contains("duplicate tensor name 'alpha'"), "{e}");
+    assert!(
+        matches!(e, GgufError::DuplicateTensor { ref name, .. } if name == "alpha"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("duplicate tensor name 'alpha'"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -319,7 +455,10 @@ fn too_many_dims() {
     let (n_dims_at, ..) = tensor_fields(&b, "alpha");
     put_u32(&mut b, n_dims_at, 5);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::TooManyDims { n_dims: 5, ref tensor, .. } if tensor == "alpha"), "{e:?}");
+    assert!(
+        matches!(e, GgufError::TooManyDims { n_dims: 5, ref tensor, .. } if tensor == "alpha"),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("'alpha' has 5 dimensions"), "{e}");
 }
 
@@ -329,7 +468,10 @@ fn no_dims() {
     let (n_dims_at, ..) = tensor_fields(&b, "alpha");
     put_u32(&mut b, n_dims_at, 0);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::NoDims { ref tensor, .. } if tensor == "alpha"), "{e:?}");
+    assert!(
+        matches!(e, GgufError::NoDims { ref tensor, .. } if tensor == "alpha"),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("zero dimensions"), "{e}");
 }
 
@@ -339,7 +481,10 @@ fn zero_sized_dim() {
     let (_, dims_at, ..) = tensor_fields(&b, "alpha");
     put_u64(&mut b, dims_at + 8, 0);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::ZeroDim { index: 1, ref tensor, .. } if tensor == "alpha"), "{e:?}");
+    assert!(
+        matches!(e, GgufError::ZeroDim { index: 1, ref tensor, .. } if tensor == "alpha"),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("dimension 1 of size 0"), "{e}");
 }
 
@@ -350,7 +495,10 @@ fn element_count_overflow() {
     put_u64(&mut b, dims_at, 1 << 40);
     put_u64(&mut b, dims_at + 8, 1 << 40);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::ElementCountOverflow { ref tensor, .. } if tensor == "alpha"), "{e:?}");
+    assert!(
+        matches!(e, GgufError::ElementCountOverflow { ref tensor, .. } if tensor == "alpha"),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("element count overflows"), "{e}");
 }
 
@@ -372,7 +520,13 @@ fn byte_size_overflow() {
     put_u64(&mut b, dims_at, 1 << 62);
     put_u64(&mut b, dims_at + 8, 1);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::ElementCountOverflow { .. } | GgufError::DataOutOfBounds { .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            GgufError::ElementCountOverflow { .. } | GgufError::DataOutOfBounds { .. }
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -385,7 +539,11 @@ fn row_not_multiple_of_block() {
         matches!(e, GgufError::RowNotBlockMultiple { ne0: 48, block_size: 32, ref tensor, .. } if tensor == "alphb"),
         "{e:?}"
     );
-    assert!(e.to_string().contains("row size 48, not a multiple of the block size 32"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("row size 48, not a multiple of the block size 32"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -394,7 +552,10 @@ fn unknown_tensor_type() {
     let (_, _, type_at, _) = tensor_fields(&b, "alphb");
     put_u32(&mut b, type_at, 4); // Q4_2, removed from ggml
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::UnknownTensorType { type_id: 4, .. }), "{e:?}");
+    assert!(
+        matches!(e, GgufError::UnknownTensorType { type_id: 4, .. }),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("unknown ggml type id 4"), "{e}");
 }
 
@@ -404,7 +565,10 @@ fn tensor_data_out_of_bounds() {
     let (.., off_at) = tensor_fields(&b, "alphb");
     put_u64(&mut b, off_at, 1 << 20);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::DataOutOfBounds { ref tensor, offset, .. } if tensor == "alphb" && offset == 1 << 20), "{e:?}");
+    assert!(
+        matches!(e, GgufError::DataOutOfBounds { ref tensor, offset, .. } if tensor == "alphb" && offset == 1 << 20),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("out of bounds"), "{e}");
 }
 
@@ -424,8 +588,14 @@ fn tensor_data_misaligned() {
     let off = u64::from_le_bytes(b[off_at..off_at + 8].try_into().unwrap());
     put_u64(&mut b, off_at, off + 4);
     let e = open_err(&b);
-    assert!(matches!(e, GgufError::Misaligned { alignment: 32, ref tensor, .. } if tensor == "alphb"), "{e:?}");
-    assert!(e.to_string().contains("not a multiple of the alignment 32"), "{e}");
+    assert!(
+        matches!(e, GgufError::Misaligned { alignment: 32, ref tensor, .. } if tensor == "alphb"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("not a multiple of the alignment 32"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -441,8 +611,21 @@ fn missing_tensor_and_unsupported_type_name_the_tensor() {
     assert!(matches!(e, GgufError::TensorNotFound { .. }), "{e:?}");
     assert!(e.to_string().contains("no tensor named 'gamma'"), "{e}");
     let e = f.dequantize("alpha").unwrap_err();
-    assert!(matches!(e, GgufError::UnsupportedType { ty: gguf::GgmlType::I32, .. }), "{e:?}");
-    assert!(e.to_string().contains("tensor 'alpha': cannot dequantize ggml type I32"), "{e}");
+    assert!(
+        matches!(
+            e,
+            GgufError::UnsupportedType {
+                ty: gguf::GgmlType::I32,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .contains("tensor 'alpha': cannot dequantize ggml type I32"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -451,7 +634,12 @@ fn trailing_padding_after_last_tensor_is_optional() {
     let (_, _, _, off) = tensor_fields(&b, "alphb");
     let data_start = (off + 8).next_multiple_of(32);
     let dir = tempfile::tempdir().unwrap();
-    let f = GgufFile::open(write_tmp(dir.path(), "short.gguf", &b[..data_start + 64 + 68])).unwrap();
+    let f = GgufFile::open(write_tmp(
+        dir.path(),
+        "short.gguf",
+        &b[..data_start + 64 + 68],
+    ))
+    .unwrap();
     let t = f.tensor("alphb").unwrap();
     assert_eq!(f.tensor_data(t).len(), 68);
 }

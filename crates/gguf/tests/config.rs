@@ -36,10 +36,22 @@ fn file(skip: &[&str], set: &[(&str, V)], output: bool) -> (tempfile::TempDir, G
         w.add(k, v);
     }
     if !skip.contains(&"token_embd.weight") {
-        w.add_tensor("token_embd.weight", vec![64, 10], GgmlType::F16, vec![0; 64 * 10 * 2]).unwrap();
+        w.add_tensor(
+            "token_embd.weight",
+            vec![64, 10],
+            GgmlType::F16,
+            vec![0; 64 * 10 * 2],
+        )
+        .unwrap();
     }
     if output {
-        w.add_tensor("output.weight", vec![64, 10], GgmlType::F16, vec![0; 64 * 10 * 2]).unwrap();
+        w.add_tensor(
+            "output.weight",
+            vec![64, 10],
+            GgmlType::F16,
+            vec![0; 64 * 10 * 2],
+        )
+        .unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("cfg.gguf");
@@ -78,7 +90,11 @@ fn tied_output_when_no_output_weight() {
 
 #[test]
 fn defaults_for_optional_keys() {
-    let (_d, f) = file(&["qwen2.attention.head_count_kv", "qwen2.rope.freq_base"], &[], true);
+    let (_d, f) = file(
+        &["qwen2.attention.head_count_kv", "qwen2.rope.freq_base"],
+        &[],
+        true,
+    );
     let c = Qwen2Config::from_gguf(&f).unwrap();
     assert_eq!(c.n_head_kv, 8);
     assert_eq!(c.rope_freq_base, 10000.0);
@@ -86,27 +102,50 @@ fn defaults_for_optional_keys() {
 
 #[test]
 fn wrong_architecture() {
-    let (_d, f) = file(&[], &[("general.architecture", V::String("llama".into()))], true);
+    let (_d, f) = file(
+        &[],
+        &[("general.architecture", V::String("llama".into()))],
+        true,
+    );
     let e = Qwen2Config::from_gguf(&f).unwrap_err();
-    assert!(matches!(e, GgufError::WrongArchitecture { ref arch, .. } if arch == "llama"), "{e:?}");
-    assert!(e.to_string().contains("architecture is 'llama', expected 'qwen2'"), "{e}");
+    assert!(
+        matches!(e, GgufError::WrongArchitecture { ref arch, .. } if arch == "llama"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string()
+            .contains("architecture is 'llama', expected 'qwen2'"),
+        "{e}"
+    );
 }
 
 #[test]
 fn missing_architecture() {
     let (_d, f) = file(&["general.architecture"], &[], true);
     let e = Qwen2Config::from_gguf(&f).unwrap_err();
-    assert!(matches!(e, GgufError::MissingKey { ref key, .. } if key == "general.architecture"), "{e:?}");
+    assert!(
+        matches!(e, GgufError::MissingKey { ref key, .. } if key == "general.architecture"),
+        "{e:?}"
+    );
 }
 
 #[test]
 fn each_missing_required_key() {
-    for key in KEYS.iter().filter(|k| **k != "qwen2.attention.head_count_kv") {
+    for key in KEYS
+        .iter()
+        .filter(|k| **k != "qwen2.attention.head_count_kv")
+    {
         let (_d, f) = file(&[key], &[], true);
         let e = Qwen2Config::from_gguf(&f).unwrap_err();
-        assert!(matches!(e, GgufError::MissingKey { key: ref k, .. } if k == key), "{key}: {e:?}");
+        assert!(
+            matches!(e, GgufError::MissingKey { key: ref k, .. } if k == key),
+            "{key}: {e:?}"
+        );
         let msg = e.to_string();
-        assert!(msg.contains(&format!("missing metadata key '{key}'")) && msg.contains("cfg.gguf"), "{msg}");
+        assert!(
+            msg.contains(&format!("missing metadata key '{key}'")) && msg.contains("cfg.gguf"),
+            "{msg}"
+        );
     }
 }
 
@@ -114,17 +153,34 @@ fn each_missing_required_key() {
 fn wrong_key_type() {
     let (_d, f) = file(&[], &[("qwen2.block_count", V::String("3".into()))], true);
     let e = Qwen2Config::from_gguf(&f).unwrap_err();
-    assert!(matches!(e, GgufError::WrongKeyType { ref key, .. } if key == "qwen2.block_count"), "{e:?}");
+    assert!(
+        matches!(e, GgufError::WrongKeyType { ref key, .. } if key == "qwen2.block_count"),
+        "{e:?}"
+    );
     let (_d, f) = file(&[], &[("qwen2.block_count", V::I32(-3))], true);
-    assert!(matches!(Qwen2Config::from_gguf(&f), Err(GgufError::WrongKeyType { .. })));
+    assert!(matches!(
+        Qwen2Config::from_gguf(&f),
+        Err(GgufError::WrongKeyType { .. })
+    ));
 }
 
 #[test]
 fn heads_not_dividing_hidden() {
-    let (_d, f) = file(&[], &[("qwen2.attention.head_count", V::U32(6)), ("qwen2.attention.head_count_kv", V::U32(6))], true);
+    let (_d, f) = file(
+        &[],
+        &[
+            ("qwen2.attention.head_count", V::U32(6)),
+            ("qwen2.attention.head_count_kv", V::U32(6)),
+        ],
+        true,
+    );
     let e = Qwen2Config::from_gguf(&f).unwrap_err();
     assert!(matches!(e, GgufError::BadConfig { .. }), "{e:?}");
-    assert!(e.to_string().contains("head_count 6 does not divide embedding_length 64"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("head_count 6 does not divide embedding_length 64"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -132,26 +188,47 @@ fn kv_heads_not_dividing_heads() {
     let (_d, f) = file(&[], &[("qwen2.attention.head_count_kv", V::U32(3))], true);
     let e = Qwen2Config::from_gguf(&f).unwrap_err();
     assert!(matches!(e, GgufError::BadConfig { .. }), "{e:?}");
-    assert!(e.to_string().contains("head_count_kv 3 does not divide attention.head_count 8"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("head_count_kv 3 does not divide attention.head_count 8"),
+        "{e}"
+    );
 }
 
 #[test]
 fn zero_heads() {
     let (_d, f) = file(&[], &[("qwen2.attention.head_count", V::U32(0))], true);
-    assert!(matches!(Qwen2Config::from_gguf(&f), Err(GgufError::BadConfig { .. })));
+    assert!(matches!(
+        Qwen2Config::from_gguf(&f),
+        Err(GgufError::BadConfig { .. })
+    ));
 }
 
 #[test]
 fn missing_token_embd() {
     let (_d, f) = file(&["token_embd.weight"], &[], true);
     let e = Qwen2Config::from_gguf(&f).unwrap_err();
-    assert!(matches!(e, GgufError::TensorNotFound { ref name, .. } if name == "token_embd.weight"), "{e:?}");
+    assert!(
+        matches!(e, GgufError::TensorNotFound { ref name, .. } if name == "token_embd.weight"),
+        "{e:?}"
+    );
 }
 
 #[test]
 fn token_embd_wrong_width() {
-    let (_d, f) = file(&[], &[("qwen2.embedding_length", V::U32(32)), ("qwen2.attention.head_count_kv", V::U32(8))], true);
+    let (_d, f) = file(
+        &[],
+        &[
+            ("qwen2.embedding_length", V::U32(32)),
+            ("qwen2.attention.head_count_kv", V::U32(8)),
+        ],
+        true,
+    );
     let e = Qwen2Config::from_gguf(&f).unwrap_err();
     assert!(matches!(e, GgufError::BadConfig { .. }), "{e:?}");
-    assert!(e.to_string().contains("token_embd.weight has dims [64, 10]"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("token_embd.weight has dims [64, 10]"),
+        "{e}"
+    );
 }

@@ -29,7 +29,11 @@ fn check(ty: GgmlType, block: &[u8], expected: &[f32]) {
     assert_eq!(expected.len(), ty.block_size().unwrap());
     let got = dequantize(ty, block, expected.len()).unwrap();
     for (i, (g, e)) in got.iter().zip(expected).enumerate() {
-        assert_eq!(g.to_bits(), e.to_bits(), "{ty} element {i}: got {g}, expected {e}");
+        assert_eq!(
+            g.to_bits(),
+            e.to_bits(),
+            "{ty} element {i}: got {g}, expected {e}"
+        );
     }
     // Two blocks: the second is independent of the first.
     let mut two = block.to_vec();
@@ -45,13 +49,24 @@ fn f32_f16_bf16() {
     let v = [1.0f32, -2.5, 0.0, -0.0, f32::INFINITY, 1e-40, 3.4e38];
     let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     let got = dequantize(GgmlType::F32, &b, v.len()).unwrap();
-    assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), v.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
 
     // f16: 1.0, -2.0, smallest subnormal 2^-24, max 65504, -0, +inf, 0.333..
     let h: [u16; 7] = [0x3C00, 0xC000, 0x0001, 0x7BFF, 0x8000, 0x7C00, 0x3555];
     let hb: Vec<u8> = h.iter().flat_map(|x| x.to_le_bytes()).collect();
     let got = dequantize(GgmlType::F16, &hb, 7).unwrap();
-    let want = [1.0, -2.0, 2f32.powi(-24), 65504.0, -0.0, f32::INFINITY, 0.333_251_95];
+    let want = [
+        1.0,
+        -2.0,
+        2f32.powi(-24),
+        65504.0,
+        -0.0,
+        f32::INFINITY,
+        0.333_251_95,
+    ];
     for (g, w) in got.iter().zip(want) {
         assert_eq!(g.to_bits(), w.to_bits(), "{g} vs {w}");
     }
@@ -80,7 +95,17 @@ fn f16_every_bit_pattern_matches_half() {
 #[test]
 fn q8_0() {
     let mut b = f16(0.5).to_vec();
-    let qs: Vec<i8> = (0..32).map(|i| if i == 0 { -128 } else if i == 1 { 127 } else { i as i8 - 16 }).collect();
+    let qs: Vec<i8> = (0..32)
+        .map(|i| {
+            if i == 0 {
+                -128
+            } else if i == 1 {
+                127
+            } else {
+                i as i8 - 16
+            }
+        })
+        .collect();
     b.extend(qs.iter().map(|&q| q as u8));
     let want: Vec<f32> = qs.iter().map(|&q| q as f32 * 0.5).collect();
     assert_eq!(want[0], -64.0);
@@ -162,7 +187,13 @@ fn k_2bit_pos(e: usize) -> (usize, u32, usize, usize, u8) {
     let j = (e % 128) / 32;
     let half = (e % 32) / 16;
     let l = e % 16;
-    (32 * n + 16 * half + l, 2 * j as u32, 8 * n + 2 * j + half, 16 * half + l, 1u8 << (4 * n + j))
+    (
+        32 * n + 16 * half + l,
+        2 * j as u32,
+        8 * n + 2 * j + half,
+        16 * half + l,
+        1u8 << (4 * n + j),
+    )
 }
 
 #[test]
@@ -308,7 +339,11 @@ fn unsupported_types_are_errors_naming_the_type() {
         assert_eq!(r.is_ok(), ty.can_dequantize(), "{ty}");
         if let Err(e) = r {
             assert!(matches!(e, GgufError::UnsupportedType { .. }), "{e:?}");
-            assert!(e.to_string().contains(&format!("cannot dequantize ggml type {}", ty.name())), "{e}");
+            assert!(
+                e.to_string()
+                    .contains(&format!("cannot dequantize ggml type {}", ty.name())),
+                "{e}"
+            );
         }
     }
     let e = dequantize(GgmlType::Other(99), &[], 0).unwrap_err();
@@ -318,14 +353,36 @@ fn unsupported_types_are_errors_naming_the_type() {
 #[test]
 fn size_errors() {
     let e = dequantize(GgmlType::Q4_K, &[0; 144], 255).unwrap_err();
-    assert!(matches!(e, GgufError::NotBlockMultiple { block_size: 256, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            GgufError::NotBlockMultiple {
+                block_size: 256,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     let e = dequantize(GgmlType::Q4_K, &[0; 143], 256).unwrap_err();
-    assert!(matches!(e, GgufError::DataSizeMismatch { expected: 144, got: 143, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            GgufError::DataSizeMismatch {
+                expected: 144,
+                got: 143,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("must be 144 bytes, got 143"), "{e}");
     let mut out = [0f32; 64];
     let e = dequantize_into(GgmlType::Q8_0, &[0; 34], &mut out).unwrap_err();
     assert!(matches!(e, GgufError::DataSizeMismatch { .. }), "{e:?}");
-    assert_eq!(dequantize(GgmlType::Q6_K, &[], 0).unwrap(), Vec::<f32>::new());
+    assert_eq!(
+        dequantize(GgmlType::Q6_K, &[], 0).unwrap(),
+        Vec::<f32>::new()
+    );
 }
 
 #[test]
@@ -358,7 +415,11 @@ fn random_blocks_are_finite_and_into_matches() {
         let a = dequantize(ty, &raw, n).unwrap();
         let mut b = vec![0f32; n];
         dequantize_into(ty, &raw, &mut b).unwrap();
-        assert_eq!(a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{ty}");
+        assert_eq!(
+            a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "{ty}"
+        );
         assert!(a.iter().all(|x| x.is_finite()), "{ty}");
         assert!(a.iter().any(|&x| x != 0.0), "{ty}");
     }

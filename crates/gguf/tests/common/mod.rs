@@ -14,22 +14,29 @@ pub fn base_bytes() -> Vec<u8> {
     w.add("general.architecture", V::String("qwen2".into()));
     w.add("test.kaa", V::U32(7));
     w.add("test.kab", V::I8(-1));
-    w.add("test.array", V::Array(vec![V::U32(1), V::U32(2), V::U32(3)]));
+    w.add(
+        "test.array",
+        V::Array(vec![V::U32(1), V::U32(2), V::U32(3)]),
+    );
     w.add("test.string", V::String("hello world".into()));
     let alpha: Vec<f32> = (0..16).map(|i| i as f32).collect();
-    w.add_tensor("alpha", vec![8, 2], GgmlType::F32, f32_bytes(&alpha)).unwrap();
+    w.add_tensor("alpha", vec![8, 2], GgmlType::F32, f32_bytes(&alpha))
+        .unwrap();
     let mut beta = Vec::new();
     for b in 0..2u8 {
         beta.extend_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
         beta.extend((0..32).map(|i| (i as i8 - 16 + b as i8) as u8));
     }
-    w.add_tensor("alphb", vec![32, 2], GgmlType::Q8_0, beta).unwrap();
+    w.add_tensor("alphb", vec![32, 2], GgmlType::Q8_0, beta)
+        .unwrap();
     w.to_bytes().unwrap()
 }
 
 /// Position of the first occurrence of `needle`.
 pub fn find(hay: &[u8], needle: &[u8]) -> usize {
-    hay.windows(needle.len()).position(|w| w == needle).expect("needle present in test file")
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle present in test file")
 }
 
 /// Offset just past a length-prefixed string `s` (the string itself found by content).
@@ -62,7 +69,10 @@ pub fn open_err(bytes: &[u8]) -> GgufError {
         Err(e) => {
             let msg = e.to_string();
             assert!(!msg.contains('\n'), "message is not one line: {msg}");
-            assert!(msg.contains("bad.gguf"), "message does not name the file: {msg}");
+            assert!(
+                msg.contains("bad.gguf"),
+                "message does not name the file: {msg}"
+            );
             e
         }
     }
