@@ -67,7 +67,7 @@ fn check(tensor: &str, ty: GgmlType, bytes: &[u8], n: usize) -> Result<(), GgufE
             ty,
         });
     };
-    if n % bs != 0 {
+    if !n.is_multiple_of(bs) {
         return Err(GgufError::NotBlockMultiple {
             tensor: tensor.to_string(),
             ty,

@@ -70,7 +70,7 @@ impl GgufWriter {
         let (Some(bs), Some(ts)) = (ty.block_size(), ty.type_size()) else {
             return Err(err(format!("tensor '{name}' has {ty}")));
         };
-        if dims[0] % bs as u64 != 0 {
+        if !dims[0].is_multiple_of(bs as u64) {
             return Err(err(format!(
                 "tensor '{name}' of type {ty}: row size {} is not a multiple of the block size {bs}",
                 dims[0]
