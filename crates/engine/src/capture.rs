@@ -258,7 +258,7 @@ pub fn read_npy(path: &Path) -> Result<Tensor, DumpError> {
         return Err(bad("not a .npy file"));
     }
     let (header_len, header_start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
         2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
         _ => return Err(bad("unsupported .npy version")),
     };

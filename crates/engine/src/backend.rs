@@ -1,0 +1,135 @@
+//! The backend interface the forward pass is written against. A backend owns
+//! its copy of the weights and the KV cache; the forward pass only names them.
+
+use crate::capture::Tensor;
+use crate::fault::{HeadMap, RopePairing};
+use anyhow::Result;
+
+/// A weight of the model, by role. `gguf_name` maps it onto the GGUF tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Weight {
+    TokenEmbd,
+    AttnNorm(usize),
+    AttnQ(usize),
+    AttnQBias(usize),
+    AttnK(usize),
+    AttnKBias(usize),
+    AttnV(usize),
+    AttnVBias(usize),
+    AttnOutput(usize),
+    FfnNorm(usize),
+    FfnGate(usize),
+    FfnUp(usize),
+    FfnDown(usize),
+    OutputNorm,
+    /// The LM head; `token_embd.weight` when the model ties its output.
+    Output,
+}
+
+impl Weight {
+    pub fn gguf_name(self, tied_output: bool) -> String {
+        match self {
+            Weight::TokenEmbd => "token_embd.weight".into(),
+            Weight::AttnNorm(l) => format!("blk.{l}.attn_norm.weight"),
+            Weight::AttnQ(l) => format!("blk.{l}.attn_q.weight"),
+            Weight::AttnQBias(l) => format!("blk.{l}.attn_q.bias"),
+            Weight::AttnK(l) => format!("blk.{l}.attn_k.weight"),
+            Weight::AttnKBias(l) => format!("blk.{l}.attn_k.bias"),
+            Weight::AttnV(l) => format!("blk.{l}.attn_v.weight"),
+            Weight::AttnVBias(l) => format!("blk.{l}.attn_v.bias"),
+            Weight::AttnOutput(l) => format!("blk.{l}.attn_output.weight"),
+            Weight::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            Weight::FfnGate(l) => format!("blk.{l}.ffn_gate.weight"),
+            Weight::FfnUp(l) => format!("blk.{l}.ffn_up.weight"),
+            Weight::FfnDown(l) => format!("blk.{l}.ffn_down.weight"),
+            Weight::OutputNorm => "output_norm.weight".into(),
+            Weight::Output if tied_output => "token_embd.weight".into(),
+            Weight::Output => "output.weight".into(),
+        }
+    }
+
+    /// Every weight a Qwen2 model of `n_layer` layers needs.
+    pub fn all(n_layer: usize) -> Vec<Weight> {
+        let mut all = vec![Weight::TokenEmbd, Weight::OutputNorm, Weight::Output];
+        for l in 0..n_layer {
+            all.extend([
+                Weight::AttnNorm(l),
+                Weight::AttnQ(l),
+                Weight::AttnQBias(l),
+                Weight::AttnK(l),
+                Weight::AttnKBias(l),
+                Weight::AttnV(l),
+                Weight::AttnVBias(l),
+                Weight::AttnOutput(l),
+                Weight::FfnNorm(l),
+                Weight::FfnGate(l),
+                Weight::FfnUp(l),
+                Weight::FfnDown(l),
+            ]);
+        }
+        all
+    }
+}
+
+/// Element type of the KV cache. llama.cpp ships f16; f32 makes an exact reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KvType {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::F32 => "f32",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KvType> {
+        match s {
+            "f16" => Some(KvType::F16),
+            "f32" => Some(KvType::F32),
+            _ => None,
+        }
+    }
+}
+
+/// One op per method; every tensor in and out is in the stage catalogue's
+/// canonical row-major layout. Shapes: `x` is `[n_tokens, n_embd]`, heads
+/// are `[n_tokens, n_heads, head_dim]`, scores/probs `[n_head, n_tokens, n_kv]`.
+pub trait Backend {
+    /// A tensor resident on the backend, with its shape.
+    type Buf;
+
+    /// "cpu" or "cuda".
+    fn name(&self) -> &'static str;
+    fn shape<'a>(&self, buf: &'a Self::Buf) -> &'a [usize];
+    /// Same data, new shape (element count must match).
+    fn reshape(&self, buf: Self::Buf, shape: &[usize]) -> Result<Self::Buf>;
+    fn to_host(&self, buf: &Self::Buf) -> Result<Tensor>;
+    fn from_host(&self, tensor: &Tensor) -> Result<Self::Buf>;
+
+    /// Rows of `token_embd` for `tokens`: `[n_tokens, n_embd]`.
+    fn embed(&self, tokens: &[i32]) -> Result<Self::Buf>;
+    /// RMSNorm over the last dim, times the weight.
+    fn rms_norm(&self, x: &Self::Buf, weight: Weight, eps: f32) -> Result<Self::Buf>;
+    /// `x W^T (+ b)`: `[n, in] -> [n, out]`, W stored `[out, in]` as in GGUF.
+    fn linear(&self, x: &Self::Buf, weight: Weight, bias: Option<Weight>) -> Result<Self::Buf>;
+    /// Rotary embedding of `[n_tokens, n_heads, head_dim]` at positions `pos0..pos0 + n_tokens`.
+    fn rope(&self, x: &Self::Buf, pos0: usize, freq_base: f32, pairing: RopePairing) -> Result<Self::Buf>;
+    /// Write K (after RoPE) and V of `[n_tokens, n_head_kv, head_dim]` into the cache at `pos0..`.
+    fn kv_store(&mut self, layer: usize, k: &Self::Buf, v: &Self::Buf, pos0: usize) -> Result<()>;
+    /// Raw Q K^T over cache positions `0..n_kv`, `[n_head, n_tokens, n_kv]`, 0 beyond the causal limit.
+    fn attn_scores(&self, layer: usize, q: &Self::Buf, pos0: usize, n_kv: usize, head_map: HeadMap) -> Result<Self::Buf>;
+    /// softmax(scale * scores + causal mask) per row.
+    fn softmax_causal(&self, scores: &Self::Buf, scale: f32, pos0: usize) -> Result<Self::Buf>;
+    /// probs V, heads merged: `[n_tokens, n_head, head_dim]`.
+    fn attn_ctx(&self, layer: usize, probs: &Self::Buf, n_kv: usize, head_map: HeadMap) -> Result<Self::Buf>;
+    fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
+    /// silu(gate) * up.
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf>;
+    /// Forget the KV cache (a new sequence starts at position 0).
+    fn reset_cache(&mut self) -> Result<()>;
+}
