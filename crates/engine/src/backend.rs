@@ -133,3 +133,11 @@ pub trait Backend {
     /// Forget the KV cache (a new sequence starts at position 0).
     fn reset_cache(&mut self) -> Result<()>;
 }
+
+/// What every backend is built with, besides the weights.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendOptions {
+    pub kv_type: KvType,
+    /// KV cache capacity in positions (prompt + decode steps).
+    pub max_ctx: usize,
+}
