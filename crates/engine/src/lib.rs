@@ -3,5 +3,8 @@
 
 pub mod backend;
 pub mod capture;
+pub mod checkpoint;
+pub mod cpu;
 pub mod fault;
+pub mod model;
 pub mod stage;

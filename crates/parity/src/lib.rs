@@ -7,3 +7,4 @@ pub mod metrics;
 pub mod model;
 pub mod report;
 pub mod thresholds;
+pub mod ours;

@@ -19,6 +19,8 @@ enum Command {
     Weights(cmd::weights::Args),
     /// Run one engine and dump every checkpoint (.npy + manifest.json).
     Capture(cmd::capture::Args),
+    /// Run llama.cpp and our engine on one prompt; name the first divergence.
+    Run(cmd::run::Args),
     /// Compare two capture dumps stage by stage: first divergence, largest jump, reports.
     Diff(cmd::diff::Args),
 }
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Weights(args) => cmd::weights::run(args),
         Command::Capture(args) => cmd::capture::run(args),
+        Command::Run(args) => cmd::run::run(args),
         Command::Diff(args) => cmd::diff::run(args),
     };
     match result {

@@ -6,4 +6,5 @@ pub mod capture;
 pub mod common;
 pub mod diff;
 pub mod inspect;
+pub mod run;
 pub mod weights;

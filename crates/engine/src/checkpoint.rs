@@ -1,0 +1,127 @@
+//! Checkpoints: what happens at each stage of the forward pass. One
+//! mechanism with three uses: observe (capture), replace (isolation: feed a
+//! reference tensor in so each op's own error is measured), perturb
+//! (calibration and sensitivity). A checkpoint nobody wants costs a call to
+//! `wants` and nothing else: no copy leaves the backend.
+
+use crate::capture::{Capture, CapturedTensor, Tensor};
+use crate::stage::StageId;
+use anyhow::Result;
+use std::collections::BTreeMap;
+
+pub trait Checkpoints {
+    /// Whether the forward pass should bring this tensor to the host.
+    fn wants(&self, id: &StageId) -> bool;
+    /// Sees the host copy; returning `Some` replaces the tensor the forward pass continues with.
+    fn visit(&mut self, id: &StageId, tensor: Tensor) -> Result<Option<Tensor>>;
+}
+
+/// No checkpoints: the forward pass at full speed.
+pub struct NoCheckpoints;
+
+impl Checkpoints for NoCheckpoints {
+    fn wants(&self, _: &StageId) -> bool {
+        false
+    }
+    fn visit(&mut self, _: &StageId, _: Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// Which checkpoints to act on: all, or only some layers (globals always).
+#[derive(Clone, Debug, Default)]
+pub struct StageFilter {
+    pub layers: Option<Vec<usize>>,
+}
+
+impl StageFilter {
+    pub fn accepts(&self, id: &StageId) -> bool {
+        match (&self.layers, id.layer) {
+            (Some(layers), Some(l)) => layers.contains(&l),
+            _ => true,
+        }
+    }
+}
+
+/// Observe: record every accepted checkpoint.
+#[derive(Default)]
+pub struct Recorder {
+    pub filter: StageFilter,
+    pub provenance: String,
+    pub tensors: BTreeMap<StageId, CapturedTensor>,
+}
+
+impl Recorder {
+    pub fn new(filter: StageFilter, provenance: impl Into<String>) -> Self {
+        Recorder { filter, provenance: provenance.into(), tensors: BTreeMap::new() }
+    }
+}
+
+impl Checkpoints for Recorder {
+    fn wants(&self, id: &StageId) -> bool {
+        self.filter.accepts(id)
+    }
+    fn visit(&mut self, id: &StageId, tensor: Tensor) -> Result<Option<Tensor>> {
+        self.tensors.insert(*id, CapturedTensor { tensor, provenance: self.provenance.clone() });
+        Ok(None)
+    }
+}
+
+/// Replace (isolation): record our tensor, then continue with the
+/// reference's. Every recorded tensor is then one op applied to the
+/// reference's own inputs, so its error is that op's local error alone.
+pub struct Isolate<'a> {
+    pub reference: &'a Capture,
+    pub recorder: Recorder,
+}
+
+impl Checkpoints for Isolate<'_> {
+    fn wants(&self, id: &StageId) -> bool {
+        // Every stage with a reference tensor must be replaced, recorded or not.
+        self.recorder.wants(id) || self.reference.get(id).is_some()
+    }
+    fn visit(&mut self, id: &StageId, tensor: Tensor) -> Result<Option<Tensor>> {
+        if self.recorder.wants(id) {
+            self.recorder.visit(id, tensor)?;
+        }
+        Ok(self.reference.get(id).cloned())
+    }
+}
+
+/// Perturb: add `magnitude * (deterministic pseudo-random in [-1, 1))` to
+/// every element at one checkpoint, then observe the rest. Used to check
+/// that a disturbance of a known size is seen where it is made.
+pub struct Perturb {
+    pub at: StageId,
+    pub magnitude: f32,
+    pub seed: u64,
+    pub recorder: Recorder,
+}
+
+impl Checkpoints for Perturb {
+    fn wants(&self, id: &StageId) -> bool {
+        *id == self.at || self.recorder.wants(id)
+    }
+    fn visit(&mut self, id: &StageId, mut tensor: Tensor) -> Result<Option<Tensor>> {
+        let replaced = if *id == self.at {
+            // splitmix64: a fixed, dependency-free sequence.
+            let mut state = self.seed;
+            for v in tensor.data.iter_mut() {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let unit = (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+                *v += self.magnitude * unit as f32;
+            }
+            Some(tensor.clone())
+        } else {
+            None
+        };
+        if self.recorder.wants(id) {
+            self.recorder.visit(id, tensor)?;
+        }
+        Ok(replaced)
+    }
+}

@@ -1,0 +1,329 @@
+//! The CPU backend: the oracle. Weights are dequantized at load to f32 (bit
+//! for bit ggml's values), every reduction (dot products, RMSNorm, softmax)
+//! accumulates in f64, and the elementwise ops round once to f32. The only
+//! deliberate rounding beyond that is the KV cache, which stores f16 when
+//! asked, exactly as llama.cpp's default cache does.
+
+use crate::backend::{Backend, BackendOptions, KvType, Weight};
+use crate::capture::Tensor;
+use crate::fault::{HeadMap, RopePairing};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use gguf::{GgufFile, Qwen2Config};
+use half::f16;
+use rayon::prelude::*;
+use std::collections::HashMap;
+
+pub struct CpuBackend {
+    cfg: Qwen2Config,
+    weights: HashMap<Weight, Tensor>,
+    kv_type: KvType,
+    max_ctx: usize,
+    /// Per layer: `[positions, n_head_kv, head_dim]`, values already rounded
+    /// to the cache type; grows on demand up to `max_ctx` positions.
+    k_cache: Vec<Vec<f32>>,
+    v_cache: Vec<Vec<f32>>,
+}
+
+impl CpuBackend {
+    /// Dequantize every weight of `cfg` from `gguf` (in parallel, one tensor a task).
+    pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions) -> Result<Self> {
+        let all = Weight::all(cfg.n_layer);
+        let loaded: Vec<(Weight, Tensor)> = all
+            .par_iter()
+            .map(|&w| {
+                let name = w.gguf_name(cfg.tied_output);
+                let info = gguf.tensor(&name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", gguf.path().display()))?;
+                let data = gguf.dequantize(&name)?;
+                // GGUF dims list ne0 (the row length) first; we store row-major [rows, ne0].
+                let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+                Ok((w, Tensor::new(shape, data)))
+            })
+            .collect::<Result<_>>()?;
+        Self::from_weights(cfg.clone(), loaded.into_iter().collect(), opts)
+    }
+
+    /// Build from weights already in f32, `[out, in]` matrices and `[n]` vectors.
+    pub fn from_weights(cfg: Qwen2Config, weights: HashMap<Weight, Tensor>, opts: BackendOptions) -> Result<Self> {
+        let kv_dim = cfg.n_head_kv * cfg.head_dim;
+        let q_dim = cfg.n_head * cfg.head_dim;
+        for w in Weight::all(cfg.n_layer) {
+            let t = weights.get(&w).with_context(|| format!("weight {w:?} missing"))?;
+            let expected: Vec<usize> = match w {
+                Weight::TokenEmbd | Weight::Output => vec![cfg.n_vocab, cfg.n_embd],
+                Weight::AttnNorm(_) | Weight::FfnNorm(_) | Weight::OutputNorm => vec![cfg.n_embd],
+                Weight::AttnQ(_) => vec![q_dim, cfg.n_embd],
+                Weight::AttnQBias(_) => vec![q_dim],
+                Weight::AttnK(_) | Weight::AttnV(_) => vec![kv_dim, cfg.n_embd],
+                Weight::AttnKBias(_) | Weight::AttnVBias(_) => vec![kv_dim],
+                Weight::AttnOutput(_) => vec![cfg.n_embd, q_dim],
+                Weight::FfnGate(_) | Weight::FfnUp(_) => vec![cfg.n_ff, cfg.n_embd],
+                Weight::FfnDown(_) => vec![cfg.n_embd, cfg.n_ff],
+            };
+            ensure!(t.shape == expected, "weight {} has shape {:?}, expected {expected:?}", w.gguf_name(cfg.tied_output), t.shape);
+        }
+        let n_layer = cfg.n_layer;
+        Ok(CpuBackend {
+            k_cache: vec![Vec::new(); n_layer],
+            v_cache: vec![Vec::new(); n_layer],
+            cfg,
+            weights,
+            kv_type: opts.kv_type,
+            max_ctx: opts.max_ctx,
+        })
+    }
+
+    fn weight(&self, w: Weight) -> Result<&Tensor> {
+        self.weights.get(&w).ok_or_else(|| anyhow!("weight {w:?} not loaded"))
+    }
+
+    fn kv_group(&self, head: usize, map: HeadMap) -> usize {
+        match map {
+            HeadMap::Grouped => head / (self.cfg.n_head / self.cfg.n_head_kv),
+            HeadMap::Modulo => head % self.cfg.n_head_kv,
+        }
+    }
+}
+
+/// Dot product in f64 with eight independent partial sums: the order is
+/// fixed (deterministic) and the compiler can vectorize it.
+#[inline]
+pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f64; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * 8..c * 8 + 8], &b[c * 8..c * 8 + 8]);
+        for i in 0..8 {
+            acc[i] += x[i] as f64 * y[i] as f64;
+        }
+    }
+    let mut tail = 0f64;
+    for i in chunks * 8..a.len() {
+        tail += a[i] as f64 * b[i] as f64;
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+fn round_to_cache(v: f32, kv: KvType) -> f32 {
+    match kv {
+        KvType::F32 => v,
+        KvType::F16 => f16::from_f32(v).to_f32(),
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Tensor;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn shape<'a>(&self, buf: &'a Tensor) -> &'a [usize] {
+        &buf.shape
+    }
+
+    fn reshape(&self, mut buf: Tensor, shape: &[usize]) -> Result<Tensor> {
+        ensure!(shape.iter().product::<usize>() == buf.len(), "cannot reshape {:?} to {shape:?}", buf.shape);
+        buf.shape = shape.to_vec();
+        Ok(buf)
+    }
+
+    fn to_host(&self, buf: &Tensor) -> Result<Tensor> {
+        Ok(buf.clone())
+    }
+
+    fn from_host(&self, tensor: &Tensor) -> Result<Tensor> {
+        Ok(tensor.clone())
+    }
+
+    fn embed(&self, tokens: &[i32]) -> Result<Tensor> {
+        let table = self.weight(Weight::TokenEmbd)?;
+        let n_embd = self.cfg.n_embd;
+        let mut out = Vec::with_capacity(tokens.len() * n_embd);
+        for &t in tokens {
+            let row = usize::try_from(t).ok().filter(|&r| r < self.cfg.n_vocab).with_context(|| {
+                format!("token id {t} out of range: the vocabulary has {} tokens", self.cfg.n_vocab)
+            })?;
+            out.extend_from_slice(&table.data[row * n_embd..(row + 1) * n_embd]);
+        }
+        Ok(Tensor::new(vec![tokens.len(), n_embd], out))
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: Weight, eps: f32) -> Result<Tensor> {
+        let w = self.weight(weight)?;
+        let d = *x.shape.last().context("rms_norm of a scalar")?;
+        ensure!(w.len() == d, "rms_norm: weight of {} for rows of {d}", w.len());
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.data.par_chunks(d)).for_each(|(o, row)| {
+            let mean_sq = dot_f64(row, row) / d as f64;
+            let inv = 1.0 / (mean_sq + eps as f64).sqrt();
+            for i in 0..d {
+                o[i] = (row[i] as f64 * inv * w.data[i] as f64) as f32;
+            }
+        });
+        Ok(Tensor::new(x.shape.clone(), out))
+    }
+
+    fn linear(&self, x: &Tensor, weight: Weight, bias: Option<Weight>) -> Result<Tensor> {
+        let w = self.weight(weight)?;
+        let (n_out, n_in) = (w.shape[0], w.shape[1]);
+        let n = x.shape[0];
+        ensure!(x.len() == n * n_in, "linear: input {:?} against weight [{n_out}, {n_in}]", x.shape);
+        let b = bias.map(|b| self.weight(b)).transpose()?;
+        // Parallel over output features: each task streams one weight row
+        // (cache-resident) against every token.
+        let mut out_t = vec![0f32; n_out * n];
+        out_t.par_chunks_mut(n).enumerate().for_each(|(o, col)| {
+            let wr = &w.data[o * n_in..(o + 1) * n_in];
+            let bias = b.map_or(0.0, |b| b.data[o] as f64);
+            for (t, c) in col.iter_mut().enumerate() {
+                *c = (dot_f64(&x.data[t * n_in..(t + 1) * n_in], wr) + bias) as f32;
+            }
+        });
+        let mut out = vec![0f32; n * n_out];
+        for o in 0..n_out {
+            for t in 0..n {
+                out[t * n_out + o] = out_t[o * n + t];
+            }
+        }
+        Ok(Tensor::new(vec![n, n_out], out))
+    }
+
+    fn rope(&self, x: &Tensor, pos0: usize, freq_base: f32, pairing: RopePairing) -> Result<Tensor> {
+        ensure!(x.shape.len() == 3, "rope expects [tokens, heads, head_dim], got {:?}", x.shape);
+        let (n, heads, hd) = (x.shape[0], x.shape[1], x.shape[2]);
+        let half = hd / 2;
+        let mut out = x.data.clone();
+        for t in 0..n {
+            let pos = (pos0 + t) as f64;
+            for i in 0..half {
+                let theta = pos * (freq_base as f64).powf(-2.0 * i as f64 / hd as f64);
+                let (sin, cos) = theta.sin_cos();
+                let (a, b) = match pairing {
+                    RopePairing::Neox => (i, i + half),
+                    RopePairing::Adjacent => (2 * i, 2 * i + 1),
+                };
+                for h in 0..heads {
+                    let base = (t * heads + h) * hd;
+                    let (x0, x1) = (x.data[base + a] as f64, x.data[base + b] as f64);
+                    out[base + a] = (x0 * cos - x1 * sin) as f32;
+                    out[base + b] = (x0 * sin + x1 * cos) as f32;
+                }
+            }
+        }
+        Ok(Tensor::new(x.shape.clone(), out))
+    }
+
+    fn kv_store(&mut self, layer: usize, k: &Tensor, v: &Tensor, pos0: usize) -> Result<()> {
+        let kv_dim = self.cfg.n_head_kv * self.cfg.head_dim;
+        let n = k.shape[0];
+        ensure!(k.len() == n * kv_dim && v.len() == n * kv_dim, "kv_store: K {:?} / V {:?}", k.shape, v.shape);
+        if pos0 + n > self.max_ctx {
+            bail!("KV cache full: positions {pos0}..{} exceed its {} slots", pos0 + n, self.max_ctx);
+        }
+        let kv = self.kv_type;
+        let (kc, vc) = (&mut self.k_cache[layer], &mut self.v_cache[layer]);
+        if kc.len() < (pos0 + n) * kv_dim {
+            kc.resize((pos0 + n) * kv_dim, 0.0);
+            vc.resize((pos0 + n) * kv_dim, 0.0);
+        }
+        for i in 0..n * kv_dim {
+            kc[pos0 * kv_dim + i] = round_to_cache(k.data[i], kv);
+            vc[pos0 * kv_dim + i] = round_to_cache(v.data[i], kv);
+        }
+        Ok(())
+    }
+
+    fn attn_scores(&self, layer: usize, q: &Tensor, pos0: usize, n_kv: usize, head_map: HeadMap) -> Result<Tensor> {
+        let (n, heads, hd) = (q.shape[0], self.cfg.n_head, self.cfg.head_dim);
+        ensure!(q.len() == n * heads * hd, "attn_scores: q {:?}", q.shape);
+        let kv_dim = self.cfg.n_head_kv * hd;
+        let kc = &self.k_cache[layer];
+        ensure!(kc.len() >= n_kv * kv_dim, "attn_scores: {n_kv} positions but the cache holds {}", kc.len() / kv_dim);
+        let mut out = vec![0f32; heads * n * n_kv];
+        out.par_chunks_mut(n * n_kv).enumerate().for_each(|(h, head_out)| {
+            let g = self.kv_group(h, head_map);
+            for t in 0..n {
+                let qrow = &q.data[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+                // Causal: query at position pos0 + t sees keys 0..=pos0 + t.
+                for j in 0..n_kv.min(pos0 + t + 1) {
+                    let krow = &kc[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd];
+                    head_out[t * n_kv + j] = dot_f64(qrow, krow) as f32;
+                }
+            }
+        });
+        Ok(Tensor::new(vec![heads, n, n_kv], out))
+    }
+
+    fn softmax_causal(&self, scores: &Tensor, scale: f32, pos0: usize) -> Result<Tensor> {
+        ensure!(scores.shape.len() == 3, "softmax expects [heads, tokens, n_kv], got {:?}", scores.shape);
+        let (n, n_kv) = (scores.shape[1], scores.shape[2]);
+        let mut out = vec![0f32; scores.len()];
+        out.par_chunks_mut(n_kv).zip(scores.data.par_chunks(n_kv)).enumerate().for_each(|(r, (o, s))| {
+            let limit = n_kv.min(pos0 + r % n + 1);
+            let max = s[..limit].iter().map(|&v| v as f64 * scale as f64).fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = s[..limit].iter().map(|&v| (v as f64 * scale as f64 - max).exp()).sum();
+            for j in 0..limit {
+                o[j] = ((s[j] as f64 * scale as f64 - max).exp() / sum) as f32;
+            }
+        });
+        Ok(Tensor::new(scores.shape.clone(), out))
+    }
+
+    fn attn_ctx(&self, layer: usize, probs: &Tensor, n_kv: usize, head_map: HeadMap) -> Result<Tensor> {
+        let (heads, hd) = (self.cfg.n_head, self.cfg.head_dim);
+        let n = probs.shape[1];
+        ensure!(probs.shape == [heads, n, n_kv], "attn_ctx: probs {:?}", probs.shape);
+        let kv_dim = self.cfg.n_head_kv * hd;
+        let vc = &self.v_cache[layer];
+        ensure!(vc.len() >= n_kv * kv_dim, "attn_ctx: {n_kv} positions but the cache holds {}", vc.len() / kv_dim);
+        let mut out = vec![0f32; n * heads * hd];
+        out.par_chunks_mut(heads * hd).enumerate().for_each(|(t, row)| {
+            let mut acc = vec![0f64; hd];
+            for h in 0..heads {
+                let g = self.kv_group(h, head_map);
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                let p = &probs.data[(h * n + t) * n_kv..(h * n + t + 1) * n_kv];
+                for (j, &pj) in p.iter().enumerate() {
+                    if pj == 0.0 {
+                        continue;
+                    }
+                    let vrow = &vc[j * kv_dim + g * hd..j * kv_dim + (g + 1) * hd];
+                    for d in 0..hd {
+                        acc[d] += pj as f64 * vrow[d] as f64;
+                    }
+                }
+                for d in 0..hd {
+                    row[h * hd + d] = acc[d] as f32;
+                }
+            }
+        });
+        Ok(Tensor::new(vec![n, heads, hd], out))
+    }
+
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        ensure!(a.len() == b.len(), "add: {:?} + {:?}", a.shape, b.shape);
+        Ok(Tensor::new(a.shape.clone(), a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect()))
+    }
+
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        ensure!(gate.len() == up.len(), "swiglu: {:?} * {:?}", gate.shape, up.shape);
+        let data = gate
+            .data
+            .par_iter()
+            .zip(up.data.par_iter())
+            .map(|(&g, &u)| {
+                let g = g as f64;
+                (g / (1.0 + (-g).exp()) * u as f64) as f32
+            })
+            .collect();
+        Ok(Tensor::new(gate.shape.clone(), data))
+    }
+
+    fn reset_cache(&mut self) -> Result<()> {
+        for c in self.k_cache.iter_mut().chain(self.v_cache.iter_mut()) {
+            c.clear();
+        }
+        Ok(())
+    }
+}

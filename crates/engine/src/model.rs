@@ -1,0 +1,170 @@
+//! The Qwen2 forward pass, written once over [`Backend`], with a checkpoint
+//! at every stage of the catalogue.
+
+use crate::backend::{Backend, Weight};
+use crate::checkpoint::Checkpoints;
+use crate::fault::Fault;
+use crate::stage::{Stage, StageId};
+use anyhow::{bail, ensure, Result};
+use gguf::Qwen2Config;
+
+pub struct Model<B: Backend> {
+    pub backend: B,
+    pub cfg: Qwen2Config,
+    pub fault: Fault,
+    /// Positions already in the KV cache.
+    n_past: usize,
+}
+
+/// Pass `buf` through checkpoint `id`: untouched (and not copied) unless
+/// someone asked for it; replaced when the checkpoint returns a tensor.
+fn checkpoint<B: Backend>(backend: &B, cps: &mut dyn Checkpoints, id: StageId, buf: B::Buf) -> Result<B::Buf> {
+    if !cps.wants(&id) {
+        return Ok(buf);
+    }
+    let host = backend.to_host(&buf)?;
+    match cps.visit(&id, host)? {
+        None => Ok(buf),
+        Some(replacement) => {
+            let shape = backend.shape(&buf);
+            ensure!(
+                replacement.len() == shape.iter().product::<usize>(),
+                "checkpoint {id}: replacement of shape {:?} for a tensor of shape {shape:?}",
+                replacement.shape
+            );
+            let shape = shape.to_vec();
+            let replaced = backend.from_host(&replacement)?;
+            backend.reshape(replaced, &shape)
+        }
+    }
+}
+
+impl<B: Backend> Model<B> {
+    pub fn new(backend: B, cfg: Qwen2Config, fault: Fault) -> Self {
+        Model { backend, cfg, fault, n_past: 0 }
+    }
+
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    /// Start a new sequence.
+    pub fn reset(&mut self) -> Result<()> {
+        self.n_past = 0;
+        self.backend.reset_cache()
+    }
+
+    /// One forward pass over `tokens` at positions `n_past..`, as step `step`
+    /// (0 = prefill). Returns the last token's logits.
+    pub fn forward(&mut self, tokens: &[i32], step: usize, cps: &mut dyn Checkpoints) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            bail!("forward pass over no tokens");
+        }
+        let cfg = self.cfg.clone();
+        let (n, pos0) = (tokens.len(), self.n_past);
+        let n_kv = pos0 + n;
+        let (hd, eps) = (cfg.head_dim, cfg.rms_eps);
+        let fault = self.fault;
+        let scale = if fault == Fault::NoAttnScale { 1.0 } else { 1.0 / (hd as f32).sqrt() };
+        // The KV-offset fault writes decode steps' K/V one slot late.
+        let kv_pos = if fault == Fault::KvOffset && step > 0 { pos0 + 1 } else { pos0 };
+        let with_bias = |b: Weight| (fault != Fault::NoQkvBias).then_some(b);
+
+        let mut x = self.backend.embed(tokens)?;
+        x = checkpoint(&self.backend, cps, StageId::global(step, Stage::Embed), x)?;
+
+        for l in 0..cfg.n_layer {
+            let id = |stage| StageId::layer(step, l, stage);
+            let be = &self.backend;
+            let h = be.rms_norm(&x, Weight::AttnNorm(l), eps)?;
+            let h = checkpoint(be, cps, id(Stage::AttnNorm), h)?;
+
+            let q = be.linear(&h, Weight::AttnQ(l), with_bias(Weight::AttnQBias(l)))?;
+            let q = checkpoint(be, cps, id(Stage::QProj), be.reshape(q, &[n, cfg.n_head, hd])?)?;
+            let k = be.linear(&h, Weight::AttnK(l), with_bias(Weight::AttnKBias(l)))?;
+            let k = checkpoint(be, cps, id(Stage::KProj), be.reshape(k, &[n, cfg.n_head_kv, hd])?)?;
+            let v = be.linear(&h, Weight::AttnV(l), with_bias(Weight::AttnVBias(l)))?;
+            let v = checkpoint(be, cps, id(Stage::VProj), be.reshape(v, &[n, cfg.n_head_kv, hd])?)?;
+
+            let q = be.rope(&q, pos0, cfg.rope_freq_base, fault.rope_pairing())?;
+            let q = checkpoint(be, cps, id(Stage::QRope), q)?;
+            let k = be.rope(&k, pos0, cfg.rope_freq_base, fault.rope_pairing())?;
+            let k = checkpoint(be, cps, id(Stage::KRope), k)?;
+            self.backend.kv_store(l, &k, &v, kv_pos)?;
+
+            let be = &self.backend;
+            let scores = be.attn_scores(l, &q, pos0, n_kv, fault.head_map())?;
+            let scores = checkpoint(be, cps, id(Stage::AttnScores), scores)?;
+            let probs = be.softmax_causal(&scores, scale, pos0)?;
+            let probs = checkpoint(be, cps, id(Stage::AttnProbs), probs)?;
+            let ctx = be.attn_ctx(l, &probs, n_kv, fault.head_map())?;
+            let ctx = checkpoint(be, cps, id(Stage::AttnCtx), ctx)?;
+            let ctx = be.reshape(ctx, &[n, cfg.n_head * hd])?;
+            let attn = be.linear(&ctx, Weight::AttnOutput(l), None)?;
+            let attn = checkpoint(be, cps, id(Stage::AttnOut), attn)?;
+            let resid = be.add(&x, &attn)?;
+            let resid = checkpoint(be, cps, id(Stage::AttnResidual), resid)?;
+
+            let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps)?;
+            let h = checkpoint(be, cps, id(Stage::FfnNorm), h)?;
+            let gate = be.linear(&h, Weight::FfnGate(l), None)?;
+            let gate = checkpoint(be, cps, id(Stage::FfnGate), gate)?;
+            let up = be.linear(&h, Weight::FfnUp(l), None)?;
+            let up = checkpoint(be, cps, id(Stage::FfnUp), up)?;
+            let act = if fault == Fault::SwigluSwapped { be.swiglu(&up, &gate)? } else { be.swiglu(&gate, &up)? };
+            let act = checkpoint(be, cps, id(Stage::FfnAct), act)?;
+            let down = be.linear(&act, Weight::FfnDown(l), None)?;
+            let down = checkpoint(be, cps, id(Stage::FfnDown), down)?;
+            let out = be.add(&resid, &down)?;
+            x = checkpoint(be, cps, id(Stage::LayerOut), out)?;
+        }
+
+        let be = &self.backend;
+        let h = be.rms_norm(&x, Weight::OutputNorm, eps)?;
+        let h = checkpoint(be, cps, StageId::global(step, Stage::FinalNorm), h)?;
+        let logits = be.linear(&h, Weight::Output, None)?;
+        let logits = checkpoint(be, cps, StageId::global(step, Stage::Logits), logits)?;
+        self.n_past = n_kv;
+
+        // Greedy decoding needs the last row only.
+        let host = be.to_host(&logits)?;
+        Ok(host.data[(n - 1) * cfg.n_vocab..].to_vec())
+    }
+
+    /// Prefill `prompt`, then decode `n_decode` steps greedily. Decode step k
+    /// is fed `forced[k - 1]` when given (so two engines see the same tokens
+    /// even where a near-tie would make their argmax differ), else our own
+    /// argmax. Returns our argmax of every step (`n_decode + 1` tokens).
+    pub fn generate(
+        &mut self,
+        prompt: &[i32],
+        n_decode: usize,
+        forced: Option<&[i32]>,
+        cps: &mut dyn Checkpoints,
+    ) -> Result<Vec<i32>> {
+        if let Some(f) = forced {
+            ensure!(f.len() >= n_decode, "{} forced tokens for {n_decode} decode steps", f.len());
+        }
+        self.reset()?;
+        let mut picked = Vec::with_capacity(n_decode + 1);
+        let logits = self.forward(prompt, 0, cps)?;
+        picked.push(argmax(&logits));
+        for step in 1..=n_decode {
+            let input = forced.map_or(picked[step - 1], |f| f[step - 1]);
+            let logits = self.forward(&[input], step, cps)?;
+            picked.push(argmax(&logits));
+        }
+        Ok(picked)
+    }
+}
+
+/// Index of the largest value, the first one on ties (as llama.cpp's greedy sampler).
+pub fn argmax(values: &[f32]) -> i32 {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best as i32
+}

@@ -1,0 +1,126 @@
+//! Running our engine (either backend) the way the verbs need it: same
+//! tokens as the reference, checkpoints recorded into a [`Capture`].
+
+use anyhow::{bail, Context, Result};
+use engine::backend::{Backend, BackendOptions, KvType};
+use engine::capture::{Capture, CaptureConfig};
+use engine::checkpoint::{Checkpoints, Isolate, Recorder, StageFilter};
+use engine::cpu::CpuBackend;
+use engine::fault::Fault;
+use engine::model::Model;
+use gguf::{GgufFile, Qwen2Config};
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// What to do at the checkpoints.
+pub enum Mode<'a> {
+    /// Record our tensors; the engine runs on its own outputs.
+    Observe,
+    /// Record ours, then continue with the reference's tensor at every
+    /// stage: each recorded tensor carries one op's own error.
+    Isolate(&'a Capture),
+}
+
+/// Open and check a GGUF as a Qwen2 model.
+pub fn open_model(path: &Path) -> Result<(GgufFile, Qwen2Config)> {
+    let gguf = GgufFile::open(path)?;
+    let cfg = Qwen2Config::from_gguf(&gguf)?;
+    Ok((gguf, cfg))
+}
+
+/// Our engine, loaded once and run for many prompts.
+pub enum OurEngine {
+    Cpu(Model<CpuBackend>),
+}
+
+impl OurEngine {
+    pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, backend: BackendKind, kv_type: KvType, max_ctx: usize, fault: Fault) -> Result<Self> {
+        let opts = BackendOptions { kv_type, max_ctx };
+        let started = Instant::now();
+        let engine = match backend {
+            BackendKind::Cpu => {
+                let be = CpuBackend::load(gguf, cfg, opts).context("loading the model on the CPU backend")?;
+                OurEngine::Cpu(Model::new(be, cfg.clone(), fault))
+            }
+            BackendKind::Cuda => bail!("--backend cuda: the CUDA backend is not built into this binary yet"),
+        };
+        eprintln!("ours-{}: weights loaded in {:.1} s", backend.name(), started.elapsed().as_secs_f64());
+        Ok(engine)
+    }
+
+    /// Run over `tokens` (prefill) and `n_decode` decode steps fed with
+    /// `forced` (the reference's greedy tokens) when given.
+    pub fn run(&mut self, tokens: &[i32], n_decode: usize, forced: Option<&[i32]>, layers: Option<Vec<usize>>, kv_type: KvType, mode: Mode) -> Result<Capture> {
+        match self {
+            OurEngine::Cpu(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
+        }
+    }
+}
+
+fn drive<B: Backend>(
+    model: &mut Model<B>,
+    tokens: &[i32],
+    n_decode: usize,
+    forced: Option<&[i32]>,
+    layers: Option<Vec<usize>>,
+    kv_type: KvType,
+    mode: Mode,
+) -> Result<Capture> {
+    let engine_name = format!("ours-{}", model.backend.name());
+    let recorder = Recorder::new(StageFilter { layers: layers.clone() }, engine_name.clone());
+    let started = Instant::now();
+    let (generated, tensors) = match mode {
+        Mode::Observe => {
+            let mut rec = recorder;
+            let generated = model.generate(tokens, n_decode, forced, &mut rec as &mut dyn Checkpoints)?;
+            (generated, rec.tensors)
+        }
+        Mode::Isolate(reference) => {
+            let mut iso = Isolate { reference, recorder };
+            let generated = model.generate(tokens, n_decode, forced, &mut iso as &mut dyn Checkpoints)?;
+            (generated, iso.recorder.tensors)
+        }
+    };
+    eprintln!(
+        "{engine_name}: {} prompt tokens + {n_decode} decode steps in {:.1} s",
+        tokens.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let cfg = &model.cfg;
+    Ok(Capture {
+        engine: engine_name,
+        tokens: tokens.to_vec(),
+        generated,
+        config: CaptureConfig {
+            kv_type: kv_type.name().to_string(),
+            flash_attn: false,
+            n_layer: cfg.n_layer,
+            n_embd: cfg.n_embd,
+            n_head: cfg.n_head,
+            n_head_kv: cfg.n_head_kv,
+            head_dim: cfg.head_dim,
+            n_ff: cfg.n_ff,
+            n_vocab: cfg.n_vocab,
+            layers: layers.unwrap_or_else(|| (0..cfg.n_layer).collect()),
+            n_decode,
+            threads: rayon::current_num_threads(),
+        },
+        tensors,
+        ..Capture::default()
+    })
+}
