@@ -5,6 +5,7 @@ pub mod backend;
 pub mod capture;
 pub mod checkpoint;
 pub mod cpu;
+pub mod cuda;
 pub mod fault;
 pub mod model;
 pub mod stage;

@@ -383,9 +383,10 @@ impl Backend for CudaBackend {
         let n_embd = self.cfg.n_embd;
         let mut out = self.alloc(vec![tokens.len(), n_embd])?;
         let (nt, ne) = (i32_of(tokens.len(), "n_tokens")?, i32_of(n_embd, "n_embd")?);
+        let cfg = grid_for(out.len());
         let mut b = self.stream.launch_builder(&self.k.embed);
         b.arg(&table.data).arg(&ids).arg(&mut out.data).arg(&nt).arg(&ne);
-        unsafe { b.launch(grid_for(out.len())) }.context("launching embed_f32")?;
+        unsafe { b.launch(cfg) }.context("launching embed_f32")?;
         Ok(out)
     }
 
@@ -439,9 +440,10 @@ impl Backend for CudaBackend {
             let bvec = self.weight(bw)?;
             ensure!(bvec.len() == n_out, "bias {bw:?} has {} values, output rows {n_out}", bvec.len());
             let (nr, nc) = (i32_of(n, "rows")?, i32_of(n_out, "cols")?);
+            let cfg = grid_for(y.len());
             let mut b = self.stream.launch_builder(&self.k.add_bias);
             b.arg(&mut y.data).arg(&bvec.data).arg(&nr).arg(&nc);
-            unsafe { b.launch(grid_for(y.len())) }.context("launching add_bias_f32")?;
+            unsafe { b.launch(cfg) }.context("launching add_bias_f32")?;
         }
         Ok(y)
     }
@@ -563,22 +565,24 @@ impl Backend for CudaBackend {
     }
 
     fn add(&self, a: &CudaBuf, b: &CudaBuf) -> Result<CudaBuf> {
-        ensure!(a.shape == b.shape, "add: shapes {:?} and {:?} differ", a.shape, b.shape);
+        ensure!(a.len() == b.len(), "add: shapes {:?} and {:?} differ in size", a.shape, b.shape);
         let mut out = self.alloc(a.shape.clone())?;
         let n = out.len() as u64;
+        let cfg = grid_for(out.len());
         let mut l = self.stream.launch_builder(&self.k.add);
         l.arg(&a.data).arg(&b.data).arg(&mut out.data).arg(&n);
-        unsafe { l.launch(grid_for(out.len())) }.context("launching add_f32")?;
+        unsafe { l.launch(cfg) }.context("launching add_f32")?;
         Ok(out)
     }
 
     fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf) -> Result<CudaBuf> {
-        ensure!(gate.shape == up.shape, "swiglu: shapes {:?} and {:?} differ", gate.shape, up.shape);
+        ensure!(gate.len() == up.len(), "swiglu: shapes {:?} and {:?} differ in size", gate.shape, up.shape);
         let mut out = self.alloc(gate.shape.clone())?;
         let n = out.len() as u64;
+        let cfg = grid_for(out.len());
         let mut l = self.stream.launch_builder(&self.k.swiglu);
         l.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n);
-        unsafe { l.launch(grid_for(out.len())) }.context("launching swiglu_f32")?;
+        unsafe { l.launch(cfg) }.context("launching swiglu_f32")?;
         Ok(out)
     }
 

@@ -1,0 +1,41 @@
+// Element-wise kernels of the CUDA backend: embedding lookup, bias add,
+// residual add, SwiGLU. All f32, row-major, grid-stride loops with 64-bit
+// indices so any size works (no multiple-of-block-size assumption).
+// Compiled at run time by NVRTC; no headers needed.
+
+typedef unsigned long long u64;
+
+// out[t, c] = table[tokens[t], c]; token ids are range-checked on the host.
+extern "C" __global__ void embed_f32(const float* __restrict__ table, const int* __restrict__ tokens,
+                                     float* __restrict__ out, int n_tokens, int n_embd) {
+    u64 total = (u64)n_tokens * (u64)n_embd;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u64 t = i / (u64)n_embd;
+        u64 c = i % (u64)n_embd;
+        out[i] = table[(u64)tokens[t] * (u64)n_embd + c];
+    }
+}
+
+// y[r, c] += b[c] for y of n_rows x n_cols.
+extern "C" __global__ void add_bias_f32(float* __restrict__ y, const float* __restrict__ b, int n_rows, int n_cols) {
+    u64 total = (u64)n_rows * (u64)n_cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        y[i] += b[i % (u64)n_cols];
+    }
+}
+
+extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
+                                   u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        out[i] = a[i] + b[i];
+    }
+}
+
+// silu(gate) * up, silu(g) = g / (1 + exp(-g)).
+extern "C" __global__ void swiglu_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                      float* __restrict__ out, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
