@@ -21,6 +21,8 @@ enum Command {
     Capture(cmd::capture::Args),
     /// Run llama.cpp and our engine on one prompt; name the first divergence.
     Run(cmd::run::Args),
+    /// Calibrate per-stage thresholds on clean prompts.
+    Calibrate(cmd::calibrate::Args),
     /// Compare two capture dumps stage by stage: first divergence, largest jump, reports.
     Diff(cmd::diff::Args),
 }
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         Command::Weights(args) => cmd::weights::run(args),
         Command::Capture(args) => cmd::capture::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Calibrate(args) => cmd::calibrate::run(args),
         Command::Diff(args) => cmd::diff::run(args),
     };
     match result {

@@ -80,7 +80,7 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<ExitCode> {
     match args.engine {
         Engine::Llama => run_llama(args),
-        Engine::Ours => bail!("--engine ours: the engine's capture is not wired in yet"),
+        Engine::Ours => run_ours(args),
     }
 }
 
@@ -119,6 +119,42 @@ fn run_llama(args: &Args) -> Result<ExitCode> {
         args.decode + 1,
         capture.tensors.len(),
         capture.unavailable.len(),
+        args.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Our engine alone. Decode steps feed our own greedy tokens (there is no
+/// reference here); `parity run` feeds llama.cpp's instead.
+fn run_ours(args: &Args) -> Result<ExitCode> {
+    if args.flash_attn {
+        bail!("--flash-attn applies to --engine llama: our engine always computes attention explicitly");
+    }
+    let model = crate::model::resolve(args.model.as_deref())?;
+    let (gguf, cfg) = crate::ours::open_model(&model)?;
+    let layers = common::parse_layers(args.layer, args.layers.as_deref(), cfg.n_layer)?;
+    // Tokenization is llama.cpp's: both engines must see the same ids.
+    let llama = LlamaRef::load(&model)?;
+    let tokens = llama.tokenize(&args.prompt, args.chat)?;
+    common::check_context(tokens.len(), args.decode, cfg.n_ctx_train)?;
+    let sha = common::sha256_file(&model)?;
+    let backend = match args.backend {
+        Backend::Cpu => crate::ours::BackendKind::Cpu,
+        Backend::Cuda => crate::ours::BackendKind::Cuda,
+    };
+    let (kv, _) = crate::cmd::run::kv_types(args.kv);
+    let mut engine = crate::ours::OurEngine::load(&gguf, &cfg, backend, kv, tokens.len() + args.decode, engine::fault::Fault::None)?;
+    let mut capture = engine.run(&tokens, args.decode, None, layers, kv, crate::ours::Mode::Observe)?;
+    capture.prompt = args.prompt.clone();
+    capture.chat = args.chat;
+    capture.model_sha256 = sha;
+    write_dump(&capture, &args.out).with_context(|| format!("writing the dump to {}", args.out.display()))?;
+    println!(
+        "{}: {} prompt tokens, {} steps, {} stages written to {}",
+        capture.engine,
+        capture.tokens.len(),
+        args.decode + 1,
+        capture.tensors.len(),
         args.out.display()
     );
     Ok(ExitCode::SUCCESS)
