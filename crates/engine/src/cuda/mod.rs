@@ -228,14 +228,28 @@ pub fn weight_shape(cfg: &Qwen2Config, w: Weight) -> Vec<usize> {
 impl CudaBackend {
     /// Dequantize every weight of `gguf` on the host and upload it as f32.
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions) -> Result<Self> {
+        use rayon::prelude::*;
         let mut backend = Self::empty(cfg.clone(), opts)?;
-        for w in Weight::all(cfg.n_layer) {
-            if w == Weight::Output && cfg.tied_output {
-                continue; // resolved to token_embd by `weight`
+        // A tied LM head is token_embd: stored once, resolved by `weight`.
+        let all: Vec<Weight> = Weight::all(cfg.n_layer).into_iter().filter(|&w| !(w == Weight::Output && cfg.tied_output)).collect();
+        // Dequantize a layer's worth of tensors in parallel, upload, go on:
+        // host memory stays at a few layers' f32, not the whole model's.
+        for group in all.chunks(12) {
+            let data: Vec<(Weight, Vec<f32>)> = group
+                .par_iter()
+                .map(|&w| {
+                    let name = w.gguf_name(cfg.tied_output);
+                    let info = gguf.tensor(&name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", gguf.path().display()))?;
+                    // GGUF lists ne0 (the row length) first; our layout is row-major [rows, ne0].
+                    let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+                    let expected = weight_shape(cfg, w);
+                    ensure!(dims == expected, "tensor {name} has shape {dims:?}, expected {expected:?}");
+                    gguf.dequantize(&name).map(|d| (w, d)).with_context(|| format!("dequantizing {name}"))
+                })
+                .collect::<Result<_>>()?;
+            for (w, d) in data {
+                backend.upload_weight(w, &d).with_context(|| format!("uploading {}", w.gguf_name(cfg.tied_output)))?;
             }
-            let name = w.gguf_name(cfg.tied_output);
-            let data = gguf.dequantize(&name).with_context(|| format!("dequantizing {name}"))?;
-            backend.upload_weight(w, &data).with_context(|| format!("uploading {name}"))?;
         }
         Ok(backend)
     }
