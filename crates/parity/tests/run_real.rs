@@ -1,0 +1,205 @@
+//! `parity run` and the engine's CPU backend against llama.cpp on the real
+//! model: clean prompts match under the calibrated thresholds, seeded faults
+//! are localized to the stage that holds them, bad input exits 2.
+
+use engine::fault::Fault;
+use engine::stage::{Stage, StageId};
+use parity::cmd::calibrate::read_prompts;
+use parity::cmd::capture::Kv;
+use parity::cmd::diff::fixtures_dir;
+use parity::cmd::run::{compare, load_thresholds, Pair};
+use parity::diff::Verdict;
+use parity::ours::BackendKind;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+const HAIKU: &str = "Write a haiku about GPU computing";
+
+fn real_model() -> Option<PathBuf> {
+    let dir = match std::env::var_os("QWEN2_PARITY_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache").join("qwen2-parity"),
+    };
+    let path = dir.join(MODEL_FILE);
+    path.is_file().then_some(path)
+}
+
+macro_rules! real_model_or_skip {
+    () => {
+        match real_model() {
+            Some(p) => p,
+            None => {
+                println!("SKIPPED: real model not cached");
+                return;
+            }
+        }
+    };
+}
+
+fn parity(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_parity")).args(args).output().expect("run parity")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn run_layer0_with_decode_matches_and_lists_every_stage() {
+    let model = real_model_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("r.json");
+    let o = parity(&[
+        "run", "--backend", "cpu", "--model", model.to_str().unwrap(), "--prompt", HAIKU, "--layer", "0",
+        "--decode", "8", "--json", json.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("MATCH"), "{out}");
+    for stage in Stage::PER_LAYER {
+        assert!(out.contains(stage.name()), "stage {stage} not listed:\n{out}");
+    }
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["verdict"], "match");
+    assert!(report["first_divergence"].is_null());
+    let stages = report["stages"].as_array().unwrap();
+    // 9 steps x (17 stages of layer 0 + embed, final_norm, logits).
+    assert_eq!(stages.len(), 9 * 20, "{}", stages.len());
+    for s in stages {
+        assert!(s["max_abs"].as_f64().unwrap() <= s["threshold"].as_f64().unwrap());
+        assert!(s["layer"].is_null() || s["layer"] == 0);
+    }
+}
+
+#[test]
+fn run_all_layers_matches() {
+    let model = real_model_or_skip!();
+    let o = parity(&["run", "--model", model.to_str().unwrap(), "--prompt", HAIKU]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    // 24 layers x 17 stages + 3 globals, prefill only.
+    assert!(out.contains("MATCH: 411 stages within thresholds"), "{out}");
+}
+
+/// Every calibration prompt and every held-out prompt passes the calibrated
+/// gate, with decode steps.
+#[test]
+fn clean_prompts_pass_calibrated_thresholds() {
+    let model = real_model_or_skip!();
+    let mut pair = Pair::load(&model, BackendKind::Cpu, Kv::F16, Fault::None, usize::MAX, None).unwrap();
+    let thresholds = load_thresholds(None, None, &pair.model_sha256, BackendKind::Cpu).unwrap();
+    let fixtures = fixtures_dir();
+    let mut prompts = read_prompts(&fixtures.join("prompts/calibration.txt")).unwrap();
+    let calibration = prompts.len();
+    assert!(calibration >= 10);
+    prompts.extend(read_prompts(&fixtures.join("prompts/holdout.txt")).unwrap());
+    for (i, prompt) in prompts.iter().enumerate() {
+        let (ours, reference) = pair.capture(prompt, false, 3, None, false).unwrap();
+        let report = compare(&ours, &reference, &thresholds, None);
+        let kind = if i < calibration { "calibration" } else { "held-out" };
+        assert_eq!(
+            report.verdict,
+            Verdict::Match,
+            "{kind} prompt {i} diverged: {:?}",
+            report.first_divergence.map(|r| &report.rows[r].id)
+        );
+        // Near-ties may flip a rare argmax under llama.cpp's q8 activations;
+        // the KL gate in the verdict bounds the distributions themselves.
+        let agree: usize = report.logits.iter().map(|(_, m)| m.top1_agree).sum();
+        let rows: usize = report.logits.iter().map(|(_, m)| m.rows).sum();
+        assert!(agree as f64 >= 0.8 * rows as f64, "{kind} prompt {i}: top-1 agreement {agree}/{rows}");
+    }
+}
+
+/// A seeded fault is named at the stage that holds it, in the right step.
+#[test]
+fn seeded_faults_are_localized() {
+    let model = real_model_or_skip!();
+    let expected = [
+        (Fault::NoQkvBias, StageId::layer(0, 0, Stage::QProj)),
+        (Fault::RopeAdjacent, StageId::layer(0, 0, Stage::QRope)),
+        (Fault::GqaModulo, StageId::layer(0, 0, Stage::AttnScores)),
+        (Fault::NoAttnScale, StageId::layer(0, 0, Stage::AttnProbs)),
+        (Fault::SwigluSwapped, StageId::layer(0, 0, Stage::FfnAct)),
+        // Invisible in the prefill; the first decode step reads a hole in the cache.
+        (Fault::KvOffset, StageId::layer(1, 0, Stage::AttnScores)),
+    ];
+    for (fault, at) in expected {
+        let mut pair = Pair::load(&model, BackendKind::Cpu, Kv::F16, fault, 64, None).unwrap();
+        let thresholds = load_thresholds(None, None, &pair.model_sha256, BackendKind::Cpu).unwrap();
+        let (ours, reference) = pair.capture(HAIKU, false, 2, Some(vec![0, 1]), false).unwrap();
+        let report = compare(&ours, &reference, &thresholds, Some(&[0, 1]));
+        assert_eq!(report.verdict, Verdict::Diverged, "fault {fault} not detected");
+        let first = &report.rows[report.first_divergence.unwrap()];
+        assert_eq!(first.id, at, "fault {fault} localized at {} instead of {at}", first.id);
+        let threshold = first.threshold.unwrap();
+        assert!(first.metrics.max_abs > threshold, "fault {fault}: {} vs {threshold}", first.metrics.max_abs);
+        println!("fault {fault}: first divergence {at}, max-abs {:.3e} = {:.1}x its threshold", first.metrics.max_abs, first.metrics.max_abs / threshold);
+    }
+}
+
+/// Isolation feeds llama.cpp's tensors into every stage: each recorded error
+/// is one op's own, so it is no larger than the clean run's drift.
+#[test]
+fn isolation_measures_local_error() {
+    let model = real_model_or_skip!();
+    let mut pair = Pair::load(&model, BackendKind::Cpu, Kv::F16, Fault::None, 64, None).unwrap();
+    let thresholds = load_thresholds(None, None, &pair.model_sha256, BackendKind::Cpu).unwrap();
+    let (ours, reference) = pair.capture(HAIKU, false, 1, None, true).unwrap();
+    let report = compare(&ours, &reference, &thresholds, None);
+    assert_eq!(report.verdict, Verdict::Match);
+    // Residual adds of llama.cpp's own inputs are exact up to one f32 rounding.
+    for row in report.rows.iter().filter(|r| matches!(r.id.stage, Stage::AttnResidual | Stage::LayerOut)) {
+        let scale = row.metrics.ref_max_abs.max(1.0);
+        assert!(row.metrics.max_abs <= scale * 1.2e-7, "{}: {}", row.id, row.metrics.max_abs);
+    }
+    // Embedding rows are copied: bit-exact.
+    let embed = report.rows.iter().find(|r| r.id.stage == Stage::Embed).unwrap();
+    assert_eq!(embed.metrics.max_abs, 0.0);
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line() {
+    let model = real_model_or_skip!();
+    let m = model.to_str().unwrap();
+    // 33,000 one-token words: past the 32,768-token context, under the 128 KiB argument limit.
+    let long = "a ".repeat(33_000);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "--model", m, "--prompt", HAIKU, "--layer", "24"], "layer 24 out of range"),
+        (vec!["run", "--model", "/nonexistent.gguf", "--prompt", HAIKU], "/nonexistent.gguf"),
+        (vec!["run", "--model", m, "--prompt", &long], "exceeds the model's context"),
+        (vec!["run", "--model", m, "--prompt", HAIKU, "--fault", "nope"], "unknown fault"),
+        (vec!["run", "--model", m, "--prompt", HAIKU, "--thresholds", "/nonexistent.json"], "nonexistent.json"),
+    ];
+    for (args, needle) in cases {
+        let o = parity(&args);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        let lines: Vec<_> = err.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+    }
+}
+
+/// On an F32 synthetic model there is no activation quantization in
+/// llama.cpp: with an f32 KV cache the two engines agree to f32 rounding.
+#[test]
+fn synthetic_f32_model_matches_llama_cpp_tightly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    gguf::synth::write_tiny_qwen2(&gguf::synth::SynthSpec::tiny(), &path).unwrap();
+    let mut pair = Pair::load(&path, BackendKind::Cpu, Kv::F32, Fault::None, 64, None).unwrap();
+    let (ours, reference) = pair.capture("hello world, hello tiny model", false, 4, None, false).unwrap();
+    let thresholds = parity::thresholds::Thresholds::uniform(1e-4);
+    let report = compare(&ours, &reference, &thresholds, None);
+    assert!(report.missing.is_empty(), "{:?}", report.missing);
+    assert_eq!(report.rows.len(), 5 * (3 + 17 * 2));
+    assert_eq!(report.verdict, Verdict::Match, "{:?}", report.first_divergence.map(|r| (&report.rows[r].id, report.rows[r].metrics.max_abs)));
+    // And a seeded fault on the same model is caught.
+    let mut faulty = Pair::load(&path, BackendKind::Cpu, Kv::F32, Fault::GqaModulo, 64, None).unwrap();
+    let (ours, reference) = faulty.capture("hello world, hello tiny model", false, 1, None, false).unwrap();
+    let report = compare(&ours, &reference, &thresholds, None);
+    assert_eq!(report.rows[report.first_divergence.unwrap()].id, StageId::layer(0, 0, Stage::AttnScores));
+}
