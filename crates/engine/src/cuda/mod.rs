@@ -278,7 +278,11 @@ impl CudaBackend {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
         let k = Kernels::load(&ctx)?;
-        let per_layer = opts.max_ctx * cfg.n_head_kv * cfg.head_dim;
+        let per_layer = opts
+            .max_ctx
+            .checked_mul(cfg.n_head_kv * cfg.head_dim)
+            .filter(|&n| n <= isize::MAX as usize / 4)
+            .ok_or_else(|| anyhow!("KV cache of {} positions is too large", opts.max_ctx))?;
         let cache = match opts.kv_type {
             KvType::F32 => {
                 let mut k = Vec::new();
