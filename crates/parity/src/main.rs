@@ -23,6 +23,8 @@ enum Command {
     Run(cmd::run::Args),
     /// Calibrate per-stage thresholds on clean prompts.
     Calibrate(cmd::calibrate::Args),
+    /// Time our engine with all checkpoints captured and with none.
+    Bench(cmd::bench::Args),
     /// Compare two capture dumps stage by stage: first divergence, largest jump, reports.
     Diff(cmd::diff::Args),
 }
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         Command::Capture(args) => cmd::capture::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Calibrate(args) => cmd::calibrate::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
         Command::Diff(args) => cmd::diff::run(args),
     };
     match result {

@@ -1,11 +1,13 @@
 //! Running our engine (either backend) the way the verbs need it: same
 //! tokens as the reference, checkpoints recorded into a [`Capture`].
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use engine::backend::{Backend, BackendOptions, KvType};
 use engine::capture::{Capture, CaptureConfig};
 use engine::checkpoint::{Checkpoints, Isolate, Recorder, StageFilter};
 use engine::cpu::CpuBackend;
+pub use engine::cuda::cuda_available;
+use engine::cuda::CudaBackend;
 use engine::fault::Fault;
 use engine::model::Model;
 use gguf::{GgufFile, Qwen2Config};
@@ -46,6 +48,7 @@ pub fn open_model(path: &Path) -> Result<(GgufFile, Qwen2Config)> {
 /// Our engine, loaded once and run for many prompts.
 pub enum OurEngine {
     Cpu(Model<CpuBackend>),
+    Cuda(Model<CudaBackend>),
 }
 
 impl OurEngine {
@@ -57,7 +60,13 @@ impl OurEngine {
                 let be = CpuBackend::load(gguf, cfg, opts).context("loading the model on the CPU backend")?;
                 OurEngine::Cpu(Model::new(be, cfg.clone(), fault))
             }
-            BackendKind::Cuda => bail!("--backend cuda: the CUDA backend is not built into this binary yet"),
+            BackendKind::Cuda => {
+                // Probe before cudarc touches the driver: it panics where libcuda is missing.
+                cuda_available().map_err(anyhow::Error::msg)?;
+                let be = CudaBackend::load(gguf, cfg, opts).context("loading the model on the CUDA backend")?;
+                eprintln!("ours-cuda: device {}", be.device_name());
+                OurEngine::Cuda(Model::new(be, cfg.clone(), fault))
+            }
         };
         eprintln!("ours-{}: weights loaded in {:.1} s", backend.name(), started.elapsed().as_secs_f64());
         Ok(engine)
@@ -68,6 +77,7 @@ impl OurEngine {
     pub fn run(&mut self, tokens: &[i32], n_decode: usize, forced: Option<&[i32]>, layers: Option<Vec<usize>>, kv_type: KvType, mode: Mode) -> Result<Capture> {
         match self {
             OurEngine::Cpu(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
+            OurEngine::Cuda(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
         }
     }
 }

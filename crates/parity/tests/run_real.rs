@@ -172,6 +172,12 @@ fn bad_input_exits_2_with_one_line() {
         (vec!["run", "--model", m, "--prompt", HAIKU, "--fault", "nope"], "unknown fault"),
         (vec!["run", "--model", m, "--prompt", HAIKU, "--thresholds", "/nonexistent.json"], "nonexistent.json"),
     ];
+    let mut cases = cases;
+    if parity::ours::cuda_available().is_err() {
+        cases.push((vec!["run", "--model", m, "--prompt", HAIKU, "--backend", "cuda"], "no CUDA device: use --backend cpu"));
+    } else {
+        println!("GPU present: the no-GPU error case is not exercised here");
+    }
     for (args, needle) in cases {
         let o = parity(&args);
         let (_, err) = text(&o);

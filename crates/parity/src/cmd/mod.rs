@@ -2,6 +2,7 @@
 //! `Ok` carries the verdict's exit code (0 pass, 1 gate failed); `Err` is
 //! a usage or input error, printed on one line with exit code 2.
 
+pub mod bench;
 pub mod calibrate;
 pub mod capture;
 pub mod common;

@@ -122,6 +122,9 @@ pub struct Pair {
 impl Pair {
     pub fn load(model: &Path, backend: BackendKind, kv: Kv, fault: Fault, max_ctx: usize, threads: Option<usize>) -> Result<Pair> {
         let (gguf, cfg) = open_model(model)?;
+        if backend == BackendKind::Cuda {
+            crate::ours::cuda_available().map_err(anyhow::Error::msg)?;
+        }
         let model_sha256 = common::sha256_file(model)?;
         let llama = LlamaRef::load(model)?;
         let ctx = max_ctx.min(cfg.n_ctx_train.max(1));
