@@ -133,7 +133,7 @@ fn bad_capture_inputs_exit_2_with_one_line() {
     let o = parity(&["capture", "--model", "/nonexistent/model.gguf", "--prompt", "hi", "--out", out]);
     assert_usage_error(&o, "model file not found: /nonexistent/model.gguf");
     let o = parity(&["capture", "--engine", "ours", "--model", "/nonexistent/model.gguf", "--prompt", "hi", "--out", out]);
-    assert_usage_error(&o, "--engine ours");
+    assert_usage_error(&o, "/nonexistent/model.gguf: file not found");
 
     let model = real_model_or_skip!();
     let m = model.to_str().unwrap();
