@@ -15,23 +15,9 @@ pub use error::LlamaError;
 pub use model::LlamaRef;
 pub use quantize::quantize_model;
 
-/// Element type of llama.cpp's KV cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KvType {
-    /// llama.cpp's default: production-like.
-    F16,
-    /// Exact: no rounding of K and V.
-    F32,
-}
-
-impl KvType {
-    pub fn name(self) -> &'static str {
-        match self {
-            KvType::F16 => "f16",
-            KvType::F32 => "f32",
-        }
-    }
-}
+/// Element type of llama.cpp's KV cache: the engine's own type, so both
+/// sides are always configured from one value.
+pub use engine::backend::KvType;
 
 /// How `LlamaRef::run` runs llama.cpp.
 #[derive(Clone, Debug)]

@@ -142,7 +142,7 @@ fn run_ours(args: &Args) -> Result<ExitCode> {
         Backend::Cpu => crate::ours::BackendKind::Cpu,
         Backend::Cuda => crate::ours::BackendKind::Cuda,
     };
-    let (kv, _) = crate::cmd::run::kv_types(args.kv);
+    let kv = crate::cmd::run::kv_type(args.kv);
     let mut engine = crate::ours::OurEngine::load(&gguf, &cfg, backend, kv, tokens.len() + args.decode, engine::fault::Fault::None)?;
     let mut capture = engine.run(&tokens, args.decode, None, layers, kv, crate::ours::Mode::Observe)?;
     capture.prompt = args.prompt.clone();

@@ -3,7 +3,7 @@
 //! input (returned as `Err`).
 
 use crate::diff::{check_comparable, diff_captures, Verdict};
-use crate::report::{render_html, render_json, render_markdown, render_terminal};
+use crate::report::{render_terminal, write_reports};
 use crate::thresholds::Thresholds;
 use anyhow::{bail, Context};
 use engine::capture::read_dump;
@@ -124,16 +124,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         bail!("nothing to compare: no checkpoint is present in either dump{}", if layers.is_some() { " for the selected layers" } else { "" });
     }
 
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&render_json(&report)).context("serializing the JSON report")?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.markdown {
-        std::fs::write(path, render_markdown(&report)).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.html {
-        std::fs::write(path, render_html(&report)).with_context(|| format!("writing {}", path.display()))?;
-    }
+    write_reports(&report, args.json.as_deref(), args.markdown.as_deref(), args.html.as_deref())?;
     print!("{}", render_terminal(&report, layers.as_deref()));
     Ok(match report.verdict {
         Verdict::Match => ExitCode::SUCCESS,

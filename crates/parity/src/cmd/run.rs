@@ -7,7 +7,7 @@ use crate::cmd::common;
 use crate::cmd::diff::fixtures_dir;
 use crate::diff::{diff_captures, DiffReport, Verdict};
 use crate::ours::{open_model, BackendKind, Mode, OurEngine};
-use crate::report::{render_html, render_json, render_markdown, render_terminal};
+use crate::report::{render_terminal, write_reports};
 use crate::thresholds::Thresholds;
 use anyhow::{bail, Context, Result};
 use engine::backend::KvType;
@@ -79,10 +79,10 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
     })
 }
 
-pub fn kv_types(kv: Kv) -> (KvType, llama_ref::KvType) {
+pub fn kv_type(kv: Kv) -> KvType {
     match kv {
-        Kv::F16 => (KvType::F16, llama_ref::KvType::F16),
-        Kv::F32 => (KvType::F32, llama_ref::KvType::F32),
+        Kv::F16 => KvType::F16,
+        Kv::F32 => KvType::F32,
     }
 }
 
@@ -128,7 +128,7 @@ impl Pair {
         let model_sha256 = common::sha256_file(model)?;
         let llama = LlamaRef::load(model)?;
         let ctx = max_ctx.min(cfg.n_ctx_train.max(1));
-        let ours = OurEngine::load(&gguf, &cfg, backend, kv_types(kv).0, ctx, fault)?;
+        let ours = OurEngine::load(&gguf, &cfg, backend, kv_type(kv), ctx, fault)?;
         Ok(Pair { llama, ours, model_sha256, n_layer: cfg.n_layer, n_ctx_train: cfg.n_ctx_train, kv, threads })
     }
 
@@ -136,7 +136,7 @@ impl Pair {
     pub fn capture(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, isolate: bool) -> Result<(Capture, Capture)> {
         let tokens = self.llama.tokenize(prompt, chat)?;
         common::check_context(tokens.len(), n_decode, self.n_ctx_train)?;
-        let mut opts = RefOptions { kv_type: kv_types(self.kv).1, layers: layers.clone(), ..RefOptions::default() };
+        let mut opts = RefOptions { kv_type: kv_type(self.kv), layers: layers.clone(), ..RefOptions::default() };
         if let Some(t) = self.threads {
             opts.threads = t;
         }
@@ -144,7 +144,7 @@ impl Pair {
         // Our engine decodes llama.cpp's tokens, so both see the same inputs.
         let forced = &reference.generated[..n_decode];
         let mode = if isolate { Mode::Isolate(&reference) } else { Mode::Observe };
-        let mut ours = self.ours.run(&tokens, n_decode, Some(forced), layers, kv_types(self.kv).0, mode)?;
+        let mut ours = self.ours.run(&tokens, n_decode, Some(forced), layers, kv_type(self.kv), mode)?;
         for c in [&mut ours, &mut reference] {
             c.prompt = prompt.to_string();
             c.chat = chat;
@@ -179,16 +179,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let (ours, reference) = pair.capture(&args.prompt, args.chat, args.decode, layers.clone(), args.isolate)?;
     let report = compare(&ours, &reference, &thresholds, layers.as_deref());
 
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&render_json(&report)).context("serializing the JSON report")?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.markdown {
-        std::fs::write(path, render_markdown(&report)).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.html {
-        std::fs::write(path, render_html(&report)).with_context(|| format!("writing {}", path.display()))?;
-    }
+    write_reports(&report, args.json.as_deref(), args.markdown.as_deref(), args.html.as_deref())?;
     if args.fault != Fault::None {
         println!("seeded fault: {}", args.fault);
     }

@@ -259,3 +259,24 @@ pub fn worst_of(r: &DiffReport, index: &Index, ids: impl Iterator<Item = StageId
     }
     best.map(|(i, _)| i)
 }
+
+/// Write the JSON, Markdown and HTML reports that were asked for.
+pub fn write_reports(
+    report: &crate::diff::DiffReport,
+    json: Option<&std::path::Path>,
+    markdown: Option<&std::path::Path>,
+    html: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&render_json(report)).context("serializing the JSON report")?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = markdown {
+        std::fs::write(path, render_markdown(report)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = html {
+        std::fs::write(path, render_html(report)).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
