@@ -270,8 +270,8 @@ impl CudaBackend {
 
     fn empty(cfg: Qwen2Config, opts: BackendOptions) -> Result<Self> {
         cuda_available().map_err(|e| anyhow!(e))?;
-        ensure!(cfg.n_head > 0 && cfg.n_head_kv > 0 && cfg.n_head % cfg.n_head_kv == 0, "n_head {} is not a multiple of n_head_kv {}", cfg.n_head, cfg.n_head_kv);
-        ensure!(cfg.head_dim % 2 == 0, "head_dim {} is odd: RoPE needs pairs", cfg.head_dim);
+        ensure!(cfg.n_head > 0 && cfg.n_head_kv > 0 && cfg.n_head.is_multiple_of(cfg.n_head_kv), "n_head {} is not a multiple of n_head_kv {}", cfg.n_head, cfg.n_head_kv);
+        ensure!(cfg.head_dim.is_multiple_of(2), "head_dim {} is odd: RoPE needs pairs", cfg.head_dim);
         ensure!(opts.max_ctx > 0, "max_ctx must be positive");
         let ctx = CudaContext::new(0).context("creating a CUDA context on device 0")?;
         let device_name = ctx.name().context("cuDeviceGetName")?;
@@ -353,7 +353,7 @@ impl CudaBackend {
     }
 
     fn head_map_code(&self, n_head: usize, head_map: HeadMap) -> Result<i32> {
-        ensure!(n_head % self.cfg.n_head_kv == 0, "{n_head} query heads are not a multiple of {} KV heads", self.cfg.n_head_kv);
+        ensure!(n_head.is_multiple_of(self.cfg.n_head_kv), "{n_head} query heads are not a multiple of {} KV heads", self.cfg.n_head_kv);
         Ok(match head_map {
             HeadMap::Grouped => 0,
             HeadMap::Modulo => 1,
@@ -469,7 +469,7 @@ impl Backend for CudaBackend {
     fn rope(&self, x: &CudaBuf, pos0: usize, freq_base: f32, pairing: RopePairing) -> Result<CudaBuf> {
         ensure!(x.shape.len() == 3, "rope expects [n_tokens, n_heads, head_dim], got {:?}", x.shape);
         let (nt, nh, hd) = (x.shape[0], x.shape[1], x.shape[2]);
-        ensure!(hd % 2 == 0, "rope: odd head_dim {hd}");
+        ensure!(hd.is_multiple_of(2), "rope: odd head_dim {hd}");
         let mut out = self.alloc(x.shape.clone())?;
         let (nt_, nh_, hd_, p0) = (i32_of(nt, "n_tokens")?, i32_of(nh, "n_heads")?, i32_of(hd, "head_dim")?, i32_of(pos0, "pos0")?);
         i32_of(pos0 + nt, "last position")?;
