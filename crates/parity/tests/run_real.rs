@@ -95,7 +95,7 @@ fn clean_prompts_pass_calibrated_thresholds() {
     assert!(calibration >= 10);
     prompts.extend(read_prompts(&fixtures.join("prompts/holdout.txt")).unwrap());
     for (i, prompt) in prompts.iter().enumerate() {
-        let (ours, reference) = pair.capture(prompt, false, 3, None, false).unwrap();
+        let (ours, reference) = pair.capture(&prompt.text, prompt.chat, 3, None, false).unwrap();
         let report = compare(&ours, &reference, &thresholds, None);
         let kind = if i < calibration { "calibration" } else { "held-out" };
         assert_eq!(

@@ -43,15 +43,28 @@ pub struct Args {
     pub out: Option<PathBuf>,
 }
 
+/// One prompt of a prompt set.
+#[derive(Clone, Debug)]
+pub struct Prompt {
+    pub text: String,
+    /// Run through the model's chat template (line prefix "chat: ").
+    pub chat: bool,
+}
+
 /// Read a prompt set: one prompt per line; blank lines and comment lines
-/// ("# " at the start: `#include` is a prompt) skipped; "\n" is a newline.
-pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
+/// ("# " at the start: `#include` is a prompt) skipped; "\n" is a newline;
+/// a "chat: " prefix runs the prompt through the chat template (special
+/// tokens bring their own, larger activations: the noise floor must see them).
+pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read prompt set {}", path.display()))?;
-    let prompts: Vec<String> = text
+    let prompts: Vec<Prompt> = text
         .lines()
         .map(str::trim_end)
         .filter(|l| !l.trim().is_empty() && !(l == &"#" || l.starts_with("# ")))
-        .map(|l| l.replace("\\n", "\n"))
+        .map(|l| match l.strip_prefix("chat: ") {
+            Some(text) => Prompt { text: text.replace("\\n", "\n"), chat: true },
+            None => Prompt { text: l.replace("\\n", "\n"), chat: false },
+        })
         .collect();
     if prompts.is_empty() {
         bail!("prompt set {} has no prompts", path.display());
@@ -74,7 +87,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let mut observed: Vec<(StageId, f64)> = Vec::new();
     let mut kl_max = 0f64;
     for (i, prompt) in prompts.iter().enumerate() {
-        let (ours, reference) = pair.capture(prompt, false, args.decode, None, false)?;
+        let (ours, reference) = pair.capture(&prompt.text, prompt.chat, args.decode, None, false)?;
         let report = compare(&ours, &reference, &observe_all, None);
         if let Some((id, _)) = report.missing.first() {
             bail!("prompt {}: checkpoint {id} is missing on one side; cannot calibrate", i + 1);
