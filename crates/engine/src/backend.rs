@@ -3,7 +3,8 @@
 
 use crate::capture::Tensor;
 use crate::fault::{HeadMap, RopePairing};
-use anyhow::Result;
+use anyhow::{anyhow, ensure, Context, Result};
+use gguf::{GgufFile, Qwen2Config};
 
 /// A weight of the model, by role. `gguf_name` maps it onto the GGUF tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,6 +47,37 @@ impl Weight {
             Weight::Output if tied_output => "token_embd.weight".into(),
             Weight::Output => "output.weight".into(),
         }
+    }
+
+    /// The shape this weight has in GGUF's row-major layout: matrices
+    /// `[out, in]`, vectors `[n]`.
+    pub fn shape(self, cfg: &Qwen2Config) -> Vec<usize> {
+        let q = cfg.n_head * cfg.head_dim;
+        let kv = cfg.n_head_kv * cfg.head_dim;
+        match self {
+            Weight::TokenEmbd | Weight::Output => vec![cfg.n_vocab, cfg.n_embd],
+            Weight::AttnNorm(_) | Weight::FfnNorm(_) | Weight::OutputNorm => vec![cfg.n_embd],
+            Weight::AttnQ(_) => vec![q, cfg.n_embd],
+            Weight::AttnQBias(_) => vec![q],
+            Weight::AttnK(_) | Weight::AttnV(_) => vec![kv, cfg.n_embd],
+            Weight::AttnKBias(_) | Weight::AttnVBias(_) => vec![kv],
+            Weight::AttnOutput(_) => vec![cfg.n_embd, q],
+            Weight::FfnGate(_) | Weight::FfnUp(_) => vec![cfg.n_ff, cfg.n_embd],
+            Weight::FfnDown(_) => vec![cfg.n_embd, cfg.n_ff],
+        }
+    }
+
+    /// Look the weight up in `gguf`, check its shape against `cfg` and
+    /// dequantize it to f32 (bit for bit ggml's values).
+    pub fn dequantize(self, gguf: &GgufFile, cfg: &Qwen2Config) -> Result<Tensor> {
+        let name = self.gguf_name(cfg.tied_output);
+        let info = gguf.tensor(&name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", gguf.path().display()))?;
+        // GGUF lists ne0 (the row length) first; our layout is row-major [rows, ne0].
+        let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+        let expected = self.shape(cfg);
+        ensure!(dims == expected, "tensor {name} has shape {dims:?}, expected {expected:?}");
+        let data = gguf.dequantize(&name).with_context(|| format!("dequantizing {name}"))?;
+        Ok(Tensor::new(dims, data))
     }
 
     /// Every weight a Qwen2 model of `n_layer` layers needs.

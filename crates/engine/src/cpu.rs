@@ -25,40 +25,25 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Dequantize every weight of `cfg` from `gguf` (in parallel, one tensor a task).
+    /// Dequantize every weight of `cfg` from `gguf` (in parallel, one tensor
+    /// a task). A tied LM head is token_embd: dequantized and stored once.
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions) -> Result<Self> {
-        let all = Weight::all(cfg.n_layer);
-        let loaded: Vec<(Weight, Tensor)> = all
-            .par_iter()
-            .map(|&w| {
-                let name = w.gguf_name(cfg.tied_output);
-                let info = gguf.tensor(&name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", gguf.path().display()))?;
-                let data = gguf.dequantize(&name)?;
-                // GGUF dims list ne0 (the row length) first; we store row-major [rows, ne0].
-                let shape: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
-                Ok((w, Tensor::new(shape, data)))
-            })
-            .collect::<Result<_>>()?;
+        let all: Vec<Weight> =
+            Weight::all(cfg.n_layer).into_iter().filter(|&w| !(w == Weight::Output && cfg.tied_output)).collect();
+        let loaded: Vec<(Weight, Tensor)> =
+            all.par_iter().map(|&w| Ok((w, w.dequantize(gguf, cfg)?))).collect::<Result<_>>()?;
         Self::from_weights(cfg.clone(), loaded.into_iter().collect(), opts)
     }
 
-    /// Build from weights already in f32, `[out, in]` matrices and `[n]` vectors.
+    /// Build from weights already in f32, `[out, in]` matrices and `[n]`
+    /// vectors. With a tied output, `Weight::Output` may be absent.
     pub fn from_weights(cfg: Qwen2Config, weights: HashMap<Weight, Tensor>, opts: BackendOptions) -> Result<Self> {
-        let kv_dim = cfg.n_head_kv * cfg.head_dim;
-        let q_dim = cfg.n_head * cfg.head_dim;
         for w in Weight::all(cfg.n_layer) {
+            if w == Weight::Output && cfg.tied_output && !weights.contains_key(&w) {
+                continue;
+            }
             let t = weights.get(&w).with_context(|| format!("weight {w:?} missing"))?;
-            let expected: Vec<usize> = match w {
-                Weight::TokenEmbd | Weight::Output => vec![cfg.n_vocab, cfg.n_embd],
-                Weight::AttnNorm(_) | Weight::FfnNorm(_) | Weight::OutputNorm => vec![cfg.n_embd],
-                Weight::AttnQ(_) => vec![q_dim, cfg.n_embd],
-                Weight::AttnQBias(_) => vec![q_dim],
-                Weight::AttnK(_) | Weight::AttnV(_) => vec![kv_dim, cfg.n_embd],
-                Weight::AttnKBias(_) | Weight::AttnVBias(_) => vec![kv_dim],
-                Weight::AttnOutput(_) => vec![cfg.n_embd, q_dim],
-                Weight::FfnGate(_) | Weight::FfnUp(_) => vec![cfg.n_ff, cfg.n_embd],
-                Weight::FfnDown(_) => vec![cfg.n_embd, cfg.n_ff],
-            };
+            let expected = w.shape(&cfg);
             ensure!(t.shape == expected, "weight {} has shape {:?}, expected {expected:?}", w.gguf_name(cfg.tied_output), t.shape);
         }
         let n_layer = cfg.n_layer;
@@ -73,7 +58,11 @@ impl CpuBackend {
     }
 
     fn weight(&self, w: Weight) -> Result<&Tensor> {
-        self.weights.get(&w).ok_or_else(|| anyhow!("weight {w:?} not loaded"))
+        let stored = match w {
+            Weight::Output if self.cfg.tied_output && !self.weights.contains_key(&w) => Weight::TokenEmbd,
+            _ => w,
+        };
+        self.weights.get(&stored).ok_or_else(|| anyhow!("weight {w:?} not loaded"))
     }
 
     fn kv_group(&self, head: usize, map: HeadMap) -> usize {

@@ -195,3 +195,29 @@ fn token_out_of_range_is_an_error() {
     let err = model.generate(&[1, 100_000], 0, None, &mut NoCheckpoints).unwrap_err();
     assert!(err.to_string().contains("out of range"), "{err}");
 }
+
+/// A tied LM head is token_embd, stored once: logits = final_norm · token_embdᵀ.
+#[test]
+fn tied_output_uses_the_token_embedding() {
+    let spec = SynthSpec { tied_output: true, ..SynthSpec::tiny() };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tied.gguf");
+    write_tiny_qwen2(&spec, &path).unwrap();
+    let gguf = GgufFile::open(&path).unwrap();
+    let cfg = Qwen2Config::from_gguf(&gguf).unwrap();
+    assert!(cfg.tied_output);
+    let embd = engine::backend::Weight::TokenEmbd.dequantize(&gguf, &cfg).unwrap();
+    let backend = CpuBackend::load(&gguf, &cfg, BackendOptions { kv_type: KvType::F32, max_ctx: 64 }).unwrap();
+    let mut model = Model::new(backend, cfg.clone(), Fault::None);
+    let (_, rec) = record(&mut model, 0);
+    let h = &rec.tensors[&StageId::global(0, Stage::FinalNorm)].tensor;
+    let logits = &rec.tensors[&StageId::global(0, Stage::Logits)].tensor;
+    let d = cfg.n_embd;
+    for t in [0, PROMPT.len() - 1] {
+        for v in [0, 7, cfg.n_vocab - 1] {
+            let expect: f64 = (0..d).map(|i| h.data[t * d + i] as f64 * embd.data[v * d + i] as f64).sum();
+            let got = logits.data[t * cfg.n_vocab + v] as f64;
+            assert!((got - expect).abs() <= 1e-5 * expect.abs().max(1.0), "token {t} vocab {v}: {got} vs {expect}");
+        }
+    }
+}

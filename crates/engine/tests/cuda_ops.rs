@@ -87,21 +87,9 @@ fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
 /// so activations stay O(1); norm weights around 1.
 fn weights(cfg: &Qwen2Config, seed: u64) -> HashMap<Weight, Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let q = cfg.n_head * cfg.head_dim;
-    let kv = cfg.n_head_kv * cfg.head_dim;
     let mut m = HashMap::new();
     for w in Weight::all(cfg.n_layer) {
-        let shape = match w {
-            Weight::TokenEmbd | Weight::Output => vec![cfg.n_vocab, cfg.n_embd],
-            Weight::AttnNorm(_) | Weight::FfnNorm(_) | Weight::OutputNorm => vec![cfg.n_embd],
-            Weight::AttnQ(_) => vec![q, cfg.n_embd],
-            Weight::AttnQBias(_) => vec![q],
-            Weight::AttnK(_) | Weight::AttnV(_) => vec![kv, cfg.n_embd],
-            Weight::AttnKBias(_) | Weight::AttnVBias(_) => vec![kv],
-            Weight::AttnOutput(_) => vec![cfg.n_embd, q],
-            Weight::FfnGate(_) | Weight::FfnUp(_) => vec![cfg.n_ff, cfg.n_embd],
-            Weight::FfnDown(_) => vec![cfg.n_embd, cfg.n_ff],
-        };
+        let shape = w.shape(cfg);
         let t = match w {
             Weight::AttnNorm(_) | Weight::FfnNorm(_) | Weight::OutputNorm => {
                 Tensor::new(shape.clone(), (0..shape[0]).map(|_| 1.0 + rng.gen_range(-0.5f32..0.5)).collect())

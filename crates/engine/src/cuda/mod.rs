@@ -208,23 +208,6 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow!("{what} = {v} does not fit a 32-bit kernel argument"))
 }
 
-/// The shape a weight has in GGUF's row-major `[out, in]` layout (vectors `[n]`).
-pub fn weight_shape(cfg: &Qwen2Config, w: Weight) -> Vec<usize> {
-    let q = cfg.n_head * cfg.head_dim;
-    let kv = cfg.n_head_kv * cfg.head_dim;
-    match w {
-        Weight::TokenEmbd | Weight::Output => vec![cfg.n_vocab, cfg.n_embd],
-        Weight::AttnNorm(_) | Weight::FfnNorm(_) | Weight::OutputNorm => vec![cfg.n_embd],
-        Weight::AttnQ(_) => vec![q, cfg.n_embd],
-        Weight::AttnQBias(_) => vec![q],
-        Weight::AttnK(_) | Weight::AttnV(_) => vec![kv, cfg.n_embd],
-        Weight::AttnKBias(_) | Weight::AttnVBias(_) => vec![kv],
-        Weight::AttnOutput(_) => vec![cfg.n_embd, q],
-        Weight::FfnGate(_) | Weight::FfnUp(_) => vec![cfg.n_ff, cfg.n_embd],
-        Weight::FfnDown(_) => vec![cfg.n_embd, cfg.n_ff],
-    }
-}
-
 impl CudaBackend {
     /// Dequantize every weight of `gguf` on the host and upload it as f32.
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions) -> Result<Self> {
@@ -235,20 +218,10 @@ impl CudaBackend {
         // Dequantize a layer's worth of tensors in parallel, upload, go on:
         // host memory stays at a few layers' f32, not the whole model's.
         for group in all.chunks(12) {
-            let data: Vec<(Weight, Vec<f32>)> = group
-                .par_iter()
-                .map(|&w| {
-                    let name = w.gguf_name(cfg.tied_output);
-                    let info = gguf.tensor(&name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", gguf.path().display()))?;
-                    // GGUF lists ne0 (the row length) first; our layout is row-major [rows, ne0].
-                    let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
-                    let expected = weight_shape(cfg, w);
-                    ensure!(dims == expected, "tensor {name} has shape {dims:?}, expected {expected:?}");
-                    gguf.dequantize(&name).map(|d| (w, d)).with_context(|| format!("dequantizing {name}"))
-                })
-                .collect::<Result<_>>()?;
+            let data: Vec<(Weight, Tensor)> =
+                group.par_iter().map(|&w| Ok((w, w.dequantize(gguf, cfg)?))).collect::<Result<_>>()?;
             for (w, d) in data {
-                backend.upload_weight(w, &d).with_context(|| format!("uploading {}", w.gguf_name(cfg.tied_output)))?;
+                backend.upload_weight(w, &d.data).with_context(|| format!("uploading {}", w.gguf_name(cfg.tied_output)))?;
             }
         }
         Ok(backend)
@@ -307,7 +280,7 @@ impl CudaBackend {
     }
 
     fn upload_weight(&mut self, w: Weight, data: &[f32]) -> Result<()> {
-        let shape = weight_shape(&self.cfg, w);
+        let shape = w.shape(&self.cfg);
         let n: usize = shape.iter().product();
         ensure!(data.len() == n, "{w:?} has {} values, expected {n} for shape {shape:?}", data.len());
         let data = self.stream.clone_htod(data).context("host-to-device copy")?;
