@@ -76,6 +76,35 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The thresholds a comparison gates on: `--threshold X` for every stage,
+/// else `--thresholds FILE`, else the file `parity calibrate` wrote for this
+/// model and backend under fixtures/thresholds/.
+pub fn resolve_thresholds(
+    threshold: Option<f64>,
+    file: Option<&Path>,
+    model_sha256: &str,
+    backend: &str,
+) -> Result<crate::thresholds::Thresholds> {
+    use crate::thresholds::Thresholds;
+    if let Some(x) = threshold {
+        if !(x.is_finite() && x > 0.0) {
+            bail!("--threshold {x}: must be a positive number");
+        }
+        return Ok(Thresholds::uniform(x));
+    }
+    if let Some(path) = file {
+        return Thresholds::load(path).context("reading --thresholds");
+    }
+    let path = Thresholds::default_path(&crate::cmd::diff::fixtures_dir(), model_sha256, backend);
+    if !path.exists() {
+        bail!(
+            "no thresholds for this model and backend: {} does not exist (run `parity calibrate --backend {backend}`, or pass --thresholds FILE or --threshold X)",
+            path.display()
+        );
+    }
+    Thresholds::load(&path).context("reading the calibrated thresholds")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,26 +71,10 @@ pub fn backend_of(engine: &str) -> &str {
 }
 
 fn load_thresholds(args: &Args, model_sha256: &str, engine: &str) -> anyhow::Result<Thresholds> {
-    if let Some(x) = args.threshold {
-        if !(x.is_finite() && x > 0.0) {
-            bail!("--threshold {x}: must be a positive number");
-        }
-        return Ok(Thresholds::uniform(x));
-    }
-    if let Some(path) = &args.thresholds {
-        return Thresholds::load(path).context("reading --thresholds");
-    }
-    if model_sha256.is_empty() {
+    if args.threshold.is_none() && args.thresholds.is_none() && model_sha256.is_empty() {
         bail!("no thresholds: the dump has no model sha256 to look a thresholds file up by; pass --thresholds FILE or --threshold X");
     }
-    let path = Thresholds::default_path(&fixtures_dir(), model_sha256, backend_of(engine));
-    if !path.exists() {
-        bail!(
-            "no thresholds: {} does not exist (run `parity calibrate`, or pass --thresholds FILE or --threshold X)",
-            path.display()
-        );
-    }
-    Thresholds::load(&path).context("reading the default thresholds file")
+    crate::cmd::common::resolve_thresholds(args.threshold, args.thresholds.as_deref(), model_sha256, backend_of(engine))
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {

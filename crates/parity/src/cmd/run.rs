@@ -4,7 +4,6 @@
 
 use crate::cmd::capture::Kv;
 use crate::cmd::common;
-use crate::cmd::diff::fixtures_dir;
 use crate::diff::{diff_captures, DiffReport, Verdict};
 use crate::ours::{open_model, BackendKind, Mode, OurEngine};
 use crate::report::{render_terminal, write_reports};
@@ -88,24 +87,7 @@ pub fn kv_type(kv: Kv) -> KvType {
 
 /// Thresholds from `--threshold`, `--thresholds`, or the calibrated file for this model and backend.
 pub fn load_thresholds(threshold: Option<f64>, file: Option<&Path>, model_sha256: &str, backend: BackendKind) -> Result<Thresholds> {
-    if let Some(x) = threshold {
-        if !(x.is_finite() && x > 0.0) {
-            bail!("--threshold {x}: must be a positive number");
-        }
-        return Ok(Thresholds::uniform(x));
-    }
-    if let Some(path) = file {
-        return Thresholds::load(path).context("reading --thresholds");
-    }
-    let path = Thresholds::default_path(&fixtures_dir(), model_sha256, backend.name());
-    if !path.exists() {
-        bail!(
-            "no calibrated thresholds for this model and backend: {} does not exist (run `parity calibrate --backend {}`, or pass --thresholds FILE or --threshold X)",
-            path.display(),
-            backend.name()
-        );
-    }
-    Thresholds::load(&path).context("reading the calibrated thresholds")
+    common::resolve_thresholds(threshold, file, model_sha256, backend.name())
 }
 
 /// Everything both engines need for a series of prompts on one model.

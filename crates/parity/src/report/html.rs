@@ -4,7 +4,7 @@
 //! external resources.
 
 use super::markdown::step_grid;
-use super::{header_lines, sci, step_label, verdict_lines, Cell, Index, FAMILIES};
+use super::{divergence_facts, header_lines, sci, step_label, verdict_lines, Cell, Index, FAMILIES};
 use crate::diff::{DiffReport, FirstProblem};
 use engine::stage::{Stage, StageId};
 use std::fmt::Write;
@@ -264,24 +264,8 @@ pub fn render_html(r: &DiffReport) -> String {
 
     if let Some(FirstProblem::Row(i)) = r.first_problem() {
         let row = &r.rows[i];
-        let m = &row.metrics;
         let _ = write!(out, "<h2>First divergence: {}</h2><table>", esc(&row.id.to_string()));
-        let mut kv = vec![
-            ("max-abs", sci(m.max_abs)),
-            ("threshold", row.threshold.map_or("-".into(), sci)),
-            ("mean-abs", sci(m.mean_abs)),
-            ("rel-L2", sci(m.rel_l2)),
-            ("cosine", format!("{:.6}", m.cosine)),
-            ("NMSE", sci(m.nmse)),
-            ("reference max-abs (scale)", sci(m.ref_max_abs)),
-            ("NaN/Inf values", m.non_finite.to_string()),
-            ("shape", format!("{:?}", m.shape)),
-        ];
-        if let Some(w) = &m.worst {
-            kv.push(("worst element", format!("{} (flat {})", w.coords, w.flat_index)));
-            kv.push(("ours", format!("{:.8e}", w.ours)));
-            kv.push(("reference", format!("{:.8e}", w.reference)));
-        }
+        let mut kv = divergence_facts(row);
         kv.push(("ours provenance", row.ours_provenance.clone()));
         kv.push(("reference provenance", row.ref_provenance.clone()));
         for (k, v) in kv {

@@ -1,7 +1,7 @@
 //! Markdown report: summary, verdict, first-divergence detail and one table
 //! per step of layers × key stages.
 
-use super::{header_lines, sci, step_label, verdict_lines, worst_of, Cell, Index, KEY_STAGES};
+use super::{divergence_facts, header_lines, sci, step_label, verdict_lines, worst_of, Cell, Index, KEY_STAGES};
 use crate::diff::{DiffReport, FirstProblem};
 use engine::stage::{Stage, StageId};
 
@@ -91,25 +91,9 @@ pub fn render_markdown(r: &DiffReport) -> String {
 
     if let Some(FirstProblem::Row(i)) = r.first_problem() {
         let row = &r.rows[i];
-        let m = &row.metrics;
         out.push_str(&format!("## First divergence: {}\n\n", row.id));
         out.push_str("| metric | value |\n|---|---|\n");
-        let mut kv = vec![
-            ("max-abs", sci(m.max_abs)),
-            ("threshold", row.threshold.map_or("-".into(), sci)),
-            ("mean-abs", sci(m.mean_abs)),
-            ("rel-L2", sci(m.rel_l2)),
-            ("cosine", format!("{:.6}", m.cosine)),
-            ("NMSE", sci(m.nmse)),
-            ("reference max-abs (scale)", sci(m.ref_max_abs)),
-            ("NaN/Inf values", m.non_finite.to_string()),
-            ("shape", format!("{:?}", m.shape)),
-        ];
-        if let Some(w) = &m.worst {
-            kv.push(("worst element", format!("{} (flat {})", w.coords, w.flat_index)));
-            kv.push(("ours", format!("{:.8e}", w.ours)));
-            kv.push(("reference", format!("{:.8e}", w.reference)));
-        }
+        let mut kv = divergence_facts(row);
         kv.push(("ours provenance", format!("`{}`", md_escape(&row.ours_provenance))));
         kv.push(("reference provenance", format!("`{}`", md_escape(&row.ref_provenance))));
         for (k, v) in kv {

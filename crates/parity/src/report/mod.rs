@@ -280,3 +280,26 @@ pub fn write_reports(
     }
     Ok(())
 }
+
+/// The numbers that prove a divergence, as (label, value) pairs in the order
+/// every report shows them; each renderer adds the provenance in its own markup.
+pub fn divergence_facts(row: &crate::diff::StageRow) -> Vec<(&'static str, String)> {
+    let m = &row.metrics;
+    let mut kv = vec![
+        ("max-abs", sci(m.max_abs)),
+        ("threshold", row.threshold.map_or("-".into(), sci)),
+        ("mean-abs", sci(m.mean_abs)),
+        ("rel-L2", sci(m.rel_l2)),
+        ("cosine", format!("{:.6}", m.cosine)),
+        ("NMSE", sci(m.nmse)),
+        ("reference max-abs (scale)", sci(m.ref_max_abs)),
+        ("NaN/Inf values", m.non_finite.to_string()),
+        ("shape", format!("{:?}", m.shape)),
+    ];
+    if let Some(w) = &m.worst {
+        kv.push(("worst element", format!("{} (flat {})", w.coords, w.flat_index)));
+        kv.push(("ours", format!("{:.8e}", w.ours)));
+        kv.push(("reference", format!("{:.8e}", w.reference)));
+    }
+    kv
+}
