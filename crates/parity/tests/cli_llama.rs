@@ -1,35 +1,13 @@
 //! `parity capture --engine llama` and `parity weights` through the built binary.
 
-use std::path::PathBuf;
+#[macro_use]
+mod common;
+use common::parity;
+
 use std::process::{Command, Output};
 
-const MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 const REFERENCE_SHA256: &str = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
 
-fn real_model() -> Option<PathBuf> {
-    let dir = match std::env::var_os("QWEN2_PARITY_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache").join("qwen2-parity"),
-    };
-    let path = dir.join(MODEL_FILE);
-    path.is_file().then_some(path)
-}
-
-macro_rules! real_model_or_skip {
-    () => {
-        match real_model() {
-            Some(p) => p,
-            None => {
-                println!("SKIPPED: real model not cached");
-                return;
-            }
-        }
-    };
-}
-
-fn parity(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_parity")).args(args).output().expect("run parity")
-}
 
 fn numpy_available() -> bool {
     Command::new("python3").args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success())

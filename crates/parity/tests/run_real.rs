@@ -2,6 +2,10 @@
 //! model: clean prompts match under the calibrated thresholds, seeded faults
 //! are localized to the stage that holds them, bad input exits 2.
 
+#[macro_use]
+mod common;
+use common::parity;
+
 use engine::fault::Fault;
 use engine::stage::{Stage, StageId};
 use parity::cmd::calibrate::read_prompts;
@@ -10,36 +14,10 @@ use parity::cmd::diff::fixtures_dir;
 use parity::cmd::run::{compare, load_thresholds, Pair};
 use parity::diff::Verdict;
 use parity::ours::BackendKind;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 
-const MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 const HAIKU: &str = "Write a haiku about GPU computing";
 
-fn real_model() -> Option<PathBuf> {
-    let dir = match std::env::var_os("QWEN2_PARITY_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache").join("qwen2-parity"),
-    };
-    let path = dir.join(MODEL_FILE);
-    path.is_file().then_some(path)
-}
-
-macro_rules! real_model_or_skip {
-    () => {
-        match real_model() {
-            Some(p) => p,
-            None => {
-                println!("SKIPPED: real model not cached");
-                return;
-            }
-        }
-    };
-}
-
-fn parity(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_parity")).args(args).output().expect("run parity")
-}
 
 fn text(o: &Output) -> (String, String) {
     (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
