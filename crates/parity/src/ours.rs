@@ -46,7 +46,13 @@ pub fn open_model(path: &Path) -> Result<(GgufFile, Qwen2Config)> {
 }
 
 /// Our engine, loaded once and run for many prompts.
-pub enum OurEngine {
+pub struct OurEngine {
+    model: Loaded,
+    /// The KV cache type the backend was built with (recorded in captures).
+    kv_type: KvType,
+}
+
+enum Loaded {
     Cpu(Model<CpuBackend>),
     Cuda(Model<CudaBackend>),
 }
@@ -55,29 +61,30 @@ impl OurEngine {
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, backend: BackendKind, kv_type: KvType, max_ctx: usize, fault: Fault) -> Result<Self> {
         let opts = BackendOptions { kv_type, max_ctx };
         let started = Instant::now();
-        let engine = match backend {
+        let model = match backend {
             BackendKind::Cpu => {
                 let be = CpuBackend::load(gguf, cfg, opts).context("loading the model on the CPU backend")?;
-                OurEngine::Cpu(Model::new(be, cfg.clone(), fault))
+                Loaded::Cpu(Model::new(be, cfg.clone(), fault))
             }
             BackendKind::Cuda => {
                 // Probe before cudarc touches the driver: it panics where libcuda is missing.
                 cuda_available().map_err(anyhow::Error::msg)?;
                 let be = CudaBackend::load(gguf, cfg, opts).context("loading the model on the CUDA backend")?;
                 eprintln!("ours-cuda: device {}", be.device_name());
-                OurEngine::Cuda(Model::new(be, cfg.clone(), fault))
+                Loaded::Cuda(Model::new(be, cfg.clone(), fault))
             }
         };
         eprintln!("ours-{}: weights loaded in {:.1} s", backend.name(), started.elapsed().as_secs_f64());
-        Ok(engine)
+        Ok(OurEngine { model, kv_type })
     }
 
     /// Run over `tokens` (prefill) and `n_decode` decode steps fed with
     /// `forced` (the reference's greedy tokens) when given.
-    pub fn run(&mut self, tokens: &[i32], n_decode: usize, forced: Option<&[i32]>, layers: Option<Vec<usize>>, kv_type: KvType, mode: Mode) -> Result<Capture> {
-        match self {
-            OurEngine::Cpu(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
-            OurEngine::Cuda(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
+    pub fn run(&mut self, tokens: &[i32], n_decode: usize, forced: Option<&[i32]>, layers: Option<Vec<usize>>, mode: Mode) -> Result<Capture> {
+        let kv_type = self.kv_type;
+        match &mut self.model {
+            Loaded::Cpu(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
+            Loaded::Cuda(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
         }
     }
 }

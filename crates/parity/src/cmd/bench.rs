@@ -49,7 +49,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         let mut times = Vec::new();
         for i in 0..=args.repeat {
             let t = Instant::now();
-            let capture = engine.run(&tokens, args.decode, None, layers.clone(), KvType::F16, Mode::Observe)?;
+            let capture = engine.run(&tokens, args.decode, None, layers.clone(), Mode::Observe)?;
             let secs = t.elapsed().as_secs_f64();
             if i > 0 {
                 times.push(secs);

@@ -115,11 +115,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let mut thresholds = calibrate(&observed, args.safety_factor, args.floor, pair.n_layer);
     thresholds.model_sha256 = pair.model_sha256.clone();
     thresholds.backend = args.backend.name().to_string();
-    thresholds.kv_type = match args.kv {
-        Kv::F16 => "f16",
-        Kv::F32 => "f32",
-    }
-    .to_string();
+    thresholds.kv_type = engine::backend::KvType::from(args.kv).name().to_string();
     thresholds.prompts = prompts.len();
     thresholds.logits_kl_max = Some((kl_max * args.safety_factor).max(args.floor));
     let out = args

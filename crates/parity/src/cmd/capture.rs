@@ -2,6 +2,7 @@
 //! (`.npy` per stage + `manifest.json`).
 
 use crate::cmd::common;
+use crate::ours::BackendKind;
 use anyhow::{bail, Context, Result};
 use engine::capture::write_dump;
 use llama_ref::{KvType, LlamaRef, RefOptions};
@@ -14,12 +15,6 @@ pub enum Engine {
     Llama,
     /// Our engine.
     Ours,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    Cpu,
-    Cuda,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -44,7 +39,7 @@ pub struct Args {
     pub engine: Engine,
     /// Backend of our engine (`--engine ours`); llama.cpp runs on the CPU.
     #[arg(long, value_enum, default_value = "cpu")]
-    pub backend: Backend,
+    pub backend: BackendKind,
     /// GGUF model (default: the cached reference model).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -85,7 +80,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 }
 
 fn run_llama(args: &Args) -> Result<ExitCode> {
-    if args.backend == Backend::Cuda {
+    if args.backend == BackendKind::Cuda {
         bail!("--backend cuda applies to --engine ours: llama.cpp runs on the CPU here");
     }
     if args.threads == Some(0) {
@@ -138,13 +133,10 @@ fn run_ours(args: &Args) -> Result<ExitCode> {
     let tokens = llama.tokenize(&args.prompt, args.chat)?;
     common::check_context(tokens.len(), args.decode, cfg.n_ctx_train)?;
     let sha = common::sha256_file(&model)?;
-    let backend = match args.backend {
-        Backend::Cpu => crate::ours::BackendKind::Cpu,
-        Backend::Cuda => crate::ours::BackendKind::Cuda,
-    };
-    let kv = crate::cmd::run::kv_type(args.kv);
+    let backend = args.backend;
+    let kv = KvType::from(args.kv);
     let mut engine = crate::ours::OurEngine::load(&gguf, &cfg, backend, kv, tokens.len() + args.decode, engine::fault::Fault::None)?;
-    let mut capture = engine.run(&tokens, args.decode, None, layers, kv, crate::ours::Mode::Observe)?;
+    let mut capture = engine.run(&tokens, args.decode, None, layers, crate::ours::Mode::Observe)?;
     capture.prompt = args.prompt.clone();
     capture.chat = args.chat;
     capture.model_sha256 = sha;

@@ -78,13 +78,6 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
     })
 }
 
-pub fn kv_type(kv: Kv) -> KvType {
-    match kv {
-        Kv::F16 => KvType::F16,
-        Kv::F32 => KvType::F32,
-    }
-}
-
 /// Thresholds from `--threshold`, `--thresholds`, or the calibrated file for this model and backend.
 pub fn load_thresholds(threshold: Option<f64>, file: Option<&Path>, model_sha256: &str, backend: BackendKind) -> Result<Thresholds> {
     common::resolve_thresholds(threshold, file, model_sha256, backend.name())
@@ -110,7 +103,7 @@ impl Pair {
         let model_sha256 = common::sha256_file(model)?;
         let llama = LlamaRef::load(model)?;
         let ctx = max_ctx.min(cfg.n_ctx_train.max(1));
-        let ours = OurEngine::load(&gguf, &cfg, backend, kv_type(kv), ctx, fault)?;
+        let ours = OurEngine::load(&gguf, &cfg, backend, KvType::from(kv), ctx, fault)?;
         Ok(Pair { llama, ours, model_sha256, n_layer: cfg.n_layer, n_ctx_train: cfg.n_ctx_train, kv, threads })
     }
 
@@ -118,7 +111,7 @@ impl Pair {
     pub fn capture(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, isolate: bool) -> Result<(Capture, Capture)> {
         let tokens = self.llama.tokenize(prompt, chat)?;
         common::check_context(tokens.len(), n_decode, self.n_ctx_train)?;
-        let mut opts = RefOptions { kv_type: kv_type(self.kv), layers: layers.clone(), ..RefOptions::default() };
+        let mut opts = RefOptions { kv_type: self.kv.into(), layers: layers.clone(), ..RefOptions::default() };
         if let Some(t) = self.threads {
             opts.threads = t;
         }
@@ -126,7 +119,7 @@ impl Pair {
         // Our engine decodes llama.cpp's tokens, so both see the same inputs.
         let forced = &reference.generated[..n_decode];
         let mode = if isolate { Mode::Isolate(&reference) } else { Mode::Observe };
-        let mut ours = self.ours.run(&tokens, n_decode, Some(forced), layers, kv_type(self.kv), mode)?;
+        let mut ours = self.ours.run(&tokens, n_decode, Some(forced), layers, mode)?;
         for c in [&mut ours, &mut reference] {
             c.prompt = prompt.to_string();
             c.chat = chat;
