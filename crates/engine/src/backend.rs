@@ -1,7 +1,7 @@
 //! The backend interface the forward pass is written against. A backend owns
 //! its copy of the weights and the KV cache; the forward pass only names them.
 
-use crate::capture::Tensor;
+use capture::{KvType, Tensor};
 use crate::fault::{HeadMap, RopePairing};
 use anyhow::{anyhow, ensure, Context, Result};
 use gguf::{GgufFile, Qwen2Config};
@@ -100,31 +100,6 @@ impl Weight {
             ]);
         }
         all
-    }
-}
-
-/// Element type of the KV cache. llama.cpp ships f16; f32 makes an exact reference.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum KvType {
-    #[default]
-    F16,
-    F32,
-}
-
-impl KvType {
-    pub fn name(self) -> &'static str {
-        match self {
-            KvType::F16 => "f16",
-            KvType::F32 => "f32",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<KvType> {
-        match s {
-            "f16" => Some(KvType::F16),
-            "f32" => Some(KvType::F32),
-            _ => None,
-        }
     }
 }
 

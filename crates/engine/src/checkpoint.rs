@@ -4,8 +4,8 @@
 //! (calibration and sensitivity). A checkpoint nobody wants costs a call to
 //! `wants` and nothing else: no copy leaves the backend.
 
-use crate::capture::{Capture, CapturedTensor, Tensor};
-use crate::stage::StageId;
+use capture::{Capture, CapturedTensor, Tensor};
+use capture::stage::StageId;
 use anyhow::Result;
 use std::collections::BTreeMap;
 

@@ -4,8 +4,9 @@
 //! deliberate rounding beyond that is the KV cache, which stores f16 when
 //! asked, exactly as llama.cpp's default cache does.
 
-use crate::backend::{Backend, BackendOptions, KvType, Weight};
-use crate::capture::Tensor;
+use crate::backend::{Backend, BackendOptions, Weight};
+use capture::KvType;
+use capture::Tensor;
 use crate::fault::{HeadMap, RopePairing};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use gguf::{GgufFile, Qwen2Config};

@@ -2,10 +2,8 @@
 //! at every stage of the catalogue, a CPU oracle backend and a CUDA backend.
 
 pub mod backend;
-pub mod capture;
 pub mod checkpoint;
 pub mod cpu;
 pub mod cuda;
 pub mod fault;
-pub mod model;
-pub mod stage;
+pub mod forward;

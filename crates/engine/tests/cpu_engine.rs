@@ -2,13 +2,14 @@
 //! synthetic models (no llama.cpp here: the comparison against it lives in
 //! the parity crate's tests).
 
-use engine::backend::{Backend, BackendOptions, KvType};
-use engine::capture::Capture;
+use engine::backend::{Backend, BackendOptions};
+use capture::KvType;
+use capture::Capture;
 use engine::checkpoint::{Isolate, NoCheckpoints, Perturb, Recorder, StageFilter};
 use engine::cpu::CpuBackend;
 use engine::fault::{Fault, RopePairing};
-use engine::model::Model;
-use engine::stage::{Stage, StageId};
+use engine::forward::Model;
+use capture::stage::{Stage, StageId};
 use gguf::synth::{write_tiny_qwen2, SynthSpec};
 use gguf::{GgmlType, GgufFile, Qwen2Config};
 
@@ -103,7 +104,7 @@ fn rope_preserves_norms_per_head_and_is_identity_at_position_0() {
 #[test]
 fn neox_and_adjacent_pairings_differ() {
     let model = tiny_model(&SynthSpec::tiny(), KvType::F32, Fault::None);
-    let x = engine::capture::Tensor::new(vec![2, 1, 4], vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
+    let x = capture::Tensor::new(vec![2, 1, 4], vec![1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
     let neox = model.backend.rope(&x, 0, 10000.0, RopePairing::Neox).unwrap();
     let adj = model.backend.rope(&x, 0, 10000.0, RopePairing::Adjacent).unwrap();
     // Position 0 is the identity either way; position 1 rotates (0,2),(1,3) vs (0,1),(2,3).

@@ -16,13 +16,14 @@
 //! largest reference value, 1e-5 absolute). Embedding, add and KV-cache
 //! stores are exact.
 
-use engine::backend::{Backend, BackendOptions, KvType, Weight};
-use engine::capture::Tensor;
+use engine::backend::{Backend, BackendOptions, Weight};
+use capture::KvType;
+use capture::Tensor;
 use engine::checkpoint::{Recorder, StageFilter};
 use engine::cpu::CpuBackend;
 use engine::cuda::{cuda_available, CudaBackend};
 use engine::fault::{Fault, HeadMap, RopePairing};
-use engine::model::Model;
+use engine::forward::Model;
 use gguf::Qwen2Config;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

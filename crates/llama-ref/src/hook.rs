@@ -1,24 +1,11 @@
 //! The eval-callback capture: which ggml node is which stage (one table),
 //! and the conversion of a node's data to the stage's canonical layout.
 
-use engine::capture::{CapturedTensor, Tensor};
-use engine::stage::{Stage, StageId};
+use capture::{CapturedTensor, Dims, Stage, StageId, Tensor};
 use llama_cpp_sys_2 as sys;
 use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-
-/// Model dimensions the canonical layouts are built from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Dims {
-    pub n_layer: usize,
-    pub n_embd: usize,
-    pub n_head: usize,
-    pub n_head_kv: usize,
-    pub head_dim: usize,
-    pub n_ff: usize,
-    pub n_vocab: usize,
-}
 
 /// How a rule constrains the node's own name.
 #[derive(Clone, Copy, Debug)]
@@ -429,31 +416,12 @@ unsafe fn read_f32(t: *mut sys::ggml_tensor) -> Result<Vec<f32>, String> {
     Ok(out)
 }
 
-/// The canonical shape of a stage (see `engine::stage`), for `n_tokens` tokens.
-pub(crate) fn canonical_shape(stage: Stage, d: &Dims, n_tokens: usize, n_kv: usize) -> Vec<usize> {
-    match stage {
-        Stage::Embed
-        | Stage::AttnNorm
-        | Stage::AttnOut
-        | Stage::AttnResidual
-        | Stage::FfnNorm
-        | Stage::FfnDown
-        | Stage::LayerOut
-        | Stage::FinalNorm => vec![n_tokens, d.n_embd],
-        Stage::QProj | Stage::QRope | Stage::AttnCtx => vec![n_tokens, d.n_head, d.head_dim],
-        Stage::KProj | Stage::VProj | Stage::KRope => vec![n_tokens, d.n_head_kv, d.head_dim],
-        Stage::AttnScores | Stage::AttnProbs => vec![d.n_head, n_tokens, n_kv],
-        Stage::FfnGate | Stage::FfnUp | Stage::FfnAct => vec![n_tokens, d.n_ff],
-        Stage::Logits => vec![n_tokens, d.n_vocab],
-    }
-}
-
 /// ggml's logical data (ne0 fastest) -> the canonical row-major tensor.
 fn canonicalize(stage: Stage, d: &Dims, n_tokens: usize, n_past: usize, ne: [i64; 4], data: Vec<f32>) -> Result<Tensor, String> {
     let ne = ne.map(|n| n as usize);
     let n_kv = n_past + n_tokens;
-    let shape = canonical_shape(stage, d, n_tokens, n_kv);
-    if matches!(stage, Stage::AttnScores | Stage::AttnProbs) {
+    let shape = stage.layout().shape(d, n_tokens, n_kv);
+    if stage.info().attention_internal {
         // ggml [n_kv_pad, n_tokens, n_head, 1]: rows per query token per head over the cache cells.
         let n_pad = ne[0];
         if ne[1] != n_tokens || ne[2] != d.n_head || ne[3] != 1 || n_pad < n_kv {
@@ -497,19 +465,6 @@ fn canonicalize(stage: Stage, d: &Dims, n_tokens: usize, n_past: usize, ne: [i64
         return Err(format!("ggml shape {ne:?}, expected {exact:?} or {merged:?}"));
     }
     Tensor::try_new(shape, data)
-}
-
-trait TryNew: Sized {
-    fn try_new(shape: Vec<usize>, data: Vec<f32>) -> Result<Self, String>;
-}
-
-impl TryNew for Tensor {
-    fn try_new(shape: Vec<usize>, data: Vec<f32>) -> Result<Tensor, String> {
-        if shape.iter().product::<usize>() != data.len() {
-            return Err(format!("shape {shape:?} does not match {} values", data.len()));
-        }
-        Ok(Tensor::new(shape, data))
-    }
 }
 
 #[cfg(test)]

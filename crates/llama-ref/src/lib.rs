@@ -8,16 +8,16 @@ mod backend;
 mod error;
 pub mod ggml;
 mod hook;
-mod model;
+mod llama;
 mod quantize;
 
 pub use error::LlamaError;
-pub use model::LlamaRef;
+pub use llama::LlamaRef;
 pub use quantize::quantize_model;
 
-/// Element type of llama.cpp's KV cache: the engine's own type, so both
-/// sides are always configured from one value.
-pub use engine::backend::KvType;
+/// Element type of llama.cpp's KV cache: the shared type, so both engines
+/// are always configured from one value.
+pub use capture::KvType;
 
 /// How `LlamaRef::run` runs llama.cpp.
 #[derive(Clone, Debug)]

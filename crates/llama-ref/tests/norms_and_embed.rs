@@ -5,7 +5,7 @@
 mod common;
 
 use common::{get, rms_norm, worst, PROMPT};
-use engine::stage::Stage;
+use capture::stage::Stage;
 use llama_ref::{KvType, LlamaRef, RefOptions};
 
 #[test]

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{expected_shape, get, worst, PROMPT};
-use engine::capture::Capture;
-use engine::stage::{Stage, StageId};
+use capture::Capture;
+use capture::stage::{Stage, StageId};
 use llama_ref::{KvType, LlamaError, LlamaRef, RefOptions};
 use std::sync::OnceLock;
 
@@ -237,13 +237,13 @@ fn flash_attention_makes_attention_internals_unavailable() {
     assert!(c.config.flash_attn);
     assert_eq!(c.unavailable.len(), 2 * 24 * 2);
     for id in &c.unavailable {
-        assert!(Stage::ATTENTION_INTERNAL.contains(&id.stage));
+        assert!(id.stage.info().attention_internal);
         assert!(!c.tensors.contains_key(id));
     }
     assert_eq!(c.tensors.len(), (15 * 24 + 3) * 2);
     for step in 0..2 {
         for id in StageId::all_in_step(step, 24) {
-            if !Stage::ATTENTION_INTERNAL.contains(&id.stage) {
+            if !id.stage.info().attention_internal {
                 assert_eq!(c.get(&id).unwrap().shape, expected_shape(&c, step, id.stage), "{id}");
             }
         }

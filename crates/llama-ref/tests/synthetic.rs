@@ -5,8 +5,8 @@
 mod common;
 
 use common::get;
-use engine::capture::Capture;
-use engine::stage::{Stage, StageId};
+use capture::Capture;
+use capture::stage::{Stage, StageId};
 use gguf::synth::{write_tiny_qwen2, SynthSpec};
 use gguf::GgmlType;
 use llama_ref::{quantize_model, KvType, LlamaRef, RefOptions};

@@ -4,8 +4,8 @@
 
 use crate::metrics::{compare, compare_logits, LogitsMetrics, StageMetrics};
 use crate::thresholds::Thresholds;
-use engine::capture::Capture;
-use engine::stage::{Stage, StageId};
+use capture::Capture;
+use capture::stage::{Stage, StageId};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -120,46 +120,12 @@ impl DiffReport {
     }
 }
 
-/// Checkpoints whose output feeds `id`, within the same step (the KV cache
-/// of earlier steps is not counted).
-pub fn inputs_of(id: &StageId, n_layer: usize) -> Vec<StageId> {
-    let step = id.step;
-    let g = |s| StageId::global(step, s);
-    let Some(l) = id.layer else {
-        return match id.stage {
-            Stage::FinalNorm if n_layer > 0 => vec![StageId::layer(step, n_layer - 1, Stage::LayerOut)],
-            Stage::FinalNorm => vec![g(Stage::Embed)],
-            Stage::Logits => vec![g(Stage::FinalNorm)],
-            _ => vec![],
-        };
-    };
-    let at = |s| StageId::layer(step, l, s);
-    let layer_in = if l == 0 { g(Stage::Embed) } else { StageId::layer(step, l - 1, Stage::LayerOut) };
-    match id.stage {
-        Stage::AttnNorm => vec![layer_in],
-        Stage::QProj | Stage::KProj | Stage::VProj => vec![at(Stage::AttnNorm)],
-        Stage::QRope => vec![at(Stage::QProj)],
-        Stage::KRope => vec![at(Stage::KProj)],
-        Stage::AttnScores => vec![at(Stage::QRope), at(Stage::KRope)],
-        Stage::AttnProbs => vec![at(Stage::AttnScores)],
-        Stage::AttnCtx => vec![at(Stage::AttnProbs), at(Stage::VProj)],
-        Stage::AttnOut => vec![at(Stage::AttnCtx)],
-        Stage::AttnResidual => vec![at(Stage::AttnOut), layer_in],
-        Stage::FfnNorm => vec![at(Stage::AttnResidual)],
-        Stage::FfnGate | Stage::FfnUp => vec![at(Stage::FfnNorm)],
-        Stage::FfnAct => vec![at(Stage::FfnGate), at(Stage::FfnUp)],
-        Stage::FfnDown => vec![at(Stage::FfnAct)],
-        Stage::LayerOut => vec![at(Stage::AttnResidual), at(Stage::FfnDown)],
-        Stage::Embed | Stage::FinalNorm | Stage::Logits => vec![],
-    }
-}
-
 /// The largest rel_l2 among the compared inputs of `id`; an input that was
 /// not compared (unavailable under flash attention, or not captured) is
 /// replaced by its own inputs, a few levels deep.
 fn input_error(id: &StageId, n_layer: usize, rel: &BTreeMap<StageId, f64>, depth: usize) -> Option<(f64, StageId)> {
     let mut best: Option<(f64, StageId)> = None;
-    for input in inputs_of(id, n_layer) {
+    for input in id.inputs(n_layer) {
         let found = match rel.get(&input) {
             Some(&x) => Some((x, input)),
             None if depth > 0 => input_error(&input, n_layer, rel, depth - 1),
@@ -223,7 +189,7 @@ pub fn check_comparable(ours: &Capture, reference: &Capture) -> Result<(), Strin
         ));
     }
     let (a, b) = (&ours.config, &reference.config);
-    let dims = |c: &engine::capture::CaptureConfig| [c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab];
+    let dims = |c: &capture::CaptureConfig| [c.n_layer, c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.n_vocab];
     let (da, db) = (dims(a), dims(b));
     if da.iter().all(|&x| x > 0) && db.iter().all(|&x| x > 0) && da != db {
         return Err(format!("the captures have different architectures: ours {da:?} vs reference {db:?} (layers, embd, heads, kv heads, head dim, ff, vocab)"));
@@ -292,7 +258,7 @@ pub fn diff_captures(
     let first_divergence = rows.iter().position(|r| !r.pass);
     let rel: BTreeMap<StageId, f64> = rows.iter().map(|r| (r.id, r.metrics.rel_l2)).collect();
     for row in &mut rows {
-        if inputs_of(&row.id, n_layer).is_empty() {
+        if row.id.inputs(n_layer).is_empty() {
             // embed: its input is the token ids, exact on both sides.
             row.jump = Some(jump_ratio(row.metrics.rel_l2, 0.0));
         } else if let Some((x, from)) = input_error(&row.id, n_layer, &rel, 3) {

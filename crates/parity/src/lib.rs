@@ -4,7 +4,7 @@
 pub mod cmd;
 pub mod diff;
 pub mod metrics;
-pub mod model;
+pub mod model_path;
 pub mod report;
 pub mod thresholds;
 pub mod ours;

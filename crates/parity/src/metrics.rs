@@ -5,8 +5,8 @@
 //! stage can never pass a threshold; the other metrics are then computed over
 //! the finite pairs only (they describe the rest of the tensor).
 
-use engine::capture::Tensor;
-use engine::stage::Stage;
+use capture::Tensor;
+use capture::stage::Stage;
 use serde::Serialize;
 
 /// Two tensors of one stage that cannot be compared element by element.
@@ -62,26 +62,6 @@ pub struct LogitsMetrics {
     pub kl_max: f64,
 }
 
-/// Axis names of the canonical layout of `stage` (see `engine::stage`).
-pub fn axis_names(stage: Stage) -> &'static [&'static str] {
-    match stage {
-        Stage::Embed
-        | Stage::AttnNorm
-        | Stage::AttnOut
-        | Stage::AttnResidual
-        | Stage::FfnNorm
-        | Stage::FfnDown
-        | Stage::LayerOut
-        | Stage::FinalNorm => &["token", "dim"],
-        Stage::QProj | Stage::KProj | Stage::VProj | Stage::QRope | Stage::KRope | Stage::AttnCtx => {
-            &["token", "head", "dim"]
-        }
-        Stage::AttnScores | Stage::AttnProbs => &["head", "query", "key"],
-        Stage::FfnGate | Stage::FfnUp | Stage::FfnAct => &["token", "unit"],
-        Stage::Logits => &["token", "vocab"],
-    }
-}
-
 /// Row-major multi-index of `flat` in `shape`.
 pub fn unravel(flat: usize, shape: &[usize]) -> Vec<usize> {
     let mut index = vec![0; shape.len()];
@@ -99,7 +79,7 @@ pub fn unravel(flat: usize, shape: &[usize]) -> Vec<usize> {
 /// "token 3, head 5, dim 17" for `index` in the canonical layout of `stage`;
 /// generic axis names when the rank is not the canonical one.
 pub fn coords_string(stage: Stage, index: &[usize]) -> String {
-    let names = axis_names(stage);
+    let names = stage.layout().axes();
     index
         .iter()
         .enumerate()
@@ -117,7 +97,7 @@ pub fn coords_string(stage: Stage, index: &[usize]) -> String {
 /// The shape to report: the one whose rank is the stage's canonical rank
 /// (the reference's when both or neither are).
 fn canonical_shape(stage: Stage, ours: &Tensor, reference: &Tensor) -> Vec<usize> {
-    let rank = axis_names(stage).len();
+    let rank = stage.layout().axes().len();
     if reference.shape.len() != rank && ours.shape.len() == rank {
         ours.shape.clone()
     } else {
@@ -234,18 +214,10 @@ fn log_softmax(row: &[f32]) -> Option<Vec<f64>> {
     Some(row.iter().map(|&v| v as f64 - lse).collect())
 }
 
-/// Index of the largest value (the first on ties); NaN never wins.
-fn argmax(row: &[f32]) -> Option<usize> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &v) in row.iter().enumerate() {
-        if v.is_nan() {
-            continue;
-        }
-        if best.map_or(true, |(_, b)| v > b) {
-            best = Some((i, v));
-        }
-    }
-    best.map(|(i, _)| i)
+/// The greedy token of a row; `None` when the row has no number at all.
+fn top1(row: &[f32]) -> Option<usize> {
+    let i = capture::argmax(row);
+    row.get(i).filter(|v| !v.is_nan()).map(|_| i)
 }
 
 /// Top-1 agreement and KL(ref || ours) over the rows of `[n_tokens, n_vocab]`
@@ -262,7 +234,7 @@ pub fn compare_logits(ours: &Tensor, reference: &Tensor) -> Result<LogitsMetrics
         return Ok(LogitsMetrics { top1_agree: 0, rows, kl_mean: 0.0, kl_max: 0.0 });
     }
     for (a, b) in ours.data.chunks_exact(cols).zip(reference.data.chunks_exact(cols)) {
-        let (ta, tb) = (argmax(a), argmax(b));
+        let (ta, tb) = (top1(a), top1(b));
         if ta.is_some() && ta == tb {
             top1_agree += 1;
         }

@@ -2,14 +2,15 @@
 //! tokens as the reference, checkpoints recorded into a [`Capture`].
 
 use anyhow::{Context, Result};
-use engine::backend::{Backend, BackendOptions, KvType};
-use engine::capture::{Capture, CaptureConfig};
+use engine::backend::{Backend, BackendOptions};
+use capture::KvType;
+use capture::{Capture, CaptureConfig};
 use engine::checkpoint::{Checkpoints, Isolate, Recorder, StageFilter};
 use engine::cpu::CpuBackend;
 pub use engine::cuda::cuda_available;
 use engine::cuda::CudaBackend;
 use engine::fault::Fault;
-use engine::model::Model;
+use engine::forward::Model;
 use gguf::{GgufFile, Qwen2Config};
 use std::path::Path;
 use std::time::Instant;

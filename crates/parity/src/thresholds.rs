@@ -8,7 +8,7 @@
 //!   "logits_kl_max": 1e-3 }
 //! ```
 
-use engine::stage::{Stage, StageId};
+use capture::stage::{Stage, StageId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -53,7 +53,7 @@ fn capture_writes_every_stage_of_every_step() {
     }
 
     // every .npy loads, with the manifest's shape: our reader always, numpy when installed
-    let back = engine::capture::read_dump(&out).unwrap();
+    let back = capture::read_dump(&out).unwrap();
     assert_eq!(back.tensors.len(), stages.len());
     if numpy_available() {
         let script = r#"
@@ -71,7 +71,7 @@ print(len(m["stages"]))
         assert!(o.status.success(), "numpy: {}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "2055");
     } else {
-        println!("numpy not installed: .npy files checked with engine::capture::read_npy only");
+        println!("numpy not installed: .npy files checked with capture::read_npy only");
     }
 }
 
@@ -85,7 +85,7 @@ fn capture_of_one_layer_with_flash_attention() {
         "--flash-attn", "--kv", "f32", "--threads", "1", "--out", out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let c = engine::capture::read_dump(&out).unwrap();
+    let c = capture::read_dump(&out).unwrap();
     assert!(c.chat);
     assert_eq!(c.config.layers, vec![3]);
     assert_eq!(c.config.threads, 1);

@@ -1,7 +1,7 @@
 //! `parity diff` end to end on synthetic dumps written with `write_dump`.
 
-use engine::capture::{write_dump, Capture, CaptureConfig, CapturedTensor, Tensor};
-use engine::stage::{Stage, StageId};
+use capture::{write_dump, Capture, CaptureConfig, CapturedTensor, Tensor};
+use capture::stage::{Stage, StageId};
 use parity::thresholds::{calibrate, Thresholds};
 use std::path::Path;
 use std::process::{Command, Output};

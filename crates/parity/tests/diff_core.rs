@@ -1,9 +1,9 @@
 //! The comparison core on hand-made tensors and synthetic captures:
 //! metrics, alignment, localization, thresholds and the reports.
 
-use engine::capture::{Capture, CaptureConfig, CapturedTensor, Tensor};
-use engine::stage::{Stage, StageId};
-use parity::diff::{diff_captures, inputs_of, Verdict};
+use capture::{Capture, CaptureConfig, CapturedTensor, Tensor};
+use capture::stage::{Stage, StageId};
+use parity::diff::{diff_captures, Verdict};
 use parity::metrics::{compare, compare_logits};
 use parity::report::{render_html, render_json, render_markdown, render_terminal};
 use parity::thresholds::{calibrate, Thresholds};
@@ -288,22 +288,22 @@ fn shape_mismatch_diverges() {
 fn input_map() {
     let l = |layer, s| StageId::layer(0, layer, s);
     let g = |s| StageId::global(0, s);
-    assert_eq!(inputs_of(&l(0, Stage::AttnNorm), 4), vec![g(Stage::Embed)]);
-    assert_eq!(inputs_of(&l(2, Stage::AttnNorm), 4), vec![l(1, Stage::LayerOut)]);
-    assert_eq!(inputs_of(&l(2, Stage::KProj), 4), vec![l(2, Stage::AttnNorm)]);
-    assert_eq!(inputs_of(&l(2, Stage::KRope), 4), vec![l(2, Stage::KProj)]);
-    assert_eq!(inputs_of(&l(2, Stage::AttnScores), 4), vec![l(2, Stage::QRope), l(2, Stage::KRope)]);
-    assert_eq!(inputs_of(&l(2, Stage::AttnCtx), 4), vec![l(2, Stage::AttnProbs), l(2, Stage::VProj)]);
-    assert_eq!(inputs_of(&l(2, Stage::AttnResidual), 4), vec![l(2, Stage::AttnOut), l(1, Stage::LayerOut)]);
-    assert_eq!(inputs_of(&l(0, Stage::AttnResidual), 4), vec![l(0, Stage::AttnOut), g(Stage::Embed)]);
-    assert_eq!(inputs_of(&l(2, Stage::FfnAct), 4), vec![l(2, Stage::FfnGate), l(2, Stage::FfnUp)]);
-    assert_eq!(inputs_of(&l(2, Stage::LayerOut), 4), vec![l(2, Stage::AttnResidual), l(2, Stage::FfnDown)]);
-    assert_eq!(inputs_of(&g(Stage::FinalNorm), 4), vec![l(3, Stage::LayerOut)]);
-    assert_eq!(inputs_of(&g(Stage::Logits), 4), vec![g(Stage::FinalNorm)]);
-    assert!(inputs_of(&g(Stage::Embed), 4).is_empty());
+    assert_eq!(l(0, Stage::AttnNorm).inputs(4), vec![g(Stage::Embed)]);
+    assert_eq!(l(2, Stage::AttnNorm).inputs(4), vec![l(1, Stage::LayerOut)]);
+    assert_eq!(l(2, Stage::KProj).inputs(4), vec![l(2, Stage::AttnNorm)]);
+    assert_eq!(l(2, Stage::KRope).inputs(4), vec![l(2, Stage::KProj)]);
+    assert_eq!(l(2, Stage::AttnScores).inputs(4), vec![l(2, Stage::QRope), l(2, Stage::KRope)]);
+    assert_eq!(l(2, Stage::AttnCtx).inputs(4), vec![l(2, Stage::AttnProbs), l(2, Stage::VProj)]);
+    assert_eq!(l(2, Stage::AttnResidual).inputs(4), vec![l(2, Stage::AttnOut), l(1, Stage::LayerOut)]);
+    assert_eq!(l(0, Stage::AttnResidual).inputs(4), vec![l(0, Stage::AttnOut), g(Stage::Embed)]);
+    assert_eq!(l(2, Stage::FfnAct).inputs(4), vec![l(2, Stage::FfnGate), l(2, Stage::FfnUp)]);
+    assert_eq!(l(2, Stage::LayerOut).inputs(4), vec![l(2, Stage::AttnResidual), l(2, Stage::FfnDown)]);
+    assert_eq!(g(Stage::FinalNorm).inputs(4), vec![l(3, Stage::LayerOut)]);
+    assert_eq!(g(Stage::Logits).inputs(4), vec![g(Stage::FinalNorm)]);
+    assert!(g(Stage::Embed).inputs(4).is_empty());
     // Every per-layer stage's inputs precede it in execution order.
     for id in StageId::all_in_step(3, 4) {
-        for input in inputs_of(&id, 4) {
+        for input in id.inputs(4) {
             assert!(input < id, "{input} should precede {id}");
             assert_eq!(input.step, 3);
         }

@@ -7,7 +7,7 @@ mod common;
 use common::parity;
 
 use engine::fault::Fault;
-use engine::stage::{Stage, StageId};
+use capture::stage::{Stage, StageId};
 use parity::cmd::calibrate::read_prompts;
 use parity::cmd::capture::Kv;
 use parity::cmd::diff::fixtures_dir;

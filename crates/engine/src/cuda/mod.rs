@@ -29,8 +29,9 @@
 //!   device-to-host copy and is synchronous (the stream is synchronized and
 //!   any asynchronous kernel error surfaces there, with context).
 
-use crate::backend::{Backend, BackendOptions, KvType, Weight};
-use crate::capture::Tensor;
+use crate::backend::{Backend, BackendOptions, Weight};
+use capture::KvType;
+use capture::Tensor;
 use crate::fault::{HeadMap, RopePairing};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};

@@ -1,8 +1,8 @@
 //! Shared helpers for the llama-ref integration tests.
 #![allow(dead_code)]
 
-use engine::capture::{Capture, Tensor};
-use engine::stage::{Stage, StageId};
+use capture::{Capture, Tensor};
+use capture::stage::{Stage, StageId};
 use std::path::PathBuf;
 
 pub const MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
@@ -77,12 +77,5 @@ pub fn worst(a: &[f32], b: &[f32], atol: f32, rtol: f32) -> (f32, usize) {
     w
 }
 
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
-}
+#[allow(unused_imports)]
+pub use capture::argmax;

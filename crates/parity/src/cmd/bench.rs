@@ -3,7 +3,7 @@
 
 use crate::ours::{open_model, BackendKind, Mode, OurEngine};
 use anyhow::{bail, Result};
-use engine::backend::KvType;
+use capture::KvType;
 use engine::fault::Fault;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,7 +36,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.tokens == 0 || args.repeat == 0 {
         bail!("--tokens and --repeat must be at least 1");
     }
-    let model = crate::model::resolve(args.model.as_deref())?;
+    let model = crate::model_path::resolve(args.model.as_deref())?;
     let (gguf, cfg) = open_model(&model)?;
     crate::cmd::common::check_context(args.tokens, args.decode, cfg.n_ctx_train)?;
     let started = Instant::now();

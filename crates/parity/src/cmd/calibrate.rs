@@ -11,7 +11,7 @@ use crate::thresholds::{calibrate, Thresholds};
 use anyhow::{bail, Context, Result};
 use comfy_table::Table;
 use engine::fault::Fault;
-use engine::stage::{Stage, StageId};
+use capture::stage::{Stage, StageId};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -80,7 +80,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         bail!("--floor {}: must be a positive number", args.floor);
     }
     let prompts = read_prompts(&args.prompts)?;
-    let model = crate::model::resolve(args.model.as_deref())?;
+    let model = crate::model_path::resolve(args.model.as_deref())?;
     let mut pair = Pair::load(&model, args.backend, args.kv, Fault::None, usize::MAX, None)?;
     let observe_all = Thresholds::uniform(f64::MAX);
 
@@ -115,7 +115,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let mut thresholds = calibrate(&observed, args.safety_factor, args.floor, pair.n_layer);
     thresholds.model_sha256 = pair.model_sha256.clone();
     thresholds.backend = args.backend.name().to_string();
-    thresholds.kv_type = engine::backend::KvType::from(args.kv).name().to_string();
+    thresholds.kv_type = capture::KvType::from(args.kv).name().to_string();
     thresholds.prompts = prompts.len();
     thresholds.logits_kl_max = Some((kl_max * args.safety_factor).max(args.floor));
     let out = args

@@ -4,7 +4,7 @@
 use crate::cmd::common;
 use crate::ours::BackendKind;
 use anyhow::{bail, Context, Result};
-use engine::capture::write_dump;
+use capture::write_dump;
 use llama_ref::{KvType, LlamaRef, RefOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,7 +86,7 @@ fn run_llama(args: &Args) -> Result<ExitCode> {
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
-    let model = crate::model::resolve(args.model.as_deref())?;
+    let model = crate::model_path::resolve(args.model.as_deref())?;
     let llama = LlamaRef::load(&model)?;
     let layers = common::parse_layers(args.layer, args.layers.as_deref(), llama.n_layer())?;
     let tokens = llama.tokenize(&args.prompt, args.chat)?;
@@ -125,7 +125,7 @@ fn run_ours(args: &Args) -> Result<ExitCode> {
     if args.flash_attn {
         bail!("--flash-attn applies to --engine llama: our engine always computes attention explicitly");
     }
-    let model = crate::model::resolve(args.model.as_deref())?;
+    let model = crate::model_path::resolve(args.model.as_deref())?;
     let (gguf, cfg) = crate::ours::open_model(&model)?;
     let layers = common::parse_layers(args.layer, args.layers.as_deref(), cfg.n_layer)?;
     // Tokenization is llama.cpp's: both engines must see the same ids.

@@ -6,8 +6,8 @@ use crate::diff::{check_comparable, diff_captures, Verdict};
 use crate::report::{render_terminal, write_reports};
 use crate::thresholds::Thresholds;
 use anyhow::{bail, Context};
-use engine::capture::read_dump;
-use engine::stage::StageId;
+use capture::read_dump;
+use capture::stage::StageId;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

@@ -238,7 +238,7 @@ fn render_text(f: &GgufFile, config: &std::result::Result<Qwen2Config, gguf::Ggu
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
-    let path = crate::model::resolve(args.model.as_deref())?;
+    let path = crate::model_path::resolve(args.model.as_deref())?;
     // GgufError messages already name the file.
     let f = GgufFile::open(&path)?;
     let config = Qwen2Config::from_gguf(&f);

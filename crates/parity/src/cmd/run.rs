@@ -9,10 +9,10 @@ use crate::ours::{open_model, BackendKind, Mode, OurEngine};
 use crate::report::{render_terminal, write_reports};
 use crate::thresholds::Thresholds;
 use anyhow::{bail, Context, Result};
-use engine::backend::KvType;
-use engine::capture::Capture;
+use capture::KvType;
+use capture::Capture;
 use engine::fault::Fault;
-use engine::stage::StageId;
+use capture::stage::StageId;
 use llama_ref::{LlamaRef, RefOptions};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -142,7 +142,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.threads == Some(0) {
         bail!("--threads must be at least 1");
     }
-    let model = crate::model::resolve(args.model.as_deref())?;
+    let model = crate::model_path::resolve(args.model.as_deref())?;
     let (_, cfg) = open_model(&model)?;
     let layers = common::parse_layers(args.layer, args.layers.as_deref(), cfg.n_layer)?;
     // Validate the cheap things before the expensive loads.

@@ -53,7 +53,7 @@ fn compare(ours: &[f32], ggml: &[f32]) -> (usize, f64) {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
-    let path = crate::model::resolve(args.model.as_deref())?;
+    let path = crate::model_path::resolve(args.model.as_deref())?;
     if !path.is_file() {
         bail!("model file not found: {}", path.display());
     }

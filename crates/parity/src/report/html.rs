@@ -4,9 +4,9 @@
 //! external resources.
 
 use super::markdown::step_grid;
-use super::{divergence_facts, header_lines, sci, step_label, verdict_lines, Cell, Index, FAMILIES};
+use super::{divergence_facts, header_lines, sci, step_label, verdict_lines, Cell, Index};
 use crate::diff::{DiffReport, FirstProblem};
-use engine::stage::{Stage, StageId};
+use capture::stage::{Family, Stage, StageId};
 use std::fmt::Write;
 
 pub(crate) fn esc(s: &str) -> String {
@@ -278,8 +278,9 @@ pub fn render_html(r: &DiffReport) -> String {
         let _ = write!(out, "<h2>{}</h2>\n<h3>log10(max-abs / threshold)</h3>\n", esc(&step_label(step)));
         out.push_str(&heatmap_svg(r, &index, step));
         out.push_str("\n<div class=\"charts\">");
-        for (family, stages) in FAMILIES {
-            if let Some(svg) = family_chart_svg(r, &index, step, family, stages) {
+        for family in Family::CHARTED {
+            let stages: Vec<Stage> = Stage::of_family(family).collect();
+            if let Some(svg) = family_chart_svg(r, &index, step, family.title(), &stages) {
                 out.push_str(&svg);
             }
         }

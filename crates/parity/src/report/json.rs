@@ -3,7 +3,7 @@
 
 use super::verdict_lines;
 use crate::diff::{DiffReport, FirstProblem, StageRow, Verdict};
-use engine::stage::StageId;
+use capture::stage::StageId;
 use serde_json::{json, Value};
 
 fn num(x: f64) -> Value {

@@ -1,9 +1,9 @@
 //! Markdown report: summary, verdict, first-divergence detail and one table
 //! per step of layers × key stages.
 
-use super::{divergence_facts, header_lines, sci, step_label, verdict_lines, worst_of, Cell, Index, KEY_STAGES};
+use super::{divergence_facts, header_lines, sci, step_label, verdict_lines, worst_of, Cell, Index};
 use crate::diff::{DiffReport, FirstProblem};
-use engine::stage::{Stage, StageId};
+use capture::stage::{Stage, StageId};
 
 /// One cell of the per-step tables: text and whether it is a failure.
 pub(crate) struct GridCell {
@@ -28,8 +28,9 @@ fn grid_cell(r: &DiffReport, cell: &Cell) -> GridCell {
 /// with max-abs of the key stages, the worst stage by max-abs/threshold and
 /// the number of failing checkpoints.
 pub(crate) fn step_grid(r: &DiffReport, index: &Index, step: usize) -> (Vec<String>, Vec<Vec<GridCell>>) {
+    let key_stages: Vec<Stage> = Stage::key_stages().collect();
     let mut header = vec!["layer".to_string()];
-    header.extend(KEY_STAGES.iter().map(|s| s.name().to_string()));
+    header.extend(key_stages.iter().map(|s| s.name().to_string()));
     header.push("worst stage (max-abs / threshold)".into());
     header.push("failed".into());
     let mut rows = Vec::new();
@@ -54,7 +55,7 @@ pub(crate) fn step_grid(r: &DiffReport, index: &Index, step: usize) -> (Vec<Stri
         rows.push(cells);
     };
     for layer in index.layers(step) {
-        let key = KEY_STAGES.iter().map(|&s| Some(StageId::layer(step, layer, s))).collect();
+        let key = key_stages.iter().map(|&s| Some(StageId::layer(step, layer, s))).collect();
         let all = Stage::PER_LAYER.iter().map(|&s| StageId::layer(step, layer, s)).collect();
         push_group(layer.to_string(), key, all);
     }
@@ -64,7 +65,7 @@ pub(crate) fn step_grid(r: &DiffReport, index: &Index, step: usize) -> (Vec<Stri
             continue;
         }
         // A global stage's value goes in the first column.
-        let mut key = vec![None; KEY_STAGES.len()];
+        let mut key = vec![None; key_stages.len()];
         key[0] = Some(id);
         push_group(s.name().to_string(), key, vec![id]);
     }

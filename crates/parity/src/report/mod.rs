@@ -12,7 +12,7 @@ pub use markdown::render_markdown;
 pub use table::render_terminal;
 
 use crate::diff::{DiffReport, FirstProblem, Verdict};
-use engine::stage::{Stage, StageId};
+use capture::stage::{Stage, StageId};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// "4.1e-1"; "inf" / "NaN" for non-finite values.
@@ -28,40 +28,6 @@ pub fn step_label(step: usize) -> String {
         format!("decode {step}")
     }
 }
-
-/// The stages shown as columns of the compact per-step tables.
-pub const KEY_STAGES: [Stage; 10] = [
-    Stage::AttnNorm,
-    Stage::QRope,
-    Stage::KRope,
-    Stage::VProj,
-    Stage::AttnProbs,
-    Stage::AttnCtx,
-    Stage::AttnOut,
-    Stage::FfnAct,
-    Stage::FfnDown,
-    Stage::LayerOut,
-];
-
-/// Stage families for the line charts.
-pub const FAMILIES: [(&str, &[Stage]); 3] = [
-    ("residual stream", &[Stage::AttnNorm, Stage::AttnResidual, Stage::FfnNorm, Stage::LayerOut]),
-    (
-        "attention",
-        &[
-            Stage::QProj,
-            Stage::KProj,
-            Stage::VProj,
-            Stage::QRope,
-            Stage::KRope,
-            Stage::AttnScores,
-            Stage::AttnProbs,
-            Stage::AttnCtx,
-            Stage::AttnOut,
-        ],
-    ),
-    ("FFN", &[Stage::FfnGate, Stage::FfnUp, Stage::FfnAct, Stage::FfnDown]),
-];
 
 /// What the report knows about one checkpoint.
 #[derive(Clone, Debug, PartialEq)]

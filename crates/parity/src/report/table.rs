@@ -4,7 +4,7 @@
 use super::{header_lines, heat_char, sci, step_label, verdict_lines, worst_of, Cell, Index, HEAT_LEGEND};
 use crate::diff::DiffReport;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell as TCell, ContentArrangement, Table};
-use engine::stage::{Stage, StageId};
+use capture::stage::{Stage, StageId};
 
 fn new_table(header: &[&str]) -> Table {
     let mut t = Table::new();

@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 /// The reference model where `scripts/fetch-model` caches it, if present.
 pub fn real_model() -> Option<PathBuf> {
-    let path = parity::model::cache_dir().join(parity::model::DEFAULT_MODEL_FILE);
+    let path = parity::model_path::cache_dir().join(parity::model_path::DEFAULT_MODEL_FILE);
     path.is_file().then_some(path)
 }
 

@@ -1,9 +1,8 @@
 //! `LlamaRef`: a llama.cpp model, tokenization, and a captured greedy run.
 
-use crate::hook::{self, Dims, Hook};
+use crate::hook::{self, Hook};
 use crate::{backend, KvType, LlamaError, RefOptions};
-use engine::capture::{Capture, CaptureConfig};
-use engine::stage::{Stage, StageId};
+use capture::{argmax, Capture, CaptureConfig, Dims, StageId};
 use llama_cpp_sys_2 as sys;
 use std::ffi::{c_void, CString};
 use std::path::{Path, PathBuf};
@@ -422,14 +421,9 @@ impl LlamaRef {
         flash_attn: bool,
         unavailable: &mut Vec<StageId>,
     ) -> Result<(), LlamaError> {
-        let mut expected: Vec<StageId> = vec![StageId::global(step, Stage::Embed)];
-        for &l in layers {
-            expected.extend(Stage::PER_LAYER.iter().map(|&s| StageId::layer(step, l, s)));
-        }
-        expected.push(StageId::global(step, Stage::FinalNorm));
-        expected.push(StageId::global(step, Stage::Logits));
+        let expected = StageId::in_step(step, layers.iter().copied());
         for id in expected {
-            let internal = Stage::ATTENTION_INTERNAL.contains(&id.stage);
+            let internal = id.stage.info().attention_internal;
             let present = hook.tensors.contains_key(&id);
             match (flash_attn && internal, present) {
                 (true, false) => unavailable.push(id),
@@ -446,15 +440,4 @@ impl LlamaRef {
         }
         Ok(())
     }
-}
-
-/// Index of the first maximum (NaN never wins).
-pub(crate) fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] || row[best].is_nan() {
-            best = i;
-        }
-    }
-    best
 }

@@ -4,34 +4,13 @@
 //! C order, numpy format 1.0) per (step, layer, stage), at
 //! `step{S}/layer{LL}/{stage}.npy` or `step{S}/{stage}.npy` for global stages.
 
-use crate::stage::{Stage, StageId};
+use crate::stage::{Dims, Stage, StageId};
+use crate::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-
-/// A row-major f32 tensor in the canonical layout of its stage.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Tensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-impl Tensor {
-    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor shape {shape:?} does not match {} values", data.len());
-        Tensor { shape, data }
-    }
-
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-}
 
 /// One captured checkpoint and where it came from (for llama.cpp: the ggml
 /// node name, op and shape; for our engine: the backend).
@@ -59,6 +38,20 @@ pub struct CaptureConfig {
     pub layers: Vec<usize>,
     pub n_decode: usize,
     pub threads: usize,
+}
+
+impl CaptureConfig {
+    pub fn dims(&self) -> Dims {
+        Dims {
+            n_layer: self.n_layer,
+            n_embd: self.n_embd,
+            n_head: self.n_head,
+            n_head_kv: self.n_head_kv,
+            head_dim: self.head_dim,
+            n_ff: self.n_ff,
+            n_vocab: self.n_vocab,
+        }
+    }
 }
 
 /// Everything one engine produced for one prompt: prefill (step 0) and the

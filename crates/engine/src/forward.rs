@@ -4,7 +4,7 @@
 use crate::backend::{Backend, Weight};
 use crate::checkpoint::Checkpoints;
 use crate::fault::Fault;
-use crate::stage::{Stage, StageId};
+use capture::{argmax, Stage, StageId};
 use anyhow::{bail, ensure, Result};
 use gguf::Qwen2Config;
 
@@ -148,23 +148,12 @@ impl<B: Backend> Model<B> {
         self.reset()?;
         let mut picked = Vec::with_capacity(n_decode + 1);
         let logits = self.forward(prompt, 0, cps)?;
-        picked.push(argmax(&logits));
+        picked.push(argmax(&logits) as i32);
         for step in 1..=n_decode {
             let input = forced.map_or(picked[step - 1], |f| f[step - 1]);
             let logits = self.forward(&[input], step, cps)?;
-            picked.push(argmax(&logits));
+            picked.push(argmax(&logits) as i32);
         }
         Ok(picked)
     }
-}
-
-/// Index of the largest value, the first one on ties (as llama.cpp's greedy sampler).
-pub fn argmax(values: &[f32]) -> i32 {
-    let mut best = 0;
-    for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
-            best = i;
-        }
-    }
-    best as i32
 }
