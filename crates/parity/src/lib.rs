@@ -1,10 +1,16 @@
 //! The parity library: model resolution, metrics, alignment, localization,
-//! thresholds and reports. The `parity` binary is a thin CLI over it.
+//! thresholds and reports. The `parity` binary is a thin CLI over it: `cmd/`
+//! only parses arguments and prints.
 
 pub mod cmd;
 pub mod diff;
+pub mod fixtures;
+pub mod layers;
 pub mod metrics;
 pub mod model_path;
-pub mod report;
-pub mod thresholds;
 pub mod ours;
+pub mod prompts;
+pub mod report;
+pub mod session;
+pub mod thresholds;
+pub mod weights;

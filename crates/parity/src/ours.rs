@@ -12,7 +12,6 @@ use engine::cuda::CudaBackend;
 use engine::fault::Fault;
 use engine::forward::Model;
 use gguf::{GgufFile, Qwen2Config};
-use std::path::Path;
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -30,6 +29,22 @@ impl BackendKind {
     }
 }
 
+/// `--kv`: the KV cache element type of both engines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kv {
+    F16,
+    F32,
+}
+
+impl From<Kv> for KvType {
+    fn from(kv: Kv) -> KvType {
+        match kv {
+            Kv::F16 => KvType::F16,
+            Kv::F32 => KvType::F32,
+        }
+    }
+}
+
 /// What to do at the checkpoints.
 pub enum Mode<'a> {
     /// Record our tensors; the engine runs on its own outputs.
@@ -37,13 +52,6 @@ pub enum Mode<'a> {
     /// Record ours, then continue with the reference's tensor at every
     /// stage: each recorded tensor carries one op's own error.
     Isolate(&'a Capture),
-}
-
-/// Open and check a GGUF as a Qwen2 model.
-pub fn open_model(path: &Path) -> Result<(GgufFile, Qwen2Config)> {
-    let gguf = GgufFile::open(path)?;
-    let cfg = Qwen2Config::from_gguf(&gguf)?;
-    Ok((gguf, cfg))
 }
 
 /// Our engine, loaded once and run for many prompts.

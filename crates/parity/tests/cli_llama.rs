@@ -116,9 +116,9 @@ fn bad_capture_inputs_exit_2_with_one_line() {
     let model = real_model_or_skip!();
     let m = model.to_str().unwrap();
     let o = parity(&["capture", "--model", m, "--prompt", "hi", "--layer", "30", "--out", out]);
-    assert_usage_error(&o, "layer 30 out of range: the model has 24 layers (0..23)");
-    let o = parity(&["capture", "--model", m, "--prompt", "hi", "--layers", "20..24", "--out", out]);
-    assert_usage_error(&o, "layer 24 out of range: the model has 24 layers (0..23)");
+    assert_usage_error(&o, "layer 30 out of range: the model has 24 layers (0..=23)");
+    let o = parity(&["capture", "--model", m, "--prompt", "hi", "--layers", "20..=24", "--out", out]);
+    assert_usage_error(&o, "layer 24 out of range: the model has 24 layers (0..=23)");
     let o = parity(&["capture", "--model", m, "--prompt", "hi", "--decode", "40000", "--out", out]);
     assert_usage_error(&o, "prompt of 1 tokens + 40000 decode steps exceeds the model's context of 32768");
     // Qwen2 tokenizes digits one by one: 33,000 digits are 33,000 tokens in a 33 KB argument

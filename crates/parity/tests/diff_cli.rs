@@ -145,8 +145,12 @@ fn perturbed_stage_diverges_with_exit_1_and_is_named() {
     assert!(std::fs::read_to_string(&html).unwrap().contains("<svg"));
 
     // The same with a layer filter that excludes it: match.
-    let out = d.run(&["--threshold", "1e-3", "--layers", "0..2"]);
+    let out = d.run(&["--threshold", "1e-3", "--layers", "0..=1"]);
     assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    // The ambiguous spelling is refused with the fix.
+    let out = d.run(&["--threshold", "1e-3", "--layers", "0..2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("write 0..=2"), "{}", stderr(&out));
     let out = d.run(&["--threshold", "1e-3", "--layer", "2"]);
     assert_eq!(out.status.code(), Some(1));
     let text = stdout(&out);
@@ -199,7 +203,7 @@ fn bad_input_exits_2_with_one_line() {
 
     // Bad --threshold / --layers.
     assert_eq!(d.run(&["--threshold", "-1"]).status.code(), Some(2));
-    assert_eq!(d.run(&["--threshold", "1e-3", "--layers", "3..1"]).status.code(), Some(2));
+    assert_eq!(d.run(&["--threshold", "1e-3", "--layers", "3..=1"]).status.code(), Some(2));
     assert_eq!(d.run(&["--threshold", "1e-3", "--layer", "7"]).status.code(), Some(2));
 }
 

@@ -1,7 +1,8 @@
 //! `parity bench`: how fast our engine runs the model, with every checkpoint
 //! captured and with none. Prints medians; not a test.
 
-use crate::ours::{open_model, BackendKind, Mode, OurEngine};
+use crate::ours::{BackendKind, Mode, OurEngine};
+use crate::session::{check_context, ModelFile};
 use anyhow::{bail, Result};
 use capture::KvType;
 use engine::fault::Fault;
@@ -36,11 +37,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.tokens == 0 || args.repeat == 0 {
         bail!("--tokens and --repeat must be at least 1");
     }
-    let model = crate::model_path::resolve(args.model.as_deref())?;
-    let (gguf, cfg) = open_model(&model)?;
-    crate::cmd::common::check_context(args.tokens, args.decode, cfg.n_ctx_train)?;
+    let model_file = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
+    let (model, gguf, cfg) = (&model_file.path, &model_file.gguf, &model_file.cfg);
+    check_context(args.tokens, args.decode, cfg.n_ctx_train)?;
     let started = Instant::now();
-    let mut engine = OurEngine::load(&gguf, &cfg, args.backend, KvType::F16, args.tokens + args.decode, Fault::None)?;
+    let mut engine = OurEngine::load(gguf, cfg, args.backend, KvType::F16, args.tokens + args.decode, Fault::None)?;
     let load_s = started.elapsed().as_secs_f64();
     // Token ids spread over the vocabulary; fixed, so runs are comparable.
     let tokens: Vec<i32> = (0..args.tokens).map(|i| ((i * 7919 + 13) % cfg.n_vocab) as i32).collect();

@@ -2,17 +2,16 @@
 //! take the largest max-abs-diff seen per stage and layer, multiply by a
 //! safety factor and write the thresholds `parity run` gates on.
 
-use crate::cmd::capture::Kv;
-use crate::cmd::diff::fixtures_dir;
-use crate::cmd::run::{compare, Pair};
-use crate::ours::BackendKind;
+use crate::ours::{BackendKind, Kv};
+use crate::prompts::read_prompts;
+use crate::session::{compare, ModelFile, Pair};
 use crate::report::sci;
 use crate::thresholds::{calibrate, Thresholds};
 use anyhow::{bail, Context, Result};
 use comfy_table::Table;
 use engine::fault::Fault;
 use capture::stage::{Stage, StageId};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
@@ -23,9 +22,10 @@ pub struct Args {
     /// Backend of our engine.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
-    /// Prompt set: one prompt per line, '#' comments, "\n" for a newline.
-    #[arg(long, default_value_os_t = fixtures_dir().join("prompts/calibration.txt"))]
-    pub prompts: PathBuf,
+    /// Prompt set: one prompt per line, '#' comments, "\n" for a newline
+    /// (default: fixtures/prompts/calibration.txt).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
     /// Greedy decode steps per prompt.
     #[arg(long, default_value_t = 4)]
     pub decode: usize,
@@ -43,35 +43,6 @@ pub struct Args {
     pub out: Option<PathBuf>,
 }
 
-/// One prompt of a prompt set.
-#[derive(Clone, Debug)]
-pub struct Prompt {
-    pub text: String,
-    /// Run through the model's chat template (line prefix "chat: ").
-    pub chat: bool,
-}
-
-/// Read a prompt set: one prompt per line; blank lines and comment lines
-/// ("# " at the start: `#include` is a prompt) skipped; "\n" is a newline;
-/// a "chat: " prefix runs the prompt through the chat template (special
-/// tokens bring their own, larger activations: the noise floor must see them).
-pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read prompt set {}", path.display()))?;
-    let prompts: Vec<Prompt> = text
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.trim().is_empty() && !(l == &"#" || l.starts_with("# ")))
-        .map(|l| match l.strip_prefix("chat: ") {
-            Some(text) => Prompt { text: text.replace("\\n", "\n"), chat: true },
-            None => Prompt { text: l.replace("\\n", "\n"), chat: false },
-        })
-        .collect();
-    if prompts.is_empty() {
-        bail!("prompt set {} has no prompts", path.display());
-    }
-    Ok(prompts)
-}
-
 pub fn run(args: &Args) -> Result<ExitCode> {
     if !(args.safety_factor.is_finite() && args.safety_factor >= 1.0) {
         bail!("--safety-factor {}: must be at least 1", args.safety_factor);
@@ -79,8 +50,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if !(args.floor.is_finite() && args.floor > 0.0) {
         bail!("--floor {}: must be a positive number", args.floor);
     }
-    let prompts = read_prompts(&args.prompts)?;
-    let model = crate::model_path::resolve(args.model.as_deref())?;
+    let prompts_path = match &args.prompts {
+        Some(p) => p.clone(),
+        None => crate::fixtures::fixtures_dir()?.join("prompts/calibration.txt"),
+    };
+    let prompts = read_prompts(&prompts_path)?;
+    let model = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
     let mut pair = Pair::load(&model, args.backend, args.kv, Fault::None, usize::MAX, None)?;
     let observe_all = Thresholds::uniform(f64::MAX);
 
@@ -121,7 +96,10 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| Thresholds::default_path(&fixtures_dir(), &pair.model_sha256, args.backend.name()));
+        .map_or_else(
+            || crate::fixtures::fixtures_dir().map(|f| Thresholds::default_path(&f, &pair.model_sha256, args.backend.name())),
+            Ok,
+        )?;
     thresholds.save(&out).with_context(|| format!("writing {}", out.display()))?;
 
     // The clean noise floor: what the thresholds were made from.

@@ -1,8 +1,9 @@
 //! `parity capture`: run one engine on a prompt and dump every checkpoint
 //! (`.npy` per stage + `manifest.json`).
 
-use crate::cmd::common;
-use crate::ours::BackendKind;
+use crate::layers::select_layers;
+use crate::ours::{BackendKind, Kv};
+use crate::session::{check_context, sha256_file, ModelFile};
 use anyhow::{bail, Context, Result};
 use capture::write_dump;
 use llama_ref::{KvType, LlamaRef, RefOptions};
@@ -15,21 +16,6 @@ pub enum Engine {
     Llama,
     /// Our engine.
     Ours,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Kv {
-    F16,
-    F32,
-}
-
-impl From<Kv> for KvType {
-    fn from(kv: Kv) -> KvType {
-        match kv {
-            Kv::F16 => KvType::F16,
-            Kv::F32 => KvType::F32,
-        }
-    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -64,7 +50,7 @@ pub struct Args {
     /// Capture one layer only.
     #[arg(long, conflicts_with = "layers")]
     pub layer: Option<usize>,
-    /// Capture layers A..B (both included).
+    /// Capture these layers: N, A..=B (both ends included), or a list: 0..=3,12.
     #[arg(long)]
     pub layers: Option<String>,
     /// Output directory (created if missing).
@@ -88,10 +74,10 @@ fn run_llama(args: &Args) -> Result<ExitCode> {
     }
     let model = crate::model_path::resolve(args.model.as_deref())?;
     let llama = LlamaRef::load(&model)?;
-    let layers = common::parse_layers(args.layer, args.layers.as_deref(), llama.n_layer())?;
+    let layers = select_layers(args.layer, args.layers.as_deref(), llama.n_layer())?;
     let tokens = llama.tokenize(&args.prompt, args.chat)?;
-    common::check_context(tokens.len(), args.decode, llama.n_ctx_train())?;
-    let sha = common::sha256_file(&model)?;
+    check_context(tokens.len(), args.decode, llama.n_ctx_train())?;
+    let sha = sha256_file(&model)?;
 
     let mut opts = RefOptions {
         kv_type: args.kv.into(),
@@ -125,17 +111,17 @@ fn run_ours(args: &Args) -> Result<ExitCode> {
     if args.flash_attn {
         bail!("--flash-attn applies to --engine llama: our engine always computes attention explicitly");
     }
-    let model = crate::model_path::resolve(args.model.as_deref())?;
-    let (gguf, cfg) = crate::ours::open_model(&model)?;
-    let layers = common::parse_layers(args.layer, args.layers.as_deref(), cfg.n_layer)?;
+    let model_file = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
+    let (model, cfg) = (&model_file.path, &model_file.cfg);
+    let layers = select_layers(args.layer, args.layers.as_deref(), cfg.n_layer)?;
     // Tokenization is llama.cpp's: both engines must see the same ids.
-    let llama = LlamaRef::load(&model)?;
+    let llama = LlamaRef::load(model)?;
     let tokens = llama.tokenize(&args.prompt, args.chat)?;
-    common::check_context(tokens.len(), args.decode, cfg.n_ctx_train)?;
-    let sha = common::sha256_file(&model)?;
+    check_context(tokens.len(), args.decode, cfg.n_ctx_train)?;
+    let sha = sha256_file(model)?;
     let backend = args.backend;
     let kv = KvType::from(args.kv);
-    let mut engine = crate::ours::OurEngine::load(&gguf, &cfg, backend, kv, tokens.len() + args.decode, engine::fault::Fault::None)?;
+    let mut engine = crate::ours::OurEngine::load(&model_file.gguf, cfg, backend, kv, tokens.len() + args.decode, engine::fault::Fault::None)?;
     let mut capture = engine.run(&tokens, args.decode, None, layers, crate::ours::Mode::Observe)?;
     capture.prompt = args.prompt.clone();
     capture.chat = args.chat;

@@ -4,11 +4,13 @@
 
 use crate::diff::{check_comparable, diff_captures, Verdict};
 use crate::report::{render_terminal, write_reports};
+use crate::layers::select_layers;
+use crate::session::{backend_of, resolve_thresholds};
 use crate::thresholds::Thresholds;
 use anyhow::{bail, Context};
 use capture::read_dump;
 use capture::stage::StageId;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
@@ -27,7 +29,7 @@ pub struct Args {
     /// Compare only this layer.
     #[arg(long, value_name = "N", conflicts_with = "layers")]
     pub layer: Option<usize>,
-    /// Compare only these layers: A..B (B excluded) or A..=B.
+    /// Compare only these layers: N, A..=B (both ends included), or a list: 0..=3,12.
     #[arg(long, value_name = "A..B")]
     pub layers: Option<String>,
     /// Write the JSON report here.
@@ -41,40 +43,11 @@ pub struct Args {
     pub html: Option<PathBuf>,
 }
 
-/// Parse "A..B" (B excluded) or "A..=B" into the list of layers.
-pub fn parse_layer_range(s: &str) -> anyhow::Result<Vec<usize>> {
-    let parse = |x: &str| x.trim().parse::<usize>().with_context(|| format!("--layers {s:?}: {x:?} is not a layer number"));
-    let (a, b) = if let Some((a, b)) = s.split_once("..=") {
-        (parse(a)?, parse(b)?.checked_add(1).context("--layers: range end overflows")?)
-    } else if let Some((a, b)) = s.split_once("..") {
-        (parse(a)?, parse(b)?)
-    } else {
-        bail!("--layers {s:?}: expected A..B or A..=B");
-    };
-    if a >= b {
-        bail!("--layers {s:?} is empty");
-    }
-    Ok((a..b).collect())
-}
-
-/// The fixtures directory: $PARITY_FIXTURES, else the repository's fixtures/.
-pub fn fixtures_dir() -> PathBuf {
-    match std::env::var_os("PARITY_FIXTURES") {
-        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"),
-    }
-}
-
-/// "ours-cpu" -> "cpu", "ours-cuda" -> "cuda"; other names unchanged.
-pub fn backend_of(engine: &str) -> &str {
-    engine.strip_prefix("ours-").unwrap_or(engine)
-}
-
 fn load_thresholds(args: &Args, model_sha256: &str, engine: &str) -> anyhow::Result<Thresholds> {
     if args.threshold.is_none() && args.thresholds.is_none() && model_sha256.is_empty() {
         bail!("no thresholds: the dump has no model sha256 to look a thresholds file up by; pass --thresholds FILE or --threshold X");
     }
-    crate::cmd::common::resolve_thresholds(args.threshold, args.thresholds.as_deref(), model_sha256, backend_of(engine))
+    resolve_thresholds(args.threshold, args.thresholds.as_deref(), model_sha256, backend_of(engine))
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -88,19 +61,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     check_comparable(&ours, &reference).map_err(anyhow::Error::msg)?;
     let thresholds = load_thresholds(args, &ours.model_sha256, &ours.engine)?;
 
-    let layers: Option<Vec<usize>> = match (args.layer, &args.layers) {
-        (Some(l), _) => Some(vec![l]),
-        (None, Some(range)) => Some(parse_layer_range(range)?),
-        (None, None) => None,
+    // A hand-written dump may not record its layer count: then the layers it holds bound the range.
+    let n_layer = match ours.config.n_layer.max(reference.config.n_layer) {
+        0 => ours.tensors.keys().chain(reference.tensors.keys()).filter_map(|id| id.layer).max().map_or(0, |l| l + 1),
+        n => n,
     };
-    if let Some(selected) = &layers {
-        let n_layer = ours.config.n_layer.max(reference.config.n_layer);
-        if n_layer > 0 {
-            if let Some(bad) = selected.iter().find(|&&l| l >= n_layer) {
-                bail!("layer {bad} does not exist: the model has {n_layer} layers");
-            }
-        }
-    }
+    let layers = select_layers(args.layer, args.layers.as_deref(), n_layer)?;
     let filter = layers.clone().map(|selected| move |id: &StageId| id.layer.is_some_and(|l| selected.contains(&l)));
     let filter_ref: Option<&dyn Fn(&StageId) -> bool> = filter.as_ref().map(|f| f as &dyn Fn(&StageId) -> bool);
     let report = diff_captures(&ours, &reference, &thresholds, filter_ref);

@@ -5,7 +5,6 @@
 pub mod bench;
 pub mod calibrate;
 pub mod capture;
-pub mod common;
 pub mod diff;
 pub mod inspect;
 pub mod run;

@@ -2,19 +2,15 @@
 //! compared stage by stage; names the first divergence. Exit 0 when every
 //! stage is within its threshold, 1 when one diverges, 2 on bad input.
 
-use crate::cmd::capture::Kv;
-use crate::cmd::common;
-use crate::diff::{diff_captures, DiffReport, Verdict};
-use crate::ours::{open_model, BackendKind, Mode, OurEngine};
+use crate::diff::Verdict;
+use crate::layers::select_layers;
+use crate::ours::{BackendKind, Kv};
 use crate::report::{render_terminal, write_reports};
+use crate::session::{compare, resolve_thresholds, ModelFile, Pair};
 use crate::thresholds::Thresholds;
-use anyhow::{bail, Context, Result};
-use capture::KvType;
-use capture::Capture;
+use anyhow::{Context, Result};
 use engine::fault::Fault;
-use capture::stage::StageId;
-use llama_ref::{LlamaRef, RefOptions};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
@@ -34,7 +30,7 @@ pub struct Args {
     /// Compare one layer only (plus embed, final_norm, logits).
     #[arg(long, conflicts_with = "layers")]
     pub layer: Option<usize>,
-    /// Compare layers A..B (both included).
+    /// Compare these layers: N, A..=B (both ends included), or a list: 0..=3,12.
     #[arg(long)]
     pub layers: Option<String>,
     /// Greedy decode steps after the prefill (both engines get llama.cpp's tokens).
@@ -78,79 +74,15 @@ pub fn parse_fault(s: &str) -> Result<Fault, String> {
     })
 }
 
-/// Thresholds from `--threshold`, `--thresholds`, or the calibrated file for this model and backend.
-pub fn load_thresholds(threshold: Option<f64>, file: Option<&Path>, model_sha256: &str, backend: BackendKind) -> Result<Thresholds> {
-    common::resolve_thresholds(threshold, file, model_sha256, backend.name())
-}
-
-/// Everything both engines need for a series of prompts on one model.
-pub struct Pair {
-    pub llama: LlamaRef,
-    pub ours: OurEngine,
-    pub model_sha256: String,
-    pub n_layer: usize,
-    pub n_ctx_train: usize,
-    pub kv: Kv,
-    pub threads: Option<usize>,
-}
-
-impl Pair {
-    pub fn load(model: &Path, backend: BackendKind, kv: Kv, fault: Fault, max_ctx: usize, threads: Option<usize>) -> Result<Pair> {
-        let (gguf, cfg) = open_model(model)?;
-        if backend == BackendKind::Cuda {
-            crate::ours::cuda_available().map_err(anyhow::Error::msg)?;
-        }
-        let model_sha256 = common::sha256_file(model)?;
-        let llama = LlamaRef::load(model)?;
-        let ctx = max_ctx.min(cfg.n_ctx_train.max(1));
-        let ours = OurEngine::load(&gguf, &cfg, backend, KvType::from(kv), ctx, fault)?;
-        Ok(Pair { llama, ours, model_sha256, n_layer: cfg.n_layer, n_ctx_train: cfg.n_ctx_train, kv, threads })
-    }
-
-    /// Both engines on one prompt: (ours, llama.cpp).
-    pub fn capture(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, isolate: bool) -> Result<(Capture, Capture)> {
-        let tokens = self.llama.tokenize(prompt, chat)?;
-        common::check_context(tokens.len(), n_decode, self.n_ctx_train)?;
-        let mut opts = RefOptions { kv_type: self.kv.into(), layers: layers.clone(), ..RefOptions::default() };
-        if let Some(t) = self.threads {
-            opts.threads = t;
-        }
-        let mut reference = self.llama.run(&tokens, n_decode, &opts)?;
-        // Our engine decodes llama.cpp's tokens, so both see the same inputs.
-        let forced = &reference.generated[..n_decode];
-        let mode = if isolate { Mode::Isolate(&reference) } else { Mode::Observe };
-        let mut ours = self.ours.run(&tokens, n_decode, Some(forced), layers, mode)?;
-        for c in [&mut ours, &mut reference] {
-            c.prompt = prompt.to_string();
-            c.chat = chat;
-            c.model_sha256 = self.model_sha256.clone();
-        }
-        Ok((ours, reference))
-    }
-}
-
-/// Compare with `layers` selected (global stages always kept).
-pub fn compare(ours: &Capture, reference: &Capture, thresholds: &Thresholds, layers: Option<&[usize]>) -> DiffReport {
-    let filter = |id: &StageId| match (layers, id.layer) {
-        (Some(sel), Some(l)) => sel.contains(&l),
-        _ => true,
-    };
-    diff_captures(ours, reference, thresholds, Some(&filter))
-}
-
 pub fn run(args: &Args) -> Result<ExitCode> {
-    if args.threads == Some(0) {
-        bail!("--threads must be at least 1");
-    }
-    let model = crate::model_path::resolve(args.model.as_deref())?;
-    let (_, cfg) = open_model(&model)?;
-    let layers = common::parse_layers(args.layer, args.layers.as_deref(), cfg.n_layer)?;
+    let model = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
+    let layers = select_layers(args.layer, args.layers.as_deref(), model.cfg.n_layer)?;
     // Validate the cheap things before the expensive loads.
     if let Some(path) = &args.thresholds {
         Thresholds::load(path).context("reading --thresholds")?;
     }
     let mut pair = Pair::load(&model, args.backend, args.kv, args.fault, usize::MAX, args.threads)?;
-    let thresholds = load_thresholds(args.threshold, args.thresholds.as_deref(), &pair.model_sha256, args.backend)?;
+    let thresholds = resolve_thresholds(args.threshold, args.thresholds.as_deref(), &pair.model_sha256, args.backend.name())?;
     let (ours, reference) = pair.capture(&args.prompt, args.chat, args.decode, layers.clone(), args.isolate)?;
     let report = compare(&ours, &reference, &thresholds, layers.as_deref());
 

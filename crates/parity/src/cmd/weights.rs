@@ -1,10 +1,7 @@
-//! `parity weights`: every GGUF tensor dequantized by our `gguf` crate and by
-//! ggml itself (`to_float` through llama-ref), compared bit for bit.
+//! `parity weights`: our dequantization of every tensor against ggml's own, bit for bit.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use comfy_table::{presets::UTF8_FULL, Cell, CellAlignment, Table};
-use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -18,90 +15,12 @@ pub struct Args {
     pub json: Option<PathBuf>,
 }
 
-#[derive(Default, serde::Serialize)]
-struct TypeStats {
-    tensors: usize,
-    elements: u64,
-    max_abs_diff: f64,
-    mismatched: usize,
-}
-
-#[derive(serde::Serialize)]
-struct Report {
-    model: String,
-    tensors_checked: usize,
-    tensors_mismatched: usize,
-    elements_checked: u64,
-    by_type: BTreeMap<String, TypeStats>,
-    mismatched_tensors: Vec<String>,
-}
-
-/// Number of differing bit patterns and the largest |a - b| (infinite where
-/// exactly one side is NaN or the sides are infinities of different sign).
-fn compare(ours: &[f32], ggml: &[f32]) -> (usize, f64) {
-    let mut n = 0;
-    let mut max = 0f64;
-    for (&a, &b) in ours.iter().zip(ggml) {
-        if a.to_bits() != b.to_bits() {
-            n += 1;
-            let d = (a as f64 - b as f64).abs();
-            let d = if d.is_nan() { if a.is_nan() && b.is_nan() { 0.0 } else { f64::INFINITY } } else { d };
-            max = max.max(d);
-        }
-    }
-    (n, max)
-}
-
 pub fn run(args: &Args) -> Result<ExitCode> {
     let path = crate::model_path::resolve(args.model.as_deref())?;
-    if !path.is_file() {
-        bail!("model file not found: {}", path.display());
-    }
-    let file = gguf::GgufFile::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let tensors = file.tensors();
-    // refuse up front: a type neither side can dequantize is an input error
-    for t in tensors {
-        if !t.ggml_type.can_dequantize() {
-            bail!("tensor {}: ggml type {} is not supported", t.name, t.ggml_type.name());
-        }
-    }
-    let tty = std::io::stderr().is_terminal();
-    let mut by_type: BTreeMap<String, TypeStats> = BTreeMap::new();
-    let mut mismatched_tensors = Vec::new();
-    let mut elements_checked = 0u64;
-    for (i, t) in tensors.iter().enumerate() {
-        let ty = t.ggml_type;
-        if tty {
-            eprint!("\r\x1b[K[{}/{}] {} ({})", i + 1, tensors.len(), t.name, ty.name());
-            let _ = std::io::stderr().flush();
-        } else if i % 50 == 0 || i + 1 == tensors.len() {
-            eprintln!("[{}/{}] {} ({})", i + 1, tensors.len(), t.name, ty.name());
-        }
-        let n = usize::try_from(t.n_elements).context("tensor too large for this machine")?;
-        let bytes = file.tensor_data(t);
-        let ours = gguf::dequant::dequantize(ty, bytes, n).with_context(|| format!("tensor {}: our dequantization", t.name))?;
-        let ggml = llama_ref::ggml::dequantize(ty, bytes, n).with_context(|| format!("tensor {}: ggml's dequantization", t.name))?;
-        if ours.len() != n || ggml.len() != n {
-            bail!("tensor {}: {n} elements expected, ours gave {}, ggml {}", t.name, ours.len(), ggml.len());
-        }
-        let (diff, max) = compare(&ours, &ggml);
-        let s = by_type.entry(ty.name().to_string()).or_default();
-        s.tensors += 1;
-        s.elements += t.n_elements;
-        s.max_abs_diff = s.max_abs_diff.max(max);
-        if diff > 0 {
-            s.mismatched += 1;
-            mismatched_tensors.push(format!("{} ({}): {diff} of {n} values differ, max |diff| {max:e}", t.name, ty.name()));
-        }
-        elements_checked += t.n_elements;
-    }
-    if tty {
-        eprintln!();
-    }
-
+    let report = crate::weights::check(&path)?;
     let mut table = Table::new();
     table.load_preset(UTF8_FULL).set_header(vec!["type", "tensors", "elements", "max abs diff", "mismatched tensors"]);
-    for (name, s) in &by_type {
+    for (name, s) in &report.by_type {
         table.add_row(vec![
             Cell::new(name),
             Cell::new(s.tensors).set_alignment(CellAlignment::Right),
@@ -111,17 +30,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         ]);
     }
     println!("{table}");
-    for m in &mismatched_tensors {
+    for m in &report.mismatched_tensors {
         println!("MISMATCH {m}");
     }
-    let report = Report {
-        model: path.display().to_string(),
-        tensors_checked: tensors.len(),
-        tensors_mismatched: mismatched_tensors.len(),
-        elements_checked,
-        by_type,
-        mismatched_tensors,
-    };
     println!(
         "{} tensors, {} elements: {} bit for bit with ggml, {} mismatched",
         report.tensors_checked,
@@ -134,17 +45,4 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         std::fs::write(json, text).with_context(|| format!("cannot write {}", json.display()))?;
     }
     Ok(if report.tensors_mismatched == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::compare;
-
-    #[test]
-    fn comparison_is_on_bits() {
-        assert_eq!(compare(&[1.0, 2.0], &[1.0, 2.0]), (0, 0.0));
-        assert_eq!(compare(&[0.0], &[-0.0]), (1, 0.0));
-        assert_eq!(compare(&[1.0, f32::NAN], &[1.5, 0.0]), (2, f64::INFINITY));
-        assert_eq!(compare(&[f32::NAN], &[f32::NAN]), (0, 0.0));
-    }
 }
