@@ -2,6 +2,7 @@
 //! its copy of the weights and the KV cache; the forward pass only names them.
 
 use capture::{KvType, Tensor};
+use crate::arch::ArchSpec;
 use crate::fault::{HeadMap, RopePairing};
 use anyhow::{anyhow, ensure, Context, Result};
 use gguf::{GgufFile, Qwen2Config};
@@ -80,24 +81,19 @@ impl Weight {
         Ok(Tensor::new(dims, data))
     }
 
-    /// Every weight a Qwen2 model of `n_layer` layers needs.
-    pub fn all(n_layer: usize) -> Vec<Weight> {
-        let mut all = vec![Weight::TokenEmbd, Weight::OutputNorm, Weight::Output];
+    /// Every weight a model of this architecture and `n_layer` layers needs
+    /// (a tied LM head is `TokenEmbd`, not listed twice).
+    pub fn all(arch: &ArchSpec, n_layer: usize) -> Vec<Weight> {
+        let mut all = vec![Weight::TokenEmbd, Weight::OutputNorm];
+        if !arch.tied_output {
+            all.push(Weight::Output);
+        }
         for l in 0..n_layer {
-            all.extend([
-                Weight::AttnNorm(l),
-                Weight::AttnQ(l),
-                Weight::AttnQBias(l),
-                Weight::AttnK(l),
-                Weight::AttnKBias(l),
-                Weight::AttnV(l),
-                Weight::AttnVBias(l),
-                Weight::AttnOutput(l),
-                Weight::FfnNorm(l),
-                Weight::FfnGate(l),
-                Weight::FfnUp(l),
-                Weight::FfnDown(l),
-            ]);
+            all.extend([Weight::AttnNorm(l), Weight::AttnQ(l), Weight::AttnK(l), Weight::AttnV(l)]);
+            if arch.qkv_bias {
+                all.extend([Weight::AttnQBias(l), Weight::AttnKBias(l), Weight::AttnVBias(l)]);
+            }
+            all.extend([Weight::AttnOutput(l), Weight::FfnNorm(l), Weight::FfnGate(l), Weight::FfnUp(l), Weight::FfnDown(l)]);
         }
         all
     }

@@ -4,6 +4,7 @@
 //! deliberate rounding beyond that is the KV cache, which stores f16 when
 //! asked, exactly as llama.cpp's default cache does.
 
+use crate::arch::ArchSpec;
 use crate::backend::{Backend, BackendOptions, Weight};
 use capture::KvType;
 use capture::Tensor;
@@ -29,8 +30,7 @@ impl CpuBackend {
     /// Dequantize every weight of `cfg` from `gguf` (in parallel, one tensor
     /// a task). A tied LM head is token_embd: dequantized and stored once.
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions) -> Result<Self> {
-        let all: Vec<Weight> =
-            Weight::all(cfg.n_layer).into_iter().filter(|&w| !(w == Weight::Output && cfg.tied_output)).collect();
+        let all = Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer);
         let loaded: Vec<(Weight, Tensor)> =
             all.par_iter().map(|&w| Ok((w, w.dequantize(gguf, cfg)?))).collect::<Result<_>>()?;
         Self::from_weights(cfg.clone(), loaded.into_iter().collect(), opts)
@@ -39,10 +39,7 @@ impl CpuBackend {
     /// Build from weights already in f32, `[out, in]` matrices and `[n]`
     /// vectors. With a tied output, `Weight::Output` may be absent.
     pub fn from_weights(cfg: Qwen2Config, weights: HashMap<Weight, Tensor>, opts: BackendOptions) -> Result<Self> {
-        for w in Weight::all(cfg.n_layer) {
-            if w == Weight::Output && cfg.tied_output && !weights.contains_key(&w) {
-                continue;
-            }
+        for w in Weight::all(&ArchSpec::qwen2(&cfg), cfg.n_layer) {
             let t = weights.get(&w).with_context(|| format!("weight {w:?} missing"))?;
             let expected = w.shape(&cfg);
             ensure!(t.shape == expected, "weight {} has shape {:?}, expected {expected:?}", w.gguf_name(cfg.tied_output), t.shape);

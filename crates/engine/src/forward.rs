@@ -1,6 +1,7 @@
 //! The Qwen2 forward pass, written once over [`Backend`], with a checkpoint
 //! at every stage of the catalogue.
 
+use crate::arch::ArchSpec;
 use crate::backend::{Backend, Weight};
 use crate::checkpoint::Checkpoints;
 use crate::fault::Fault;
@@ -11,6 +12,8 @@ use gguf::Qwen2Config;
 pub struct Model<B: Backend> {
     pub backend: B,
     pub cfg: Qwen2Config,
+    /// What varies between architectures of the family: read here, nowhere else.
+    pub arch: ArchSpec,
     pub fault: Fault,
     /// Positions already in the KV cache.
     n_past: usize,
@@ -41,7 +44,7 @@ fn checkpoint<B: Backend>(backend: &B, cps: &mut dyn Checkpoints, id: StageId, b
 
 impl<B: Backend> Model<B> {
     pub fn new(backend: B, cfg: Qwen2Config, fault: Fault) -> Self {
-        Model { backend, cfg, fault, n_past: 0 }
+        Model { backend, arch: ArchSpec::qwen2(&cfg), cfg, fault, n_past: 0 }
     }
 
     pub fn n_past(&self) -> usize {
@@ -68,7 +71,8 @@ impl<B: Backend> Model<B> {
         let scale = if fault == Fault::NoAttnScale { 1.0 } else { 1.0 / (hd as f32).sqrt() };
         // The KV-offset fault writes decode steps' K/V one slot late.
         let kv_pos = if fault == Fault::KvOffset && step > 0 { pos0 + 1 } else { pos0 };
-        let with_bias = |b: Weight| (fault != Fault::NoQkvBias).then_some(b);
+        let with_bias = |b: Weight| (self.arch.qkv_bias && fault != Fault::NoQkvBias).then_some(b);
+        let pairing = fault.rope_pairing(self.arch.rope);
 
         let mut x = self.backend.embed(tokens)?;
         x = checkpoint(&self.backend, cps, StageId::global(step, Stage::Embed), x)?;
@@ -86,9 +90,9 @@ impl<B: Backend> Model<B> {
             let v = be.linear(&h, Weight::AttnV(l), with_bias(Weight::AttnVBias(l)))?;
             let v = checkpoint(be, cps, id(Stage::VProj), be.reshape(v, &[n, cfg.n_head_kv, hd])?)?;
 
-            let q = be.rope(&q, pos0, cfg.rope_freq_base, fault.rope_pairing())?;
+            let q = be.rope(&q, pos0, cfg.rope_freq_base, pairing)?;
             let q = checkpoint(be, cps, id(Stage::QRope), q)?;
-            let k = be.rope(&k, pos0, cfg.rope_freq_base, fault.rope_pairing())?;
+            let k = be.rope(&k, pos0, cfg.rope_freq_base, pairing)?;
             let k = checkpoint(be, cps, id(Stage::KRope), k)?;
             self.backend.kv_store(l, &k, &v, kv_pos)?;
 

@@ -16,6 +16,7 @@
 //! largest reference value, 1e-5 absolute). Embedding, add and KV-cache
 //! stores are exact.
 
+use engine::arch::ArchSpec;
 use engine::backend::{Backend, BackendOptions, Weight};
 use capture::KvType;
 use capture::Tensor;
@@ -33,7 +34,7 @@ fn gpu() -> bool {
     match cuda_available() {
         Ok(()) => true,
         Err(e) => {
-            println!("SKIPPED: no CUDA device ({e})");
+            testkit::skip(&format!("no CUDA device ({e})"));
             false
         }
     }
@@ -89,7 +90,7 @@ fn rand_tensor(rng: &mut ChaCha8Rng, shape: &[usize], scale: f32) -> Tensor {
 fn weights(cfg: &Qwen2Config, seed: u64) -> HashMap<Weight, Tensor> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut m = HashMap::new();
-    for w in Weight::all(cfg.n_layer) {
+    for w in Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer) {
         let shape = w.shape(cfg);
         let t = match w {
             Weight::AttnNorm(_) | Weight::FfnNorm(_) | Weight::OutputNorm => {
@@ -428,6 +429,5 @@ fn no_device_error_is_clear() {
         let w = weights(&cfg, 1);
         let err = CudaBackend::from_weights(cfg, w, BackendOptions { kv_type: KvType::F16, max_ctx: 8 }).err().expect("must fail");
         assert!(err.to_string().starts_with("no CUDA device: use --backend cpu"), "{err}");
-        println!("SKIPPED: no CUDA device (checked the error instead)");
     }
 }

@@ -2,25 +2,10 @@
 
 use gguf::{GgmlType, GgufFile, Qwen2Config};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-
-fn model_path() -> Option<PathBuf> {
-    let dir = match std::env::var_os("QWEN2_PARITY_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME")?)
-            .join(".cache")
-            .join("qwen2-parity"),
-    };
-    let p = dir.join("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf");
-    p.is_file().then_some(p)
-}
 
 #[test]
 fn real_model() {
-    let Some(path) = model_path() else {
-        println!("SKIPPED: real model not cached");
-        return;
-    };
+    let path = testkit::real_model_or_skip!();
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.version(), 3);
     assert_eq!(f.file_size(), 491_400_064);

@@ -21,7 +21,7 @@ fn capture() -> Option<&'static Capture> {
     static CAPTURE: OnceLock<Option<Capture>> = OnceLock::new();
     CAPTURE
         .get_or_init(|| {
-            let path = common::real_model()?;
+            let path = testkit::cached_model()?;
             let llama = LlamaRef::load(&path).expect("load");
             let tokens = llama.tokenize(PROMPT, false).expect("tokenize");
             Some(llama.run(&tokens, N_DECODE, &opts_f32()).expect("run"))
@@ -34,7 +34,8 @@ macro_rules! capture_or_skip {
         match capture() {
             Some(c) => c,
             None => {
-                println!("SKIPPED: real model not cached");
+                // Records the skip (or fails under PARITY_REQUIRE_MODEL=1).
+                testkit::real_model();
                 return;
             }
         }

@@ -6,7 +6,7 @@
 mod common;
 use common::parity;
 
-use engine::fault::Fault;
+use engine::fault::{Fault, FAULTS};
 use capture::stage::{Stage, StageId};
 use parity::fixtures::fixtures_dir;
 use parity::ours::Kv;
@@ -94,16 +94,11 @@ fn clean_prompts_pass_calibrated_thresholds() {
 #[test]
 fn seeded_faults_are_localized() {
     let model = real_model_or_skip!();
-    let expected = [
-        (Fault::NoQkvBias, StageId::layer(0, 0, Stage::QProj)),
-        (Fault::RopeAdjacent, StageId::layer(0, 0, Stage::QRope)),
-        (Fault::GqaModulo, StageId::layer(0, 0, Stage::AttnScores)),
-        (Fault::NoAttnScale, StageId::layer(0, 0, Stage::AttnProbs)),
-        (Fault::SwigluSwapped, StageId::layer(0, 0, Stage::FfnAct)),
-        // Invisible in the prefill; the first decode step reads a hole in the cache.
-        (Fault::KvOffset, StageId::layer(1, 0, Stage::AttnScores)),
-    ];
-    for (fault, at) in expected {
+    // Where each fault must show first comes from the catalogue (kv-offset:
+    // invisible in the prefill; the first decode step reads a hole in the cache).
+    for info in FAULTS.iter().filter(|f| f.expected.is_some()) {
+        let (fault, (step, stage)) = (info.fault, info.expected.unwrap());
+        let at = StageId::layer(step.index(), 0, stage);
         let mut pair = Pair::load(&ModelFile::open(&model).unwrap(), BackendKind::Cpu, Kv::F16, fault, 64, None).unwrap();
         let thresholds = resolve_thresholds(None, None, &pair.model_sha256, "cpu").unwrap();
         let (ours, reference) = pair.capture(HAIKU, false, 2, Some(vec![0, 1]), false).unwrap();

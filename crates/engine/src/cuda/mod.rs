@@ -29,6 +29,7 @@
 //!   device-to-host copy and is synchronous (the stream is synchronized and
 //!   any asynchronous kernel error surfaces there, with context).
 
+use crate::arch::ArchSpec;
 use crate::backend::{Backend, BackendOptions, Weight};
 use capture::KvType;
 use capture::Tensor;
@@ -215,7 +216,7 @@ impl CudaBackend {
         use rayon::prelude::*;
         let mut backend = Self::empty(cfg.clone(), opts)?;
         // A tied LM head is token_embd: stored once, resolved by `weight`.
-        let all: Vec<Weight> = Weight::all(cfg.n_layer).into_iter().filter(|&w| !(w == Weight::Output && cfg.tied_output)).collect();
+        let all = Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer);
         // Dequantize a layer's worth of tensors in parallel, upload, go on:
         // host memory stays at a few layers' f32, not the whole model's.
         for group in all.chunks(12) {
@@ -232,10 +233,7 @@ impl CudaBackend {
     /// `[n]`). With a tied output, `Weight::Output` may be absent.
     pub fn from_weights(cfg: Qwen2Config, weights: HashMap<Weight, Tensor>, opts: BackendOptions) -> Result<Self> {
         let mut backend = Self::empty(cfg.clone(), opts)?;
-        for w in Weight::all(cfg.n_layer) {
-            if w == Weight::Output && cfg.tied_output && !weights.contains_key(&w) {
-                continue;
-            }
+        for w in Weight::all(&ArchSpec::qwen2(&cfg), cfg.n_layer) {
             let t = weights.get(&w).ok_or_else(|| anyhow!("weight {w:?} missing"))?;
             backend.upload_weight(w, &t.data).with_context(|| format!("uploading weight {w:?}"))?;
         }

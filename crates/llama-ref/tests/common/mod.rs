@@ -3,31 +3,14 @@
 
 use capture::{Capture, Tensor};
 use capture::stage::{Stage, StageId};
-use std::path::PathBuf;
 
-pub const MODEL_FILE: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 pub const PROMPT: &str = "Write a haiku about GPU computing";
 
-/// The cached real model, or None (the caller prints SKIPPED and returns).
-pub fn real_model() -> Option<PathBuf> {
-    let dir = match std::env::var_os("QWEN2_PARITY_CACHE") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache").join("qwen2-parity"),
-    };
-    let path = dir.join(MODEL_FILE);
-    path.is_file().then_some(path)
-}
-
+/// The real model's path, or return from the test after recording the skip.
 #[macro_export]
 macro_rules! real_model_or_skip {
     () => {
-        match common::real_model() {
-            Some(p) => p,
-            None => {
-                println!("SKIPPED: real model not cached");
-                return;
-            }
-        }
+        testkit::real_model_or_skip!()
     };
 }
 

@@ -51,7 +51,7 @@ pub struct Args {
     pub isolate: bool,
     /// Seed a fault variant into our engine (none, rope-adjacent, gqa-modulo,
     /// no-qkv-bias, swiglu-swapped, no-attn-scale, kv-offset).
-    #[arg(long, default_value = "none", value_parser = parse_fault)]
+    #[arg(long, default_value = "none", value_parser = Fault::parse_or_list)]
     pub fault: Fault,
     /// llama.cpp threads (default: all).
     #[arg(long)]
@@ -65,13 +65,6 @@ pub struct Args {
     /// Write the self-contained HTML report here.
     #[arg(long)]
     pub html: Option<PathBuf>,
-}
-
-pub fn parse_fault(s: &str) -> Result<Fault, String> {
-    Fault::parse(s).ok_or_else(|| {
-        let names: Vec<_> = Fault::ALL.iter().map(|f| f.name()).collect();
-        format!("unknown fault {s:?}; one of: {}", names.join(", "))
-    })
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {

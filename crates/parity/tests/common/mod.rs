@@ -2,25 +2,12 @@
 //! the built binary.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
-/// The reference model where `scripts/fetch-model` caches it, if present.
-pub fn real_model() -> Option<PathBuf> {
-    let path = parity::model_path::cache_dir().join(parity::model_path::DEFAULT_MODEL_FILE);
-    path.is_file().then_some(path)
-}
-
-/// The real model's path, or return from the test saying it was skipped.
+/// The real model's path, or return from the test after recording the skip.
 macro_rules! real_model_or_skip {
     () => {
-        match common::real_model() {
-            Some(p) => p,
-            None => {
-                println!("SKIPPED: real model not cached");
-                return;
-            }
-        }
+        testkit::real_model_or_skip!()
     };
 }
 
