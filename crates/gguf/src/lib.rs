@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod dequant;
+pub mod quant;
 pub mod error;
 pub mod reader;
 pub mod synth;

@@ -145,6 +145,57 @@ pub fn quantize_id(id: u32, data: &[f32], n_per_row: usize) -> Result<Vec<u8>, L
 }
 
 
+/// ggml's CPU type traits for `id`: (`from_float`, `vec_dot_type`).
+fn cpu_traits(id: u32) -> Option<(sys::ggml_from_float_t, u32)> {
+    if id >= sys::GGML_TYPE_COUNT {
+        return None;
+    }
+    crate::backend::ensure().ok()?;
+    // SAFETY: `id` is below GGML_TYPE_COUNT, so it indexes ggml-cpu's static
+    // traits table; the CPU backend is initialised (ensure above).
+    let t = unsafe { sys::ggml_get_type_traits_cpu(id) };
+    if t.is_null() {
+        return None;
+    }
+    // SAFETY: non-null pointer into ggml-cpu's static, immutable table.
+    let t = unsafe { &*t };
+    Some((t.from_float, t.vec_dot_type))
+}
+
+/// The type ggml's CPU matmul converts activations to for weights of type
+/// `weight` (`ggml_get_type_traits_cpu(weight)->vec_dot_type`).
+pub fn vec_dot_type(weight: GgmlType) -> Result<GgmlType, LlamaError> {
+    let (_, vdt) = cpu_traits(weight.id())
+        .ok_or_else(|| LlamaError::UnsupportedType { ty: weight.name().to_string(), what: "ggml's CPU matmul" })?;
+    Ok(GgmlType::from_id(vdt))
+}
+
+/// Convert one activation row the way ggml's CPU matmul does before a dot
+/// product: `ggml_get_type_traits_cpu(ty)->from_float`, ty being a
+/// `vec_dot_type` (q8_0, q8_1, q8_K, f16, bf16). Returns ggml's block bytes.
+pub fn quantize_activations(ty: GgmlType, row: &[f32]) -> Result<Vec<u8>, LlamaError> {
+    let id = ty.id();
+    let (from_float, _) = cpu_traits(id).ok_or_else(|| LlamaError::UnsupportedType { ty: ty.name().to_string(), what: "ggml's CPU from_float" })?;
+    let from_float = from_float.ok_or_else(|| LlamaError::UnsupportedType { ty: ty.name().to_string(), what: "ggml's CPU from_float" })?;
+    let t = traits(id).ok_or_else(|| LlamaError::UnsupportedType { ty: ty.name().to_string(), what: "ggml's CPU from_float" })?;
+    if row.is_empty() || !row.len().is_multiple_of(t.blck_size) {
+        return Err(LlamaError::BadLength {
+            ty: t.name,
+            msg: format!("row of {} values is not a positive multiple of the block size {}", row.len(), t.blck_size),
+        });
+    }
+    let n_bytes = row.len() / t.blck_size * t.type_size;
+    // Zeroed: ggml leaves q8_K's bsums of an all-zero block unwritten.
+    let mut out = vec![0u128; n_bytes.div_ceil(16)];
+    // SAFETY: `row` holds row.len() floats, a whole number of blocks;
+    // `out` holds at least n_bytes bytes, 16-byte aligned; from_float writes
+    // exactly row.len()/blck_size blocks of type_size bytes.
+    unsafe { from_float(row.as_ptr(), out.as_mut_ptr() as *mut c_void, row.len() as i64) };
+    // SAFETY: `out` holds at least n_bytes initialised bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(out.as_ptr() as *const u8, n_bytes) };
+    Ok(bytes.to_vec())
+}
+
 /// Dequantize with ggml itself (`ggml_get_type_traits(type)->to_float`),
 /// after checking that `bytes` holds exactly `n_elements` values.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>, LlamaError> {
