@@ -5,6 +5,7 @@ use crate::arch::ArchSpec;
 use crate::backend::{Backend, Weight};
 use crate::checkpoint::Checkpoints;
 use crate::fault::Fault;
+use crate::numerics::Rounding;
 use capture::{argmax, Stage, StageId};
 use anyhow::{bail, ensure, Result};
 use gguf::Qwen2Config;
@@ -15,6 +16,8 @@ pub struct Model<B: Backend> {
     /// What varies between architectures of the family: read here, nowhere else.
     pub arch: ArchSpec,
     pub fault: Fault,
+    /// How activations are rounded between ops (`exact` until set).
+    pub rounding: Rounding,
     /// Positions already in the KV cache.
     n_past: usize,
 }
@@ -44,7 +47,12 @@ fn checkpoint<B: Backend>(backend: &B, cps: &mut dyn Checkpoints, id: StageId, b
 
 impl<B: Backend> Model<B> {
     pub fn new(backend: B, cfg: Qwen2Config, fault: Fault) -> Self {
-        Model { backend, arch: ArchSpec::qwen2(&cfg), cfg, fault, n_past: 0 }
+        Model { backend, arch: ArchSpec::qwen2(&cfg), cfg, fault, rounding: Rounding::default_exact(), n_past: 0 }
+    }
+
+    pub fn with_rounding(mut self, rounding: Rounding) -> Self {
+        self.rounding = rounding;
+        self
     }
 
     pub fn n_past(&self) -> usize {
@@ -83,11 +91,16 @@ impl<B: Backend> Model<B> {
             let h = be.rms_norm(&x, Weight::AttnNorm(l), eps)?;
             let h = checkpoint(be, cps, id(Stage::AttnNorm), h)?;
 
-            let q = be.linear(&h, Weight::AttnQ(l), with_bias(Weight::AttnQBias(l)))?;
+            // `m(x, W)`: x as the matmul with W sees it (rounded in ggml numerics).
+            let rnd = &self.rounding;
+            let hq = rnd.for_matmul(be, &h, Weight::AttnQ(l))?;
+            let q = be.linear(hq.as_ref().unwrap_or(&h), Weight::AttnQ(l), with_bias(Weight::AttnQBias(l)))?;
             let q = checkpoint(be, cps, id(Stage::QProj), be.reshape(q, &[n, cfg.n_head, hd])?)?;
-            let k = be.linear(&h, Weight::AttnK(l), with_bias(Weight::AttnKBias(l)))?;
+            let hk = rnd.for_matmul(be, &h, Weight::AttnK(l))?;
+            let k = be.linear(hk.as_ref().unwrap_or(&h), Weight::AttnK(l), with_bias(Weight::AttnKBias(l)))?;
             let k = checkpoint(be, cps, id(Stage::KProj), be.reshape(k, &[n, cfg.n_head_kv, hd])?)?;
-            let v = be.linear(&h, Weight::AttnV(l), with_bias(Weight::AttnVBias(l)))?;
+            let hv = rnd.for_matmul(be, &h, Weight::AttnV(l))?;
+            let v = be.linear(hv.as_ref().unwrap_or(&h), Weight::AttnV(l), with_bias(Weight::AttnVBias(l)))?;
             let v = checkpoint(be, cps, id(Stage::VProj), be.reshape(v, &[n, cfg.n_head_kv, hd])?)?;
 
             let q = be.rope(&q, pos0, cfg.rope_freq_base, pairing)?;
@@ -97,27 +110,34 @@ impl<B: Backend> Model<B> {
             self.backend.kv_store(l, &k, &v, kv_pos)?;
 
             let be = &self.backend;
-            let scores = be.attn_scores(l, &q, pos0, n_kv, fault.head_map())?;
+            let rnd = &self.rounding;
+            let q_kv = rnd.for_kv_matmul(be, &q)?;
+            let scores = be.attn_scores(l, q_kv.as_ref().unwrap_or(&q), pos0, n_kv, fault.head_map())?;
             let scores = checkpoint(be, cps, id(Stage::AttnScores), scores)?;
             let probs = be.softmax_causal(&scores, scale, pos0)?;
             let probs = checkpoint(be, cps, id(Stage::AttnProbs), probs)?;
-            let ctx = be.attn_ctx(l, &probs, n_kv, fault.head_map())?;
+            let probs_kv = rnd.for_kv_matmul(be, &probs)?;
+            let ctx = be.attn_ctx(l, probs_kv.as_ref().unwrap_or(&probs), n_kv, fault.head_map())?;
             let ctx = checkpoint(be, cps, id(Stage::AttnCtx), ctx)?;
             let ctx = be.reshape(ctx, &[n, cfg.n_head * hd])?;
-            let attn = be.linear(&ctx, Weight::AttnOutput(l), None)?;
+            let ctx_o = rnd.for_matmul(be, &ctx, Weight::AttnOutput(l))?;
+            let attn = be.linear(ctx_o.as_ref().unwrap_or(&ctx), Weight::AttnOutput(l), None)?;
             let attn = checkpoint(be, cps, id(Stage::AttnOut), attn)?;
             let resid = be.add(&x, &attn)?;
             let resid = checkpoint(be, cps, id(Stage::AttnResidual), resid)?;
 
             let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps)?;
             let h = checkpoint(be, cps, id(Stage::FfnNorm), h)?;
-            let gate = be.linear(&h, Weight::FfnGate(l), None)?;
+            let hg = rnd.for_matmul(be, &h, Weight::FfnGate(l))?;
+            let gate = be.linear(hg.as_ref().unwrap_or(&h), Weight::FfnGate(l), None)?;
             let gate = checkpoint(be, cps, id(Stage::FfnGate), gate)?;
-            let up = be.linear(&h, Weight::FfnUp(l), None)?;
+            let hu = rnd.for_matmul(be, &h, Weight::FfnUp(l))?;
+            let up = be.linear(hu.as_ref().unwrap_or(&h), Weight::FfnUp(l), None)?;
             let up = checkpoint(be, cps, id(Stage::FfnUp), up)?;
             let act = if fault == Fault::SwigluSwapped { be.swiglu(&up, &gate)? } else { be.swiglu(&gate, &up)? };
             let act = checkpoint(be, cps, id(Stage::FfnAct), act)?;
-            let down = be.linear(&act, Weight::FfnDown(l), None)?;
+            let act_d = rnd.for_matmul(be, &act, Weight::FfnDown(l))?;
+            let down = be.linear(act_d.as_ref().unwrap_or(&act), Weight::FfnDown(l), None)?;
             let down = checkpoint(be, cps, id(Stage::FfnDown), down)?;
             let out = be.add(&resid, &down)?;
             x = checkpoint(be, cps, id(Stage::LayerOut), out)?;
@@ -126,7 +146,8 @@ impl<B: Backend> Model<B> {
         let be = &self.backend;
         let h = be.rms_norm(&x, Weight::OutputNorm, eps)?;
         let h = checkpoint(be, cps, StageId::global(step, Stage::FinalNorm), h)?;
-        let logits = be.linear(&h, Weight::Output, None)?;
+        let h_out = self.rounding.for_matmul(be, &h, Weight::Output)?;
+        let logits = be.linear(h_out.as_ref().unwrap_or(&h), Weight::Output, None)?;
         let logits = checkpoint(be, cps, StageId::global(step, Stage::Logits), logits)?;
         self.n_past = n_kv;
 

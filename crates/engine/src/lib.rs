@@ -8,3 +8,4 @@ pub mod cpu;
 pub mod cuda;
 pub mod fault;
 pub mod forward;
+pub mod numerics;

@@ -11,6 +11,7 @@ pub use engine::cuda::cuda_available;
 use engine::cuda::CudaBackend;
 use engine::fault::Fault;
 use engine::forward::Model;
+use engine::numerics::{Numerics, Rounding};
 use gguf::{GgufFile, Qwen2Config};
 use std::time::Instant;
 
@@ -45,6 +46,42 @@ impl From<Kv> for KvType {
     }
 }
 
+/// `--numerics`: how our engine rounds activations (see `engine::numerics`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NumericsArg {
+    /// Round like the linked ggml's CPU backend (q8 activations, f16 attention).
+    Ggml,
+    /// Float activations (the oracle's own arithmetic).
+    Exact,
+}
+
+impl From<NumericsArg> for Numerics {
+    fn from(n: NumericsArg) -> Numerics {
+        match n {
+            NumericsArg::Ggml => Numerics::Ggml,
+            NumericsArg::Exact => Numerics::Exact,
+        }
+    }
+}
+
+/// How our engine is built for a session.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    pub backend: BackendKind,
+    pub kv: KvType,
+    pub numerics: Numerics,
+    pub fault: Fault,
+    /// KV cache capacity in positions (clamped to the model's context).
+    pub max_ctx: usize,
+}
+
+impl EngineOptions {
+    /// The correct engine: f16 KV cache, ggml numerics, no fault.
+    pub fn new(backend: BackendKind) -> Self {
+        EngineOptions { backend, kv: KvType::F16, numerics: Numerics::Ggml, fault: Fault::None, max_ctx: usize::MAX }
+    }
+}
+
 /// What to do at the checkpoints.
 pub enum Mode<'a> {
     /// Record our tensors; the engine runs on its own outputs.
@@ -59,6 +96,7 @@ pub struct OurEngine {
     model: Loaded,
     /// The KV cache type the backend was built with (recorded in captures).
     kv_type: KvType,
+    pub numerics: Numerics,
 }
 
 enum Loaded {
@@ -67,24 +105,26 @@ enum Loaded {
 }
 
 impl OurEngine {
-    pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, backend: BackendKind, kv_type: KvType, max_ctx: usize, fault: Fault) -> Result<Self> {
-        let opts = BackendOptions { kv_type, max_ctx };
+    pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, eo: EngineOptions) -> Result<Self> {
+        let (backend, kv_type, fault) = (eo.backend, eo.kv, eo.fault);
+        let opts = BackendOptions { kv_type, max_ctx: eo.max_ctx.min(cfg.n_ctx_train.max(1)) };
+        let rounding = Rounding::from_gguf(eo.numerics, kv_type, gguf, cfg)?;
         let started = Instant::now();
         let model = match backend {
             BackendKind::Cpu => {
                 let be = CpuBackend::load(gguf, cfg, opts).context("loading the model on the CPU backend")?;
-                Loaded::Cpu(Model::new(be, cfg.clone(), fault))
+                Loaded::Cpu(Model::new(be, cfg.clone(), fault).with_rounding(rounding))
             }
             BackendKind::Cuda => {
                 // Probe before cudarc touches the driver: it panics where libcuda is missing.
                 cuda_available().map_err(anyhow::Error::msg)?;
                 let be = CudaBackend::load(gguf, cfg, opts).context("loading the model on the CUDA backend")?;
                 eprintln!("ours-cuda: device {}", be.device_name());
-                Loaded::Cuda(Model::new(be, cfg.clone(), fault))
+                Loaded::Cuda(Model::new(be, cfg.clone(), fault).with_rounding(rounding))
             }
         };
         eprintln!("ours-{}: weights loaded in {:.1} s", backend.name(), started.elapsed().as_secs_f64());
-        Ok(OurEngine { model, kv_type })
+        Ok(OurEngine { model, kv_type, numerics: eo.numerics })
     }
 
     /// Run over `tokens` (prefill) and `n_decode` decode steps fed with

@@ -2,11 +2,10 @@
 //! loaded once, and both run on the same tokens for as many prompts as asked.
 
 use crate::diff::{diff_captures, DiffReport};
-use crate::ours::{BackendKind, Kv, Mode, OurEngine};
+use crate::ours::{BackendKind, EngineOptions, Mode, OurEngine};
 use crate::thresholds::Thresholds;
 use anyhow::{bail, Context, Result};
 use capture::{Capture, KvType, StageId};
-use engine::fault::Fault;
 use gguf::{GgufFile, Qwen2Config};
 use llama_ref::{LlamaRef, RefOptions};
 use sha2::{Digest, Sha256};
@@ -111,12 +110,13 @@ pub struct Pair {
     pub model_sha256: String,
     pub n_layer: usize,
     pub n_ctx_train: usize,
-    pub kv: Kv,
+    pub kv: KvType,
     pub threads: Option<usize>,
 }
 
 impl Pair {
-    pub fn load(model: &ModelFile, backend: BackendKind, kv: Kv, fault: Fault, max_ctx: usize, threads: Option<usize>) -> Result<Pair> {
+    pub fn load(model: &ModelFile, eo: EngineOptions, threads: Option<usize>) -> Result<Pair> {
+        let backend = eo.backend;
         if threads == Some(0) {
             bail!("--threads must be at least 1");
         }
@@ -126,9 +126,8 @@ impl Pair {
         let cfg = &model.cfg;
         let model_sha256 = sha256_file(&model.path)?;
         let llama = LlamaRef::load(&model.path)?;
-        let ctx = max_ctx.min(cfg.n_ctx_train.max(1));
-        let ours = OurEngine::load(&model.gguf, cfg, backend, KvType::from(kv), ctx, fault)?;
-        Ok(Pair { llama, ours, model_sha256, n_layer: cfg.n_layer, n_ctx_train: cfg.n_ctx_train, kv, threads })
+        let ours = OurEngine::load(&model.gguf, cfg, eo)?;
+        Ok(Pair { llama, ours, model_sha256, n_layer: cfg.n_layer, n_ctx_train: cfg.n_ctx_train, kv: eo.kv, threads })
     }
 
     /// Both engines on one prompt: (ours, llama.cpp).

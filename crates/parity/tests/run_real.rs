@@ -9,7 +9,8 @@ use common::parity;
 use engine::fault::{Fault, FAULTS};
 use capture::stage::{Stage, StageId};
 use parity::fixtures::fixtures_dir;
-use parity::ours::Kv;
+use capture::KvType;
+use parity::ours::EngineOptions;
 use parity::prompts::read_prompts;
 use parity::session::{compare, resolve_thresholds, ModelFile, Pair};
 use parity::diff::Verdict;
@@ -65,7 +66,7 @@ fn run_all_layers_matches() {
 #[test]
 fn clean_prompts_pass_calibrated_thresholds() {
     let model = real_model_or_skip!();
-    let mut pair = Pair::load(&ModelFile::open(&model).unwrap(), BackendKind::Cpu, Kv::F16, Fault::None, usize::MAX, None).unwrap();
+    let mut pair = Pair::load(&ModelFile::open(&model).unwrap(), EngineOptions { kv: KvType::F16, fault: Fault::None, max_ctx: usize::MAX, ..EngineOptions::new(BackendKind::Cpu) }, None).unwrap();
     let thresholds = resolve_thresholds(None, None, &pair.model_sha256, "cpu").unwrap();
     let fixtures = fixtures_dir().unwrap();
     let mut prompts = read_prompts(&fixtures.join("prompts/calibration.txt")).unwrap();
@@ -99,7 +100,7 @@ fn seeded_faults_are_localized() {
     for info in FAULTS.iter().filter(|f| f.expected.is_some()) {
         let (fault, (step, stage)) = (info.fault, info.expected.unwrap());
         let at = StageId::layer(step.index(), 0, stage);
-        let mut pair = Pair::load(&ModelFile::open(&model).unwrap(), BackendKind::Cpu, Kv::F16, fault, 64, None).unwrap();
+        let mut pair = Pair::load(&ModelFile::open(&model).unwrap(), EngineOptions { kv: KvType::F16, fault, max_ctx: 64, ..EngineOptions::new(BackendKind::Cpu) }, None).unwrap();
         let thresholds = resolve_thresholds(None, None, &pair.model_sha256, "cpu").unwrap();
         let (ours, reference) = pair.capture(HAIKU, false, 2, Some(vec![0, 1]), false).unwrap();
         let report = compare(&ours, &reference, &thresholds, Some(&[0, 1]));
@@ -117,7 +118,7 @@ fn seeded_faults_are_localized() {
 #[test]
 fn isolation_measures_local_error() {
     let model = real_model_or_skip!();
-    let mut pair = Pair::load(&ModelFile::open(&model).unwrap(), BackendKind::Cpu, Kv::F16, Fault::None, 64, None).unwrap();
+    let mut pair = Pair::load(&ModelFile::open(&model).unwrap(), EngineOptions { kv: KvType::F16, fault: Fault::None, max_ctx: 64, ..EngineOptions::new(BackendKind::Cpu) }, None).unwrap();
     let thresholds = resolve_thresholds(None, None, &pair.model_sha256, "cpu").unwrap();
     let (ours, reference) = pair.capture(HAIKU, false, 1, None, true).unwrap();
     let report = compare(&ours, &reference, &thresholds, None);
@@ -169,7 +170,7 @@ fn synthetic_f32_model_matches_llama_cpp_tightly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     gguf::synth::write_tiny_qwen2(&gguf::synth::SynthSpec::tiny(), &path).unwrap();
-    let mut pair = Pair::load(&ModelFile::open(&path).unwrap(), BackendKind::Cpu, Kv::F32, Fault::None, 64, None).unwrap();
+    let mut pair = Pair::load(&ModelFile::open(&path).unwrap(), EngineOptions { kv: KvType::F32, fault: Fault::None, max_ctx: 64, ..EngineOptions::new(BackendKind::Cpu) }, None).unwrap();
     let (ours, reference) = pair.capture("hello world, hello tiny model", false, 4, None, false).unwrap();
     let thresholds = parity::thresholds::Thresholds::uniform(1e-4);
     let report = compare(&ours, &reference, &thresholds, None);
@@ -177,7 +178,7 @@ fn synthetic_f32_model_matches_llama_cpp_tightly() {
     assert_eq!(report.rows.len(), 5 * (3 + 17 * 2));
     assert_eq!(report.verdict, Verdict::Match, "{:?}", report.first_divergence.map(|r| (&report.rows[r].id, report.rows[r].metrics.max_abs)));
     // And a seeded fault on the same model is caught.
-    let mut faulty = Pair::load(&ModelFile::open(&path).unwrap(), BackendKind::Cpu, Kv::F32, Fault::GqaModulo, 64, None).unwrap();
+    let mut faulty = Pair::load(&ModelFile::open(&path).unwrap(), EngineOptions { kv: KvType::F32, fault: Fault::GqaModulo, max_ctx: 64, ..EngineOptions::new(BackendKind::Cpu) }, None).unwrap();
     let (ours, reference) = faulty.capture("hello world, hello tiny model", false, 1, None, false).unwrap();
     let report = compare(&ours, &reference, &thresholds, None);
     assert_eq!(report.rows[report.first_divergence.unwrap()].id, StageId::layer(0, 0, Stage::AttnScores));

@@ -1,11 +1,9 @@
 //! `parity bench`: how fast our engine runs the model, with every checkpoint
 //! captured and with none. Prints medians; not a test.
 
-use crate::ours::{BackendKind, Mode, OurEngine};
+use crate::ours::{BackendKind, EngineOptions, Mode, NumericsArg, OurEngine};
 use crate::session::{check_context, ModelFile};
 use anyhow::{bail, Result};
-use capture::KvType;
-use engine::fault::Fault;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -17,6 +15,9 @@ pub struct Args {
     pub model: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
+    /// How our engine rounds activations (ggml numerics round on the host).
+    #[arg(long, value_enum, default_value = "ggml")]
+    pub numerics: NumericsArg,
     /// Prompt length in tokens (synthetic ids, deterministic).
     #[arg(long, default_value_t = 32)]
     pub tokens: usize,
@@ -41,7 +42,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let (model, gguf, cfg) = (&model_file.path, &model_file.gguf, &model_file.cfg);
     check_context(args.tokens, args.decode, cfg.n_ctx_train)?;
     let started = Instant::now();
-    let mut engine = OurEngine::load(gguf, cfg, args.backend, KvType::F16, args.tokens + args.decode, Fault::None)?;
+    let eo = EngineOptions { numerics: args.numerics.into(), max_ctx: args.tokens + args.decode, ..EngineOptions::new(args.backend) };
+    let mut engine = OurEngine::load(gguf, cfg, eo)?;
     let load_s = started.elapsed().as_secs_f64();
     // Token ids spread over the vocabulary; fixed, so runs are comparable.
     let tokens: Vec<i32> = (0..args.tokens).map(|i| ((i * 7919 + 13) % cfg.n_vocab) as i32).collect();

@@ -2,14 +2,13 @@
 //! take the largest max-abs-diff seen per stage and layer, multiply by a
 //! safety factor and write the thresholds `parity run` gates on.
 
-use crate::ours::{BackendKind, Kv};
+use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::prompts::read_prompts;
 use crate::session::{compare, ModelFile, Pair};
 use crate::report::sci;
 use crate::thresholds::{calibrate, Thresholds};
 use anyhow::{bail, Context, Result};
 use comfy_table::Table;
-use engine::fault::Fault;
 use capture::stage::{Stage, StageId};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +28,9 @@ pub struct Args {
     /// Greedy decode steps per prompt.
     #[arg(long, default_value_t = 4)]
     pub decode: usize,
+    /// How our engine rounds activations (ggml: like ggml's CPU backend).
+    #[arg(long, value_enum, default_value = "ggml")]
+    pub numerics: NumericsArg,
     /// KV cache element type of both engines.
     #[arg(long, value_enum, default_value = "f16")]
     pub kv: Kv,
@@ -56,7 +58,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     };
     let prompts = read_prompts(&prompts_path)?;
     let model = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
-    let mut pair = Pair::load(&model, args.backend, args.kv, Fault::None, usize::MAX, None)?;
+    let eo = EngineOptions { kv: args.kv.into(), numerics: args.numerics.into(), ..EngineOptions::new(args.backend) };
+    let mut pair = Pair::load(&model, eo, None)?;
     let observe_all = Thresholds::uniform(f64::MAX);
 
     let mut observed: Vec<(StageId, f64)> = Vec::new();

@@ -2,7 +2,7 @@
 //! (`.npy` per stage + `manifest.json`).
 
 use crate::layers::select_layers;
-use crate::ours::{BackendKind, Kv};
+use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::session::{check_context, sha256_file, ModelFile};
 use anyhow::{bail, Context, Result};
 use capture::write_dump;
@@ -41,6 +41,9 @@ pub struct Args {
     /// KV cache element type (f16: llama.cpp's default; f32: exact).
     #[arg(long, value_enum, default_value = "f16")]
     pub kv: Kv,
+    /// How our engine rounds activations (`--engine ours`): like ggml's CPU backend, or exact floats.
+    #[arg(long, value_enum, default_value = "ggml")]
+    pub numerics: NumericsArg,
     /// Flash attention (attention scores/probs become unavailable).
     #[arg(long)]
     pub flash_attn: bool,
@@ -121,7 +124,8 @@ fn run_ours(args: &Args) -> Result<ExitCode> {
     let sha = sha256_file(model)?;
     let backend = args.backend;
     let kv = KvType::from(args.kv);
-    let mut engine = crate::ours::OurEngine::load(&model_file.gguf, cfg, backend, kv, tokens.len() + args.decode, engine::fault::Fault::None)?;
+    let eo = EngineOptions { kv, numerics: args.numerics.into(), max_ctx: tokens.len() + args.decode, ..EngineOptions::new(backend) };
+    let mut engine = crate::ours::OurEngine::load(&model_file.gguf, cfg, eo)?;
     let mut capture = engine.run(&tokens, args.decode, None, layers, crate::ours::Mode::Observe)?;
     capture.prompt = args.prompt.clone();
     capture.chat = args.chat;

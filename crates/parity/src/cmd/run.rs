@@ -4,7 +4,7 @@
 
 use crate::diff::Verdict;
 use crate::layers::select_layers;
-use crate::ours::{BackendKind, Kv};
+use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::report::{render_terminal, write_reports};
 use crate::session::{compare, resolve_thresholds, ModelFile, Pair};
 use crate::thresholds::Thresholds;
@@ -36,6 +36,10 @@ pub struct Args {
     /// Greedy decode steps after the prefill (both engines get llama.cpp's tokens).
     #[arg(long, default_value_t = 0)]
     pub decode: usize,
+    /// How our engine rounds activations: like ggml's CPU backend (q8
+    /// activations in matmuls, f16 Q and probabilities), or exact floats.
+    #[arg(long, value_enum, default_value = "ggml")]
+    pub numerics: NumericsArg,
     /// KV cache element type of both engines (f16: llama.cpp's default).
     #[arg(long, value_enum, default_value = "f16")]
     pub kv: Kv,
@@ -74,7 +78,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if let Some(path) = &args.thresholds {
         Thresholds::load(path).context("reading --thresholds")?;
     }
-    let mut pair = Pair::load(&model, args.backend, args.kv, args.fault, usize::MAX, args.threads)?;
+    let eo = EngineOptions { kv: args.kv.into(), numerics: args.numerics.into(), fault: args.fault, ..EngineOptions::new(args.backend) };
+    let mut pair = Pair::load(&model, eo, args.threads)?;
     let thresholds = resolve_thresholds(args.threshold, args.thresholds.as_deref(), &pair.model_sha256, args.backend.name())?;
     let (ours, reference) = pair.capture(&args.prompt, args.chat, args.decode, layers.clone(), args.isolate)?;
     let report = compare(&ours, &reference, &thresholds, layers.as_deref());
@@ -84,7 +89,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         println!("seeded fault: {}", args.fault);
     }
     if args.isolate {
-        println!("mode: isolation (every stage fed llama.cpp's inputs)");
+        println!("mode: isolation (every stage fed llama.cpp's inputs), numerics {}", pair.ours.numerics);
+    } else {
+        println!("mode: free-running, numerics {}", pair.ours.numerics);
     }
     print!("{}", render_terminal(&report, layers.as_deref()));
     Ok(match report.verdict {
