@@ -38,6 +38,14 @@ pub struct CaptureConfig {
     pub layers: Vec<usize>,
     pub n_decode: usize,
     pub threads: usize,
+    /// Our engine's numerics mode ("ggml" or "exact"); empty for llama.cpp
+    /// and for dumps written before the field existed.
+    #[serde(default)]
+    pub numerics: String,
+    /// "teacher-forced" when each op was fed the reference's input; empty
+    /// (free-running) otherwise.
+    #[serde(default)]
+    pub fed: String,
 }
 
 impl CaptureConfig {

@@ -91,6 +91,17 @@ impl Layout {
         }
     }
 
+    /// Elements per "row": a token's row (everything after the token axis),
+    /// or for attention one query's row over the keys. Scale-free gates
+    /// look at the worst row, so one outlier token cannot set the scale for
+    /// every other token.
+    pub fn row_width(self, shape: &[usize]) -> usize {
+        match self {
+            Layout::Attention => shape.last().copied().unwrap_or(1),
+            _ => shape.iter().skip(1).product(),
+        }
+    }
+
     /// What each axis of the shape indexes, outermost first.
     pub fn axes(self) -> &'static [&'static str] {
         match self {

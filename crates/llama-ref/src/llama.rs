@@ -404,6 +404,7 @@ impl LlamaRef {
                 layers,
                 n_decode,
                 threads: threads as usize,
+                ..CaptureConfig::default()
             },
             tensors,
             unavailable,

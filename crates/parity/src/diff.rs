@@ -3,7 +3,7 @@
 //! the stage where the error grows the most relative to its inputs.
 
 use crate::metrics::{compare, compare_logits, LogitsMetrics, StageMetrics};
-use crate::thresholds::Thresholds;
+use crate::thresholds::{GateMetric, Thresholds};
 use capture::Capture;
 use capture::stage::{Stage, StageId};
 use serde::Serialize;
@@ -27,6 +27,8 @@ pub struct StageRow {
     /// `None`: the thresholds have no value for this stage; the row is then
     /// not gated (it fails only on non-finite values).
     pub threshold: Option<f64>,
+    /// The metric `threshold` bounds.
+    pub metric: GateMetric,
     pub pass: bool,
     pub ours_provenance: String,
     pub ref_provenance: String,
@@ -39,9 +41,21 @@ pub struct StageRow {
 }
 
 impl StageRow {
-    /// max_abs / threshold (INFINITY for non-finite values), when gated.
+    /// The gated metric's value (INFINITY for non-finite values).
+    pub fn value(&self) -> f64 {
+        if self.metrics.non_finite > 0 {
+            return f64::INFINITY;
+        }
+        match self.metric {
+            GateMetric::MaxAbs => self.metrics.max_abs,
+            GateMetric::RowRelL2 => self.metrics.row_rel_l2_max,
+        }
+    }
+
+    /// value / threshold (INFINITY for non-finite values), when gated: the
+    /// margin of a divergence, or how close a match came.
     pub fn ratio(&self) -> Option<f64> {
-        self.threshold.map(|t| if self.metrics.non_finite > 0 { f64::INFINITY } else { self.metrics.max_abs / t })
+        self.threshold.map(|t| self.value() / t)
     }
 }
 
@@ -74,6 +88,55 @@ pub struct DiffReport {
     /// The KL gate from the thresholds, if any.
     pub logits_kl_max: Option<f64>,
     pub verdict: Verdict,
+    /// How ours was fed: "teacher-forced" (each op the reference's input) or
+    /// "free-running" (its own outputs; dumps of other engines are this).
+    pub comparison: String,
+    /// Our engine's numerics mode, when known.
+    pub numerics: String,
+    /// The other comparison of the same run, summarized (`parity run`
+    /// reports teacher-forced and adds free-running here).
+    pub free_running: Option<FreeRunningSummary>,
+}
+
+/// The free-running comparison beside a teacher-forced verdict: how the
+/// error grows through the layers when each engine runs on its own outputs,
+/// and what that does to the logits.
+#[derive(Clone, Debug, Serialize)]
+pub struct FreeRunningSummary {
+    pub thresholds_source: String,
+    /// Per layer in order (global stages last, as `None`): the worst-row
+    /// rel-L2 over the layer's stages and steps, and the stage it is at.
+    pub per_layer: Vec<(Option<usize>, f64, Stage)>,
+    /// The first stage over its free-running gate: (stage, value, threshold).
+    pub first_over_gate: Option<(StageId, f64, f64)>,
+    pub logits: Vec<(usize, LogitsMetrics)>,
+    pub logits_kl_max: Option<f64>,
+    pub verdict: Verdict,
+}
+
+impl FreeRunningSummary {
+    pub fn of(r: &DiffReport) -> FreeRunningSummary {
+        let mut per_layer: BTreeMap<(bool, usize), (f64, Stage)> = BTreeMap::new();
+        for row in &r.rows {
+            let key = (row.id.layer.is_none(), row.id.layer.unwrap_or(0));
+            let v = row.metrics.row_rel_l2_max;
+            let e = per_layer.entry(key).or_insert((v, row.id.stage));
+            if v.total_cmp(&e.0).is_gt() {
+                *e = (v, row.id.stage);
+            }
+        }
+        FreeRunningSummary {
+            thresholds_source: r.thresholds_source.clone(),
+            per_layer: per_layer.into_iter().map(|((g, l), (v, s))| ((!g).then_some(l), v, s)).collect(),
+            first_over_gate: r.first_divergence.map(|i| {
+                let row = &r.rows[i];
+                (row.id, row.value(), row.threshold.unwrap_or(f64::NAN))
+            }),
+            logits: r.logits.clone(),
+            logits_kl_max: r.logits_kl_max,
+            verdict: r.verdict,
+        }
+    }
 }
 
 /// A divergence that is not a failing row: the earliest of them in execution order.
@@ -223,7 +286,12 @@ pub fn diff_captures(
             (Some(a), Some(b)) => match compare(id.stage, &a.tensor, &b.tensor) {
                 Ok(metrics) => {
                     let threshold = thresholds.for_stage(&id);
-                    let pass = metrics.non_finite == 0 && threshold.map_or(true, |t| metrics.max_abs <= t);
+                    let value = match thresholds.metric {
+                        GateMetric::MaxAbs => metrics.max_abs,
+                        GateMetric::RowRelL2 => metrics.row_rel_l2_max,
+                    };
+                    // NaN never passes: `value <= t` is false for NaN too.
+                    let pass = metrics.non_finite == 0 && threshold.map_or(true, |t| value <= t);
                     if id.stage == Stage::Logits {
                         if let Ok(m) = compare_logits(&a.tensor, &b.tensor) {
                             logits.push((id.step, m));
@@ -233,6 +301,7 @@ pub fn diff_captures(
                         id,
                         metrics,
                         threshold,
+                        metric: thresholds.metric,
                         pass,
                         ours_provenance: a.provenance.clone(),
                         ref_provenance: b.provenance.clone(),
@@ -305,5 +374,8 @@ pub fn diff_captures(
         logits,
         logits_kl_max,
         verdict,
+        comparison: if ours.config.fed == "teacher-forced" { "teacher-forced" } else { "free-running" }.to_string(),
+        numerics: ours.config.numerics.clone(),
+        free_running: None,
     }
 }

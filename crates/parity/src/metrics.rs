@@ -31,6 +31,13 @@ pub struct StageMetrics {
     pub cosine: f64,
     /// sum (ours - ref)^2 / sum ref^2.
     pub nmse: f64,
+    /// The largest rel-L2 of one row (a token's row; for attention, one
+    /// query's row over the keys); INFINITY when any value is not finite.
+    pub row_rel_l2_max: f64,
+    /// The median row rel-L2.
+    pub row_rel_l2_median: f64,
+    /// Which row is the worst, e.g. "token 3" or "head 2, query 5".
+    pub worst_row: String,
     /// max |ref|: the scale of the reference.
     pub ref_max_abs: f64,
     /// NaN/Inf count on either side.
@@ -123,6 +130,46 @@ fn check_comparable(ours: &Tensor, reference: &Tensor) -> Result<(), ShapeMismat
     Ok(())
 }
 
+/// Per-row rel-L2 over the rows of the stage's layout: (worst, median, which row).
+fn row_errors(stage: Stage, shape: &[usize], ours: &Tensor, reference: &Tensor, non_finite: bool) -> (f64, f64, String) {
+    let width = stage.layout().row_width(shape).max(1);
+    let mut rows: Vec<(f64, usize)> = ours
+        .data
+        .chunks(width)
+        .zip(reference.data.chunks(width))
+        .enumerate()
+        .map(|(r, (a, b))| {
+            let (mut d2, mut b2) = (0f64, 0f64);
+            for (&x, &y) in a.iter().zip(b) {
+                if !x.is_finite() || !y.is_finite() {
+                    return (f64::INFINITY, r);
+                }
+                d2 += (x as f64 - y as f64).powi(2);
+                b2 += (y as f64).powi(2);
+            }
+            let rel = if b2 > 0.0 { (d2 / b2).sqrt() } else if d2 == 0.0 { 0.0 } else { f64::INFINITY };
+            (rel, r)
+        })
+        .collect();
+    if rows.is_empty() {
+        return (0.0, 0.0, String::new());
+    }
+    let (worst, worst_r) = rows.iter().copied().max_by(|a, b| a.0.total_cmp(&b.0)).unwrap_or((0.0, 0));
+    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let median = rows[rows.len() / 2].0;
+    let first = unravel(worst_r * width, shape);
+    let axes = stage.layout().axes();
+    let row_axes = if stage.layout() == capture::Layout::Attention { 2 } else { 1 };
+    let label = first
+        .iter()
+        .take(row_axes.min(first.len()))
+        .enumerate()
+        .map(|(i, v)| format!("{} {v}", axes.get(i).copied().unwrap_or("axis")))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (if non_finite { f64::INFINITY } else { worst }, median, label)
+}
+
 /// Compare one stage. Shapes may differ in how they split the inner
 /// dimensions (`[t, 896]` vs `[t, 14, 64]`): they are compared when the
 /// element counts and the leading dimension agree.
@@ -190,7 +237,11 @@ pub fn compare(stage: Stage, ours: &Tensor, reference: &Tensor) -> Result<StageM
     if non_finite > 0 {
         max_abs = f64::INFINITY;
     }
+    let (row_rel_l2_max, row_rel_l2_median, worst_row) = row_errors(stage, &shape, ours, reference, non_finite > 0);
     Ok(StageMetrics {
+        row_rel_l2_max,
+        row_rel_l2_median,
+        worst_row,
         n: ours.data.len(),
         max_abs,
         mean_abs,

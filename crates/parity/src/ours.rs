@@ -135,6 +135,10 @@ impl OurEngine {
             Loaded::Cpu(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
             Loaded::Cuda(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
         }
+        .map(|mut c| {
+            c.config.numerics = self.numerics.name().to_string();
+            c
+        })
     }
 }
 
@@ -150,6 +154,7 @@ fn drive<B: Backend>(
     let engine_name = format!("ours-{}", model.backend.name());
     let recorder = Recorder::new(StageFilter { layers: layers.clone() }, engine_name.clone());
     let started = Instant::now();
+    let fed = if matches!(mode, Mode::Isolate(_)) { "teacher-forced" } else { "" };
     let (generated, tensors) = match mode {
         Mode::Observe => {
             let mut rec = recorder;
@@ -185,6 +190,8 @@ fn drive<B: Backend>(
             layers: layers.unwrap_or_else(|| (0..cfg.n_layer).collect()),
             n_decode,
             threads: rayon::current_num_threads(),
+            fed: fed.to_string(),
+            ..CaptureConfig::default()
         },
         tensors,
         ..Capture::default()

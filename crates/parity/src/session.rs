@@ -3,7 +3,7 @@
 
 use crate::diff::{diff_captures, DiffReport};
 use crate::ours::{BackendKind, EngineOptions, Mode, OurEngine};
-use crate::thresholds::Thresholds;
+use crate::thresholds::{Comparison, Thresholds};
 use anyhow::{bail, Context, Result};
 use capture::{Capture, KvType, StageId};
 use gguf::{GgufFile, Qwen2Config};
@@ -68,35 +68,58 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The thresholds a comparison gates on: `--threshold X` for every stage,
-/// else `--thresholds FILE`, else the file `parity calibrate` wrote for this
-/// model and backend under fixtures/thresholds/.
-pub fn resolve_thresholds(
-    threshold: Option<f64>,
-    file: Option<&Path>,
-    model_sha256: &str,
-    backend: &str,
-) -> Result<crate::thresholds::Thresholds> {
-    use crate::thresholds::Thresholds;
-    if let Some(x) = threshold {
+/// What the gates are asked for, and what they must have been made for.
+#[derive(Clone, Copy, Debug)]
+pub struct GateRequest<'a> {
+    /// `--threshold X`: one max-abs threshold for every stage of `comparison`.
+    pub threshold: Option<f64>,
+    /// `--thresholds FILE`: a file (calibrated) for the comparison it records.
+    pub file: Option<&'a Path>,
+    pub model_sha256: &'a str,
+    pub backend: &'a str,
+    pub kv_type: &'a str,
+    pub numerics: &'a str,
+}
+
+/// The thresholds one comparison gates on: `--threshold X`, else a
+/// `--thresholds FILE` recorded for this comparison (checked against the
+/// model, backend, KV type and numerics: a file made for another
+/// combination is refused, naming the difference), else the built-in
+/// defaults for the numerics mode, which need no calibration.
+pub fn resolve_thresholds(req: &GateRequest, comparison: Comparison, verdict: Comparison) -> Result<Thresholds> {
+    if let Some(x) = req.threshold.filter(|_| comparison == verdict) {
         if !(x.is_finite() && x > 0.0) {
             bail!("--threshold {x}: must be a positive number");
         }
         return Ok(Thresholds::uniform(x));
     }
-    if let Some(path) = file {
-        return Thresholds::load(path).context("reading --thresholds");
+    if let Some(path) = req.file {
+        let t = Thresholds::load(path).context("reading --thresholds")?;
+        if t.comparison.unwrap_or(Comparison::FreeRunning) == comparison {
+            check_recorded_for(&t, req).with_context(|| format!("--thresholds {}", path.display()))?;
+            return Ok(t);
+        }
     }
-    let path = Thresholds::default_path(&crate::fixtures::fixtures_dir()?, model_sha256, backend);
-    if !path.exists() {
-        bail!(
-            "no thresholds for this model and backend: {} does not exist (run `parity calibrate --backend {backend}`, or pass --thresholds FILE or --threshold X)",
-            path.display()
-        );
-    }
-    Thresholds::load(&path).context("reading the calibrated thresholds")
+    let numerics = if req.numerics.is_empty() { "exact" } else { req.numerics };
+    Ok(Thresholds::defaults(numerics, comparison))
 }
 
+/// A thresholds file applies only to the combination it was made for.
+fn check_recorded_for(t: &Thresholds, req: &GateRequest) -> Result<()> {
+    let file_numerics = if t.numerics.is_empty() { "exact" } else { &t.numerics };
+    let checks = [
+        ("model sha256", t.model_sha256.as_str(), req.model_sha256),
+        ("backend", t.backend.as_str(), req.backend),
+        ("KV type", t.kv_type.as_str(), req.kv_type),
+        ("numerics", file_numerics, if req.numerics.is_empty() { "exact" } else { req.numerics }),
+    ];
+    for (what, recorded, asked) in checks {
+        if !recorded.is_empty() && !asked.is_empty() && !recorded.eq_ignore_ascii_case(asked) {
+            bail!("recorded for {what} {recorded}, but this comparison has {what} {asked}: calibrate for this combination or drop --thresholds");
+        }
+    }
+    Ok(())
+}
 
 /// "ours-cpu" -> "cpu", "ours-cuda" -> "cuda"; other names unchanged.
 pub fn backend_of(engine: &str) -> &str {
@@ -130,24 +153,41 @@ impl Pair {
         Ok(Pair { llama, ours, model_sha256, n_layer: cfg.n_layer, n_ctx_train: cfg.n_ctx_train, kv: eo.kv, threads })
     }
 
-    /// Both engines on one prompt: (ours, llama.cpp).
-    pub fn capture(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, isolate: bool) -> Result<(Capture, Capture)> {
+    /// llama.cpp on one prompt, captured for the layers asked.
+    pub fn reference(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>) -> Result<Capture> {
         let tokens = self.llama.tokenize(prompt, chat)?;
         check_context(tokens.len(), n_decode, self.n_ctx_train)?;
-        let mut opts = RefOptions { kv_type: self.kv.into(), layers: layers.clone(), ..RefOptions::default() };
+        let mut opts = RefOptions { kv_type: self.kv, layers, ..RefOptions::default() };
         if let Some(t) = self.threads {
             opts.threads = t;
         }
         let mut reference = self.llama.run(&tokens, n_decode, &opts)?;
-        // Our engine decodes llama.cpp's tokens, so both see the same inputs.
+        self.label(&mut reference, prompt, chat);
+        Ok(reference)
+    }
+
+    /// Our engine on the reference's tokens (decode steps fed the
+    /// reference's greedy tokens, so both see the same inputs); each op fed
+    /// the reference's input when `teacher_forced`.
+    pub fn ours(&mut self, reference: &Capture, layers: Option<Vec<usize>>, teacher_forced: bool) -> Result<Capture> {
+        let n_decode = reference.config.n_decode;
         let forced = &reference.generated[..n_decode];
-        let mode = if isolate { Mode::Isolate(&reference) } else { Mode::Observe };
-        let mut ours = self.ours.run(&tokens, n_decode, Some(forced), layers, mode)?;
-        for c in [&mut ours, &mut reference] {
-            c.prompt = prompt.to_string();
-            c.chat = chat;
-            c.model_sha256 = self.model_sha256.clone();
-        }
+        let mode = if teacher_forced { Mode::Isolate(reference) } else { Mode::Observe };
+        let mut ours = self.ours.run(&reference.tokens, n_decode, Some(forced), layers, mode)?;
+        self.label(&mut ours, &reference.prompt, reference.chat);
+        Ok(ours)
+    }
+
+    fn label(&self, c: &mut Capture, prompt: &str, chat: bool) {
+        c.prompt = prompt.to_string();
+        c.chat = chat;
+        c.model_sha256 = self.model_sha256.clone();
+    }
+
+    /// Both engines on one prompt: (ours, llama.cpp).
+    pub fn capture(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, teacher_forced: bool) -> Result<(Capture, Capture)> {
+        let reference = self.reference(prompt, chat, n_decode, layers.clone())?;
+        let ours = self.ours(&reference, layers, teacher_forced)?;
         Ok((ours, reference))
     }
 }

@@ -2,14 +2,13 @@
 //! Exit 0 when they match within thresholds, 1 when they diverge, 2 on bad
 //! input (returned as `Err`).
 
-use crate::diff::{check_comparable, diff_captures, Verdict};
+use crate::diff::{check_comparable, Verdict};
 use crate::report::{render_terminal, write_reports};
 use crate::layers::select_layers;
-use crate::session::{backend_of, resolve_thresholds};
-use crate::thresholds::Thresholds;
+use crate::session::{backend_of, compare, resolve_thresholds, GateRequest};
+use crate::thresholds::Comparison;
 use anyhow::{bail, Context};
 use capture::read_dump;
-use capture::stage::StageId;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -19,8 +18,8 @@ pub struct Args {
     pub ours: PathBuf,
     /// Dump of the reference (usually llama.cpp).
     pub reference: PathBuf,
-    /// Calibrated thresholds file. Default: fixtures/thresholds/<sha256[..16]>-<backend>.json
-    /// for the model and backend of OURS (fixtures/ overridable by $PARITY_FIXTURES).
+    /// Calibrated thresholds file (checked against the dump's model, backend,
+    /// KV type and numerics). Default: the built-in worst-row rel-L2 gates.
     #[arg(long, value_name = "FILE", conflicts_with = "threshold")]
     pub thresholds: Option<PathBuf>,
     /// One max-abs threshold for every stage instead of a thresholds file.
@@ -43,13 +42,6 @@ pub struct Args {
     pub html: Option<PathBuf>,
 }
 
-fn load_thresholds(args: &Args, model_sha256: &str, engine: &str) -> anyhow::Result<Thresholds> {
-    if args.threshold.is_none() && args.thresholds.is_none() && model_sha256.is_empty() {
-        bail!("no thresholds: the dump has no model sha256 to look a thresholds file up by; pass --thresholds FILE or --threshold X");
-    }
-    resolve_thresholds(args.threshold, args.thresholds.as_deref(), model_sha256, backend_of(engine))
-}
-
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     for (dir, what) in [(&args.ours, "OURS_DIR"), (&args.reference, "REF_DIR")] {
         if !dir.is_dir() {
@@ -59,7 +51,18 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let ours = read_dump(&args.ours).with_context(|| format!("reading {}", args.ours.display()))?;
     let reference = read_dump(&args.reference).with_context(|| format!("reading {}", args.reference.display()))?;
     check_comparable(&ours, &reference).map_err(anyhow::Error::msg)?;
-    let thresholds = load_thresholds(args, &ours.model_sha256, &ours.engine)?;
+    // A dump written teacher-forced says so; anything else (every other
+    // engine's dump) is free-running and gated by the free-running defaults.
+    let comparison = if ours.config.fed == "teacher-forced" { Comparison::TeacherForced } else { Comparison::FreeRunning };
+    let req = GateRequest {
+        threshold: args.threshold,
+        file: args.thresholds.as_deref(),
+        model_sha256: &ours.model_sha256,
+        backend: backend_of(&ours.engine),
+        kv_type: &ours.config.kv_type,
+        numerics: &ours.config.numerics,
+    };
+    let thresholds = resolve_thresholds(&req, comparison, comparison)?;
 
     // A hand-written dump may not record its layer count: then the layers it holds bound the range.
     let n_layer = match ours.config.n_layer.max(reference.config.n_layer) {
@@ -67,9 +70,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         n => n,
     };
     let layers = select_layers(args.layer, args.layers.as_deref(), n_layer)?;
-    let filter = layers.clone().map(|selected| move |id: &StageId| id.layer.is_some_and(|l| selected.contains(&l)));
-    let filter_ref: Option<&dyn Fn(&StageId) -> bool> = filter.as_ref().map(|f| f as &dyn Fn(&StageId) -> bool);
-    let report = diff_captures(&ours, &reference, &thresholds, filter_ref);
+    let report = compare(&ours, &reference, &thresholds, layers.as_deref());
     if report.rows.is_empty() && report.missing.is_empty() && report.shape_mismatch.is_empty() {
         bail!("nothing to compare: no checkpoint is present in either dump{}", if layers.is_some() { " for the selected layers" } else { "" });
     }

@@ -2,12 +2,12 @@
 //! compared stage by stage; names the first divergence. Exit 0 when every
 //! stage is within its threshold, 1 when one diverges, 2 on bad input.
 
-use crate::diff::Verdict;
+use crate::diff::{DiffReport, FreeRunningSummary, Verdict};
 use crate::layers::select_layers;
 use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::report::{render_terminal, write_reports};
-use crate::session::{compare, resolve_thresholds, ModelFile, Pair};
-use crate::thresholds::Thresholds;
+use crate::session::{compare, resolve_thresholds, GateRequest, ModelFile, Pair};
+use crate::thresholds::{Comparison, Thresholds};
 use anyhow::{Context, Result};
 use engine::fault::Fault;
 use std::path::PathBuf;
@@ -43,15 +43,20 @@ pub struct Args {
     /// KV cache element type of both engines (f16: llama.cpp's default).
     #[arg(long, value_enum, default_value = "f16")]
     pub kv: Kv,
-    /// Thresholds file (default: fixtures/thresholds/<sha256[..16]>-<backend>.json).
+    /// A calibrated thresholds file, for the comparison it records (default:
+    /// the built-in worst-row rel-L2 gates of the numerics mode).
     #[arg(long, conflicts_with = "threshold")]
     pub thresholds: Option<PathBuf>,
-    /// One max-abs threshold for every stage instead of a file.
+    /// One max-abs threshold for every stage of the verdict's comparison.
     #[arg(long)]
     pub threshold: Option<f64>,
-    /// Isolation: feed llama.cpp's tensor into every stage, so each stage's
-    /// error is its own op's, not drift from upstream.
-    #[arg(long)]
+    /// Which comparison gives the verdict: teacher-forced (each of our ops
+    /// fed llama.cpp's input, so each stage's error is its own op's) or
+    /// free-running (each engine on its own outputs). Both are reported.
+    #[arg(long, value_enum, default_value = "teacher-forced")]
+    pub verdict: VerdictArg,
+    /// Same as `--verdict teacher-forced` (the default); kept for old scripts.
+    #[arg(long, hide = true)]
     pub isolate: bool,
     /// Seed a fault variant into our engine (none, rope-adjacent, gqa-modulo,
     /// no-qkv-bias, swiglu-swapped, no-attn-scale, kv-offset).
@@ -71,6 +76,12 @@ pub struct Args {
     pub html: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerdictArg {
+    TeacherForced,
+    FreeRunning,
+}
+
 pub fn run(args: &Args) -> Result<ExitCode> {
     let model = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
     let layers = select_layers(args.layer, args.layers.as_deref(), model.cfg.n_layer)?;
@@ -80,18 +91,46 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     let eo = EngineOptions { kv: args.kv.into(), numerics: args.numerics.into(), fault: args.fault, ..EngineOptions::new(args.backend) };
     let mut pair = Pair::load(&model, eo, args.threads)?;
-    let thresholds = resolve_thresholds(args.threshold, args.thresholds.as_deref(), &pair.model_sha256, args.backend.name())?;
-    let (ours, reference) = pair.capture(&args.prompt, args.chat, args.decode, layers.clone(), args.isolate)?;
-    let report = compare(&ours, &reference, &thresholds, layers.as_deref());
+    let verdict = match args.verdict {
+        _ if args.isolate => Comparison::TeacherForced,
+        VerdictArg::TeacherForced => Comparison::TeacherForced,
+        VerdictArg::FreeRunning => Comparison::FreeRunning,
+    };
+    let numerics = pair.ours.numerics.name();
+    let req = GateRequest {
+        threshold: args.threshold,
+        file: args.thresholds.as_deref(),
+        model_sha256: &pair.model_sha256,
+        backend: args.backend.name(),
+        kv_type: pair.kv.name(),
+        numerics,
+    };
+    let tf_gates = resolve_thresholds(&req, Comparison::TeacherForced, verdict)?;
+    let fr_gates = resolve_thresholds(&req, Comparison::FreeRunning, verdict)?;
+
+    // One reference capture, compared both ways. With a layer subset the
+    // reference also captures the last layer, so that teacher-forced
+    // final_norm and logits are fed its output, not our free-running one.
+    let last = pair.n_layer - 1;
+    let ref_layers = layers.clone().map(|mut ls| {
+        if !ls.contains(&last) {
+            ls.push(last);
+        }
+        ls
+    });
+    let reference = pair.reference(&args.prompt, args.chat, args.decode, ref_layers)?;
+    let teacher_forced = pair.ours(&reference, layers.clone(), true)?;
+    let free_running = pair.ours(&reference, layers.clone(), false)?;
+    let tf = compare(&teacher_forced, &reference, &tf_gates, layers.as_deref());
+    let fr = compare(&free_running, &reference, &fr_gates, layers.as_deref());
+    let report = match verdict {
+        Comparison::TeacherForced => DiffReport { free_running: Some(FreeRunningSummary::of(&fr)), ..tf },
+        Comparison::FreeRunning => fr,
+    };
 
     write_reports(&report, args.json.as_deref(), args.markdown.as_deref(), args.html.as_deref())?;
     if args.fault != Fault::None {
         println!("seeded fault: {}", args.fault);
-    }
-    if args.isolate {
-        println!("mode: isolation (every stage fed llama.cpp's inputs), numerics {}", pair.ours.numerics);
-    } else {
-        println!("mode: free-running, numerics {}", pair.ours.numerics);
     }
     print!("{}", render_terminal(&report, layers.as_deref()));
     Ok(match report.verdict {

@@ -4,7 +4,7 @@
 //! external resources.
 
 use super::markdown::step_grid;
-use super::{divergence_facts, header_lines, sci, step_label, verdict_lines, Cell, Index};
+use super::{divergence_facts, free_running_lines, header_lines, sci, step_label, verdict_lines, Cell, Index};
 use crate::diff::{DiffReport, FirstProblem};
 use capture::stage::{Family, Stage, StageId};
 use std::fmt::Write;
@@ -37,8 +37,9 @@ fn heat_fill(r: &DiffReport, id: &StageId, cell: &Cell) -> (String, String) {
             let row = &r.rows[*i];
             let m = &row.metrics;
             let tip = format!(
-                "{id}: max-abs {} / threshold {} ({})",
-                sci(m.max_abs),
+                "{id}: {} {} / threshold {} ({})",
+                row.metric.label(),
+                sci(row.value()),
                 row.threshold.map_or("-".into(), sci),
                 if row.pass { "pass" } else { "FAIL" }
             );
@@ -261,6 +262,10 @@ pub fn render_html(r: &DiffReport) -> String {
         crate::diff::Verdict::Diverged => "verdict-diverged",
     };
     let _ = writeln!(out, "<h2>Verdict</h2><pre class=\"{class}\">{}</pre>", esc(&verdict_lines(r).join("\n")));
+    let fr = free_running_lines(r);
+    if !fr.is_empty() {
+        let _ = writeln!(out, "<h2>Free-running</h2><pre>{}</pre>", esc(&fr.join("\n")));
+    }
 
     if let Some(FirstProblem::Row(i)) = r.first_problem() {
         let row = &r.rows[i];
@@ -275,7 +280,7 @@ pub fn render_html(r: &DiffReport) -> String {
     }
 
     for step in index.steps() {
-        let _ = write!(out, "<h2>{}</h2>\n<h3>log10(max-abs / threshold)</h3>\n", esc(&step_label(step)));
+        let _ = write!(out, "<h2>{}</h2>\n<h3>log10(error / threshold)</h3>\n", esc(&step_label(step)));
         out.push_str(&heatmap_svg(r, &index, step));
         out.push_str("\n<div class=\"charts\">");
         for family in Family::CHARTED {

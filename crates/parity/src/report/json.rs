@@ -3,6 +3,7 @@
 
 use super::verdict_lines;
 use crate::diff::{DiffReport, FirstProblem, StageRow, Verdict};
+use crate::thresholds::GateMetric;
 use capture::stage::StageId;
 use serde_json::{json, Value};
 
@@ -36,6 +37,9 @@ fn stage_json(row: &StageRow) -> Value {
     o.insert("max_abs".into(), num(m.max_abs));
     o.insert("mean_abs".into(), num(m.mean_abs));
     o.insert("rel_l2".into(), num(m.rel_l2));
+    o.insert("row_rel_l2_max".into(), num(m.row_rel_l2_max));
+    o.insert("row_rel_l2_median".into(), num(m.row_rel_l2_median));
+    o.insert("worst_row".into(), json!(m.worst_row));
     o.insert("cosine".into(), num(m.cosine));
     o.insert("nmse".into(), num(m.nmse));
     o.insert("ref_max_abs".into(), num(m.ref_max_abs));
@@ -43,6 +47,8 @@ fn stage_json(row: &StageRow) -> Value {
     o.insert("n".into(), json!(m.n));
     o.insert("shape".into(), json!(m.shape));
     o.insert("threshold".into(), opt_num(row.threshold));
+    o.insert("gated_on".into(), json!(match row.metric { GateMetric::MaxAbs => "max_abs", GateMetric::RowRelL2 => "row_rel_l2_max" }));
+    o.insert("margin".into(), opt_num(row.ratio()));
     o.insert("pass".into(), json!(row.pass));
     o.insert("jump".into(), opt_num(row.jump));
     o.insert(
@@ -117,6 +123,26 @@ pub fn render_json(r: &DiffReport) -> Value {
         "model_sha256": r.model_sha256,
         "kv_type": r.kv_type,
         "thresholds_source": r.thresholds_source,
+        "comparison": r.comparison,
+        "numerics": r.numerics,
+        "free_running": r.free_running.as_ref().map_or(Value::Null, |fr| json!({
+            "thresholds_source": fr.thresholds_source,
+            "verdict": match fr.verdict { Verdict::Match => "match", Verdict::Diverged => "diverged" },
+            "first_over_gate": fr.first_over_gate.map_or(Value::Null, |(id, v, t)| {
+                let mut o = id_fields(&id);
+                o.insert("row_rel_l2_max".into(), num(v));
+                o.insert("threshold".into(), num(t));
+                Value::Object(o)
+            }),
+            "per_layer": fr.per_layer.iter().map(|(l, v, s)| json!({
+                "layer": l, "row_rel_l2_max": num(*v), "stage": s.name(),
+            })).collect::<Vec<_>>(),
+            "logits": fr.logits.iter().map(|(step, m)| json!({
+                "step": step, "top1_agree": m.top1_agree, "rows": m.rows,
+                "kl_mean": num(m.kl_mean), "kl_max": num(m.kl_max),
+            })).collect::<Vec<_>>(),
+            "logits_kl_max": opt_num(fr.logits_kl_max),
+        })),
         "n_layer": r.n_layer,
         "stages": r.rows.iter().map(stage_json).collect::<Vec<_>>(),
         "logits": r.logits.iter().map(|(step, m)| json!({

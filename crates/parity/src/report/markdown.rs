@@ -1,7 +1,7 @@
 //! Markdown report: summary, verdict, first-divergence detail and one table
 //! per step of layers × key stages.
 
-use super::{divergence_facts, header_lines, sci, step_label, verdict_lines, worst_of, Cell, Index};
+use super::{divergence_facts, free_running_lines, header_lines, sci, step_label, verdict_lines, worst_of, Cell, Index};
 use crate::diff::{DiffReport, FirstProblem};
 use capture::stage::{Stage, StageId};
 
@@ -31,7 +31,7 @@ pub(crate) fn step_grid(r: &DiffReport, index: &Index, step: usize) -> (Vec<Stri
     let key_stages: Vec<Stage> = Stage::key_stages().collect();
     let mut header = vec!["layer".to_string()];
     header.extend(key_stages.iter().map(|s| s.name().to_string()));
-    header.push("worst stage (max-abs / threshold)".into());
+    header.push("worst stage (error / threshold)".into());
     header.push("failed".into());
     let mut rows = Vec::new();
     let plain = |t: String| GridCell { text: t, fail: false };
@@ -89,6 +89,15 @@ pub fn render_markdown(r: &DiffReport) -> String {
         out.push('\n');
     }
     out.push_str("```\n\n");
+    let fr = free_running_lines(r);
+    if !fr.is_empty() {
+        out.push_str("## Free-running\n\n```\n");
+        for line in fr {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out.push_str("```\n\n");
+    }
 
     if let Some(FirstProblem::Row(i)) = r.first_problem() {
         let row = &r.rows[i];

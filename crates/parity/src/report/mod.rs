@@ -89,7 +89,7 @@ impl Index {
     }
 }
 
-/// One character per checkpoint for the heat lines: how close max_abs is to
+/// One character per checkpoint for the heat lines: how close the gated error is to
 /// its threshold.
 pub fn heat_char(r: &DiffReport, cell: &Cell) -> char {
     match cell {
@@ -117,7 +117,7 @@ pub fn heat_char(r: &DiffReport, cell: &Cell) -> char {
 }
 
 pub const HEAT_LEGEND: &str =
-    "heat: max-abs/threshold  . <=0.01  : <=0.1  - <=0.5  = <=1 (pass)  ! <=10  # <=1000  X more or NaN/Inf (fail)  ~ no threshold  ? missing  S shape mismatch  _ unavailable";
+    "heat: error/threshold  . <=0.01  : <=0.1  - <=0.5  = <=1 (pass)  ! <=10  # <=1000  X more or NaN/Inf (fail)  ~ no threshold  ? missing  S shape mismatch  _ unavailable";
 
 /// The verdict block: the verdict line, then for a divergence the
 /// "look at:" line, the worst element and the largest-jump line.
@@ -137,12 +137,13 @@ pub fn verdict_lines(r: &DiffReport) -> Vec<String> {
             let row = &r.rows[*i];
             let m = &row.metrics;
             let value = if m.non_finite > 0 {
-                format!("max-abs inf ({} NaN/Inf values)", m.non_finite)
+                format!("{} inf ({} NaN/Inf values)", row.metric.label(), m.non_finite)
             } else {
-                format!("max-abs {}", sci(m.max_abs))
+                format!("{} {}", row.metric.label(), sci(row.value()))
             };
             let threshold = row.threshold.map_or("no threshold".to_string(), sci);
-            out.push(format!("FIRST DIVERGENCE: {}: {value} > {threshold}", row.id));
+            let margin = row.ratio().map_or(String::new(), |x| format!(" ({}x its threshold)", sci(x)));
+            out.push(format!("FIRST DIVERGENCE: {}: {value} > {threshold}{margin}", row.id));
             out.push(format!("look at: {}", row.id.stage.what_to_check()));
             if let Some(w) = &m.worst {
                 out.push(format!(
@@ -198,8 +199,15 @@ pub fn header_lines(r: &DiffReport) -> Vec<String> {
     if r.prompt.chars().count() > 80 {
         prompt.push('…');
     }
+    let fed = if r.comparison == "teacher-forced" {
+        "teacher-forced: each of our ops fed the reference's input, so each stage's error is its own op's"
+    } else {
+        "free-running: each engine on its own outputs (errors accumulate)"
+    };
+    let numerics = if r.numerics.is_empty() { "not recorded".to_string() } else { r.numerics.clone() };
     vec![
         format!("ours: {}   reference: {}", r.ours_engine, r.reference_engine),
+        format!("comparison: {fed}   numerics: {numerics}"),
         format!("model: {short}   kv cache: {}   prompt: {prompt:?} ({} tokens)", r.kv_type, r.tokens.len()),
         format!(
             "thresholds: {}   compared: {}   failed: {}   missing: {}   unavailable: {}",
@@ -210,6 +218,38 @@ pub fn header_lines(r: &DiffReport) -> Vec<String> {
             r.unavailable.len()
         ),
     ]
+}
+
+/// The free-running comparison beside a teacher-forced verdict, as lines:
+/// its verdict under the free-running gates, the error growth per layer, the logits.
+pub fn free_running_lines(r: &DiffReport) -> Vec<String> {
+    let Some(fr) = &r.free_running else { return Vec::new() };
+    let mut out = vec![format!("free-running (each engine on its own outputs; gates: {})", fr.thresholds_source)];
+    match &fr.first_over_gate {
+        None => out.push(format!("  within the free-running gates ({})", match fr.verdict {
+            crate::diff::Verdict::Match => "match",
+            crate::diff::Verdict::Diverged => "logits KL over its gate",
+        })),
+        Some((id, v, t)) => out.push(format!("  first over its gate: {id}: worst-row rel-L2 {} > {}", sci(*v), sci(*t))),
+    }
+    let growth: Vec<String> = fr
+        .per_layer
+        .iter()
+        .map(|(l, v, s)| format!("{}:{}({})", l.map_or("head".to_string(), |l| l.to_string()), sci(*v), s))
+        .collect();
+    out.push(format!("  worst-row rel-L2 per layer (stage): {}", growth.join(" ")));
+    for (step, m) in &fr.logits {
+        out.push(format!(
+            "  logits {}: top-1 agree {}/{}, KL(ref||ours) mean {} max {}{}",
+            step_label(*step),
+            m.top1_agree,
+            m.rows,
+            sci(m.kl_mean),
+            sci(m.kl_max),
+            fr.logits_kl_max.map_or(String::new(), |g| format!(" (gate {})", sci(g)))
+        ));
+    }
+    out
 }
 
 /// The row of `rows` with the largest max_abs/threshold among `ids` (ties: the first).
@@ -252,8 +292,12 @@ pub fn write_reports(
 pub fn divergence_facts(row: &crate::diff::StageRow) -> Vec<(&'static str, String)> {
     let m = &row.metrics;
     let mut kv = vec![
-        ("max-abs", sci(m.max_abs)),
+        ("gated on", row.metric.label().to_string()),
         ("threshold", row.threshold.map_or("-".into(), sci)),
+        ("margin (value / threshold)", row.ratio().map_or("-".into(), sci)),
+        ("worst-row rel-L2", format!("{} ({})", sci(m.row_rel_l2_max), m.worst_row)),
+        ("median row rel-L2", sci(m.row_rel_l2_median)),
+        ("max-abs", sci(m.max_abs)),
         ("mean-abs", sci(m.mean_abs)),
         ("rel-L2", sci(m.rel_l2)),
         ("cosine", format!("{:.6}", m.cosine)),

@@ -1,7 +1,7 @@
 //! Terminal report: per-layer stage tables, an all-layers summary with heat
 //! lines, and the verdict block.
 
-use super::{header_lines, heat_char, sci, step_label, verdict_lines, worst_of, Cell, Index, HEAT_LEGEND};
+use super::{free_running_lines, header_lines, heat_char, sci, step_label, verdict_lines, worst_of, Cell, Index, HEAT_LEGEND};
 use crate::diff::DiffReport;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell as TCell, ContentArrangement, Table};
 use capture::stage::{Stage, StageId};
@@ -31,7 +31,7 @@ fn status(r: &DiffReport, cell: &Cell) -> String {
 
 /// One table for the stages of `ids`: one row per stage.
 fn stage_table(r: &DiffReport, index: &Index, ids: &[StageId]) -> Table {
-    let mut t = new_table(&["stage", "max-abs", "mean-abs", "rel-L2", "cosine", "worst element", "ours", "ref", "threshold", "status"]);
+    let mut t = new_table(&["stage", "max-abs", "mean-abs", "rel-L2", "worst row rel-L2", "cosine", "worst element", "ours", "ref", "threshold", "status"]);
     for id in ids {
         let cell = index.get(id);
         match &cell {
@@ -47,18 +47,19 @@ fn stage_table(r: &DiffReport, index: &Index, ids: &[StageId]) -> Table {
                     TCell::new(sci(m.max_abs)),
                     TCell::new(sci(m.mean_abs)),
                     TCell::new(sci(m.rel_l2)),
+                    TCell::new(format!("{} ({})", sci(m.row_rel_l2_max), m.worst_row)),
                     TCell::new(format!("{:.6}", m.cosine)),
                     TCell::new(coords),
                     TCell::new(ours),
                     TCell::new(reference),
-                    TCell::new(row.threshold.map_or("-".to_string(), sci)),
+                    TCell::new(row.threshold.map_or("-".to_string(), |t| format!("{} {}", row.metric.label(), sci(t)))),
                     TCell::new(status(r, &cell)),
                 ]);
             }
             Cell::Absent => {}
             _ => {
                 let mut cells = vec![TCell::new(id.stage.name())];
-                cells.extend((0..8).map(|_| TCell::new("")));
+                cells.extend((0..9).map(|_| TCell::new("")));
                 cells.push(TCell::new(status(r, &cell)));
                 t.add_row(cells);
             }
@@ -77,7 +78,7 @@ fn global_ids(step: usize) -> Vec<StageId> {
 
 fn summary(r: &DiffReport, index: &Index) -> String {
     let mut out = String::new();
-    let mut t = new_table(&["step", "layer", "compared", "failed", "worst stage", "max-abs", "/ threshold", "heat (stages in execution order)"]);
+    let mut t = new_table(&["step", "layer", "compared", "failed", "worst stage", "error", "/ threshold", "heat (stages in execution order)"]);
     for step in index.steps() {
         let mut groups: Vec<(String, Vec<StageId>)> = Vec::new();
         let globals = global_ids(step);
@@ -104,7 +105,7 @@ fn summary(r: &DiffReport, index: &Index) -> String {
             let (stage, max_abs, ratio) = match worst_of(r, index, ids.iter().copied()) {
                 Some(i) => {
                     let row = &r.rows[i];
-                    (row.id.stage.name().to_string(), sci(row.metrics.max_abs), row.ratio().map_or("-".into(), sci))
+                    (row.id.stage.name().to_string(), sci(row.value()), row.ratio().map_or("-".into(), sci))
                 }
                 None => (String::new(), String::new(), String::new()),
             };
@@ -194,6 +195,10 @@ pub fn render_terminal(r: &DiffReport, layers: Option<&[usize]>) -> String {
         ));
     }
     out.push('\n');
+    for line in free_running_lines(r) {
+        out.push_str(&line);
+        out.push('\n');
+    }
     for line in verdict_lines(r) {
         out.push_str(&line);
         out.push('\n');
