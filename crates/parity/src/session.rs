@@ -184,6 +184,24 @@ impl Pair {
         c.model_sha256 = self.model_sha256.clone();
     }
 
+    /// One reference capture, our engine run both ways on it:
+    /// (teacher-forced, free-running, reference). With a layer subset the
+    /// reference also captures the last layer, so that teacher-forced
+    /// final_norm and logits are fed its output, not our free-running one.
+    pub fn capture_both(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>) -> Result<(Capture, Capture, Capture)> {
+        let last = self.n_layer.saturating_sub(1);
+        let ref_layers = layers.clone().map(|mut ls| {
+            if !ls.contains(&last) {
+                ls.push(last);
+            }
+            ls
+        });
+        let reference = self.reference(prompt, chat, n_decode, ref_layers)?;
+        let teacher_forced = self.ours(&reference, layers.clone(), true)?;
+        let free_running = self.ours(&reference, layers, false)?;
+        Ok((teacher_forced, free_running, reference))
+    }
+
     /// Both engines on one prompt: (ours, llama.cpp).
     pub fn capture(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, teacher_forced: bool) -> Result<(Capture, Capture)> {
         let reference = self.reference(prompt, chat, n_decode, layers.clone())?;

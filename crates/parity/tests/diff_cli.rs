@@ -208,36 +208,54 @@ fn bad_input_exits_2_with_one_line() {
 }
 
 #[test]
-fn thresholds_from_the_default_path_or_a_clear_error() {
+fn built_in_gates_without_a_file_and_files_only_for_their_combination() {
     let reference = synthetic("llama.cpp", 1);
     let mut ours = synthetic("ours-cpu", 1);
     perturb(&mut ours, StageId::layer(0, 1, Stage::AttnOut), 3, 0.01);
     let d = Dumps::new(&ours, &reference);
 
-    // None given, none at the default path.
+    // No file: the built-in free-running gates (worst-row rel-L2) apply;
+    // a 0.01 change in one element of a row of norm ~1.6 passes them.
     let out = d.run(&[]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = stderr(&out);
-    assert!(err.contains("no thresholds") && err.contains("1d9614638d18024d-cpu.json"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("built-in free-running defaults"), "{}", stdout(&out));
 
-    // Calibrated file at the default path: per-layer values gate.
+    // A row replaced by its negative fails them, named at its stage.
+    let mut flipped = synthetic("ours-cpu", 1);
+    for v in flipped.tensors.get_mut(&StageId::layer(0, 2, Stage::FfnUp)).unwrap().tensor.data[16..32].iter_mut() {
+        *v = -*v;
+    }
+    let d2 = Dumps::new(&flipped, &reference);
+    let out = d2.run(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("FIRST DIVERGENCE: prefill, layer 2, ffn_up: worst-row rel-L2 2.0e0 > 1.0e0"), "{}", stdout(&out));
+
+    // A calibrated max-abs file gates what it records.
     let observed: Vec<(StageId, f64)> = StageId::all_in_step(0, N_LAYER)
         .into_iter()
         .map(|id| (id, if id == StageId::layer(0, 1, Stage::AttnOut) { 0.004 } else { 1e-4 }))
         .collect();
-    let mut t = calibrate(&observed, 4.0, 1e-6, N_LAYER); // attn_out layer 1: 0.016 > 0.01
+    let tight = d.dir.path().join("tight.json");
+    let mut t = calibrate(&observed, 1.0, 1e-6, N_LAYER); // 0.004 < 0.01
     t.model_sha256 = SHA.into();
     t.backend = "cpu".into();
-    let path = Thresholds::default_path(&d.fixtures(), SHA, "cpu");
-    t.save(&path).unwrap();
-    let out = d.run(&[]);
-    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
-    assert!(stdout(&out).contains(s(&path)), "the report names its thresholds source");
-
-    // A tighter explicit file wins over the default path.
-    let tight = d.dir.path().join("tight.json");
-    calibrate(&observed, 1.0, 1e-6, N_LAYER).save(&tight).unwrap(); // 0.004 < 0.01
+    t.kv_type = "f32".into();
+    t.save(&tight).unwrap();
     let out = d.run(&["--thresholds", s(&tight)]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout(&out).contains("FIRST DIVERGENCE: prefill, layer 1, attn_out: max-abs 1.0e-2 > 4.0e-3"), "{}", stdout(&out));
+    assert!(stdout(&out).contains(s(&tight)), "the report names its thresholds source");
+
+    // ... and is refused for another model or KV type, naming the difference.
+    t.model_sha256 = "ab".repeat(32);
+    t.save(&tight).unwrap();
+    let out = d.run(&["--thresholds", s(&tight)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("recorded for model sha256 abab"), "{}", stderr(&out));
+    t.model_sha256 = SHA.into();
+    t.kv_type = "f16".into();
+    t.save(&tight).unwrap();
+    let out = d.run(&["--thresholds", s(&tight)]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("KV type f16"), "{}", stderr(&out));
 }

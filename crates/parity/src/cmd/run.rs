@@ -108,19 +108,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let tf_gates = resolve_thresholds(&req, Comparison::TeacherForced, verdict)?;
     let fr_gates = resolve_thresholds(&req, Comparison::FreeRunning, verdict)?;
 
-    // One reference capture, compared both ways. With a layer subset the
-    // reference also captures the last layer, so that teacher-forced
-    // final_norm and logits are fed its output, not our free-running one.
-    let last = pair.n_layer - 1;
-    let ref_layers = layers.clone().map(|mut ls| {
-        if !ls.contains(&last) {
-            ls.push(last);
-        }
-        ls
-    });
-    let reference = pair.reference(&args.prompt, args.chat, args.decode, ref_layers)?;
-    let teacher_forced = pair.ours(&reference, layers.clone(), true)?;
-    let free_running = pair.ours(&reference, layers.clone(), false)?;
+    let (teacher_forced, free_running, reference) = pair.capture_both(&args.prompt, args.chat, args.decode, layers.clone())?;
     let tf = compare(&teacher_forced, &reference, &tf_gates, layers.as_deref());
     let fr = compare(&free_running, &reference, &fr_gates, layers.as_deref());
     let report = match verdict {
