@@ -114,7 +114,15 @@ impl LlamaRef {
         backend::ensure()?;
         let cpath = c_path(path)?;
         // SAFETY: plain constructor of a params struct.
-        let params = unsafe { sys::llama_model_default_params() };
+        let mut params = unsafe { sys::llama_model_default_params() };
+        // No "extra buffer" repacking of Q4_0/Q4_K/IQ4_NL weights: its
+        // activation quantizer rounds q8_K twice for rows in groups of four
+        // and once for the rest, so the same row rounds differently by its
+        // position in the batch. Without it every matmul quantizes
+        // activations with the one `from_float` that `--numerics ggml`
+        // reproduces bit for bit. Only ties round differently: the repacked
+        // and plain paths agree to q8 rounding.
+        params.use_extra_bufts = false;
         // SAFETY: `cpath` is a valid NUL-terminated string for the call's duration.
         let raw = unsafe { sys::llama_model_load_from_file(cpath.as_ptr(), params) };
         let model = NonNull::new(raw).ok_or_else(|| LlamaError::Load {

@@ -1,12 +1,15 @@
 //! `parity calibrate`: run clean prompts through llama.cpp and our engine,
-//! take the largest max-abs-diff seen per stage and layer, multiply by a
-//! safety factor and write the thresholds `parity run` gates on.
+//! take the largest error seen per stage and layer, multiply by a safety
+//! factor and write thresholds `parity run --thresholds` can gate on (the
+//! built-in gates need none: calibration only tightens them).
 
 use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::prompts::read_prompts;
-use crate::session::{compare, ModelFile, Pair};
+use crate::session::{ModelFile, Pair};
 use crate::report::sci;
-use crate::thresholds::{calibrate, Thresholds};
+use crate::calibration::{run_calibration, Calibration, CalibrationOptions};
+use crate::cmd::run::VerdictArg;
+use crate::thresholds::{Comparison, GateMetric, Thresholds};
 use anyhow::{bail, Context, Result};
 use comfy_table::Table;
 use capture::stage::{Stage, StageId};
@@ -34,7 +37,13 @@ pub struct Args {
     /// KV cache element type of both engines.
     #[arg(long, value_enum, default_value = "f16")]
     pub kv: Kv,
-    /// Thresholds = safety factor x the largest clean max-abs-diff.
+    /// Which comparison the thresholds gate.
+    #[arg(long, value_enum, default_value = "teacher-forced")]
+    pub comparison: VerdictArg,
+    /// The metric they bound: the worst row's rel-L2 (scale-free) or max-abs.
+    #[arg(long, value_enum, default_value = "row-rel-l2")]
+    pub metric: MetricArg,
+    /// Thresholds = safety factor x the largest clean error.
     #[arg(long, default_value_t = 4.0)]
     pub safety_factor: f64,
     /// No threshold below this (stages that match bit for bit on clean runs).
@@ -43,6 +52,12 @@ pub struct Args {
     /// Output file (default: fixtures/thresholds/<sha256[..16]>-<backend>.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricArg {
+    RowRelL2,
+    MaxAbs,
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
@@ -60,42 +75,26 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let model = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
     let eo = EngineOptions { kv: args.kv.into(), numerics: args.numerics.into(), ..EngineOptions::new(args.backend) };
     let mut pair = Pair::load(&model, eo, None)?;
-    let observe_all = Thresholds::uniform(f64::MAX);
-
-    let mut observed: Vec<(StageId, f64)> = Vec::new();
-    let mut kl_max = 0f64;
-    for (i, prompt) in prompts.iter().enumerate() {
-        let (ours, reference) = pair.capture(&prompt.text, prompt.chat, args.decode, None, false)?;
-        let report = compare(&ours, &reference, &observe_all, None);
-        if let Some((id, _)) = report.missing.first() {
-            bail!("prompt {}: checkpoint {id} is missing on one side; cannot calibrate", i + 1);
-        }
-        for row in &report.rows {
-            if row.metrics.non_finite > 0 {
-                bail!("prompt {}: {} has NaN or Inf; a clean run must be finite", i + 1, row.id);
-            }
-            observed.push((row.id, row.metrics.max_abs));
-        }
-        for (_, m) in &report.logits {
-            kl_max = kl_max.max(m.kl_max);
-        }
-        let top1: usize = report.logits.iter().map(|(_, m)| m.top1_agree).sum();
-        let rows: usize = report.logits.iter().map(|(_, m)| m.rows).sum();
-        eprintln!(
-            "calibrate: prompt {}/{} ({} tokens): logits top-1 {top1}/{rows}, KL max {}",
-            i + 1,
-            prompts.len(),
-            ours.tokens.len(),
-            sci(report.logits.iter().map(|(_, m)| m.kl_max).fold(0.0, f64::max))
-        );
-    }
-
-    let mut thresholds = calibrate(&observed, args.safety_factor, args.floor, pair.n_layer);
+    let opts = CalibrationOptions {
+        comparison: match args.comparison {
+            VerdictArg::TeacherForced => Comparison::TeacherForced,
+            VerdictArg::FreeRunning => Comparison::FreeRunning,
+        },
+        metric: match args.metric {
+            MetricArg::RowRelL2 => GateMetric::RowRelL2,
+            MetricArg::MaxAbs => GateMetric::MaxAbs,
+        },
+        decode: args.decode,
+        safety_factor: args.safety_factor,
+        floor: args.floor,
+    };
+    let Calibration { mut thresholds, observed, kl_max } = run_calibration(&mut pair, &prompts, &opts)?;
     thresholds.model_sha256 = pair.model_sha256.clone();
     thresholds.backend = args.backend.name().to_string();
     thresholds.kv_type = capture::KvType::from(args.kv).name().to_string();
+    thresholds.numerics = pair.ours.numerics.name().to_string();
+    thresholds.llama_cpp = llama_ref::LLAMA_CPP_BUILD.to_string();
     thresholds.prompts = prompts.len();
-    thresholds.logits_kl_max = Some((kl_max * args.safety_factor).max(args.floor));
     let out = args
         .out
         .clone()
@@ -108,11 +107,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     // The clean noise floor: what the thresholds were made from.
     let layers = [0, pair.n_layer / 2, pair.n_layer - 1];
     let floor_at = |stage: Stage, layer: Option<usize>| {
-        observed
-            .iter()
-            .filter(|(id, _)| id.stage == stage && id.layer == layer)
-            .map(|(_, v)| *v)
-            .fold(0.0, f64::max)
+        observed.iter().filter(|o| o.id.stage == stage && o.id.layer == layer).map(|o| o.value).fold(0.0, f64::max)
     };
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
@@ -137,9 +132,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
     println!("{table}");
     println!(
-        "calibrated on {} prompts x {} steps (kv {}), safety factor {}, logits KL max {} -> gate {}",
+        "calibrated on {} prompts x {} steps ({}, {} numerics, {}, kv {}), safety factor {}, logits KL max {} -> gate {}",
         prompts.len(),
         args.decode + 1,
+        opts.comparison.name(),
+        thresholds.numerics,
+        thresholds.metric.label(),
         thresholds.kv_type,
         args.safety_factor,
         sci(kl_max),
