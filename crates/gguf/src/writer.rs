@@ -104,8 +104,9 @@ impl GgufWriter {
         }
     }
 
-    /// The whole file as bytes.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, GgufError> {
+    /// Everything before the tensor data (padded to the alignment), and each
+    /// tensor's offset in the data section.
+    fn header(&self) -> Result<(Vec<u8>, Vec<usize>, usize), GgufError> {
         let align = self.alignment()?;
         let mut keys = HashSet::new();
         for (k, v) in &self.metadata {
@@ -144,21 +145,29 @@ impl GgufWriter {
         if !self.tensors.is_empty() {
             out.resize(out.len().next_multiple_of(align), 0);
         }
+        Ok((out, offsets, offset))
+    }
+
+    /// The whole file as bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, GgufError> {
+        let (mut out, offsets, total) = self.header()?;
         let data_start = out.len();
         for (t, off) in self.tensors.iter().zip(offsets) {
             out.resize(data_start + off, 0);
             out.extend_from_slice(&t.data);
         }
         if !self.tensors.is_empty() {
-            out.resize(data_start + offset, 0);
+            out.resize(data_start + total, 0);
         }
         Ok(out)
     }
 
-    /// Write the file (GGUF v3).
+    /// Write the file (GGUF v3), streaming the tensor data (no second copy
+    /// of it in memory), to a temporary name renamed into place at the end:
+    /// an interrupted write never leaves a file that looks whole.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<(), GgufError> {
         let path = path.as_ref();
-        let bytes = self.to_bytes()?;
+        let (header, offsets, total) = self.header()?;
         let io = |op: &'static str| {
             move |e| GgufError::Io {
                 path: path.to_path_buf(),
@@ -166,9 +175,22 @@ impl GgufWriter {
                 err: e,
             }
         };
-        let mut f = std::fs::File::create(path).map_err(io("cannot create"))?;
-        f.write_all(&bytes).map_err(io("cannot write"))?;
+        let mut tmp_name = path.as_os_str().to_owned();
+        tmp_name.push(".partial");
+        let tmp = std::path::PathBuf::from(tmp_name);
+        let f = std::fs::File::create(&tmp).map_err(io("cannot create"))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 22, f);
+        w.write_all(&header).map_err(io("cannot write"))?;
+        let mut written = 0usize;
+        for (t, off) in self.tensors.iter().zip(offsets) {
+            w.write_all(&vec![0u8; off - written]).map_err(io("cannot write"))?;
+            w.write_all(&t.data).map_err(io("cannot write"))?;
+            written = off + t.data.len();
+        }
+        w.write_all(&vec![0u8; total - written]).map_err(io("cannot write"))?;
+        let f = w.into_inner().map_err(|e| e.into_error()).map_err(io("cannot write"))?;
         f.sync_all().map_err(io("cannot sync"))?;
+        std::fs::rename(&tmp, path).map_err(io("cannot rename into place"))?;
         Ok(())
     }
 }

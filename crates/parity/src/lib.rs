@@ -14,4 +14,5 @@ pub mod prompts;
 pub mod report;
 pub mod session;
 pub mod thresholds;
+pub mod variants;
 pub mod weights;

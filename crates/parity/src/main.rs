@@ -27,6 +27,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Compare two capture dumps stage by stage: first divergence, largest jump, reports.
     Diff(cmd::diff::Args),
+    /// Make (once, cached beside the model) an F32 copy or a llama.cpp quantization of the model.
+    Variant(cmd::variant::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         Command::Calibrate(args) => cmd::calibrate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Diff(args) => cmd::diff::run(args),
+        Command::Variant(args) => cmd::variant::run(args),
     };
     match result {
         Ok(code) => code,

@@ -130,24 +130,43 @@ fn check_comparable(ours: &Tensor, reference: &Tensor) -> Result<(), ShapeMismat
     Ok(())
 }
 
+/// A row's error is measured against the larger of its own norm and this
+/// fraction of the median row norm. A row far larger than the others (an
+/// outlier token) is judged against itself, so it cannot set the scale for
+/// every other row; a row far smaller than typical (an attention query whose
+/// scores nearly cancel: q.k small next to |q||k|) is judged against the
+/// typical row, or float noise would read as a huge relative error.
+pub const ROW_NORM_FLOOR: f64 = 1.0;
+
 /// Per-row rel-L2 over the rows of the stage's layout: (worst, median, which row).
 fn row_errors(stage: Stage, shape: &[usize], ours: &Tensor, reference: &Tensor, non_finite: bool) -> (f64, f64, String) {
     let width = stage.layout().row_width(shape).max(1);
-    let mut rows: Vec<(f64, usize)> = ours
+    // (|d|^2, |ref|^2) per row; non-finite rows are infinitely wrong.
+    let sums: Vec<(f64, f64)> = ours
         .data
         .chunks(width)
         .zip(reference.data.chunks(width))
-        .enumerate()
-        .map(|(r, (a, b))| {
+        .map(|(a, b)| {
             let (mut d2, mut b2) = (0f64, 0f64);
             for (&x, &y) in a.iter().zip(b) {
                 if !x.is_finite() || !y.is_finite() {
-                    return (f64::INFINITY, r);
+                    return (f64::INFINITY, 1.0);
                 }
                 d2 += (x as f64 - y as f64).powi(2);
                 b2 += (y as f64).powi(2);
             }
-            let rel = if b2 > 0.0 { (d2 / b2).sqrt() } else if d2 == 0.0 { 0.0 } else { f64::INFINITY };
+            (d2, b2)
+        })
+        .collect();
+    let mut norms: Vec<f64> = sums.iter().map(|&(_, b2)| b2.sqrt()).collect();
+    norms.sort_by(f64::total_cmp);
+    let floor = norms.get(norms.len() / 2).copied().unwrap_or(0.0) * ROW_NORM_FLOOR;
+    let mut rows: Vec<(f64, usize)> = sums
+        .iter()
+        .enumerate()
+        .map(|(r, &(d2, b2))| {
+            let den = b2.sqrt().max(floor);
+            let rel = if den > 0.0 { d2.sqrt() / den } else if d2 == 0.0 { 0.0 } else { f64::INFINITY };
             (rel, r)
         })
         .collect();

@@ -79,6 +79,9 @@ pub struct GateRequest<'a> {
     pub backend: &'a str,
     pub kv_type: &'a str,
     pub numerics: &'a str,
+    /// The reference computes in float (llama.cpp on an F32 copy, f32 KV):
+    /// its matmuls quantize nothing, so exact numerics get the tight gates.
+    pub float_reference: bool,
 }
 
 /// The thresholds one comparison gates on: `--threshold X`, else a
@@ -101,7 +104,7 @@ pub fn resolve_thresholds(req: &GateRequest, comparison: Comparison, verdict: Co
         }
     }
     let numerics = if req.numerics.is_empty() { "exact" } else { req.numerics };
-    Ok(Thresholds::defaults(numerics, comparison))
+    Ok(Thresholds::defaults(numerics, comparison, req.float_reference))
 }
 
 /// A thresholds file applies only to the combination it was made for.

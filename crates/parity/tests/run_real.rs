@@ -68,7 +68,7 @@ fn run_all_layers_matches() {
 }
 
 fn gates(pair: &Pair, numerics: &str, comparison: Comparison, file: Option<&std::path::Path>) -> Thresholds {
-    let req = GateRequest { threshold: None, file, model_sha256: &pair.model_sha256, backend: "cpu", kv_type: "f16", numerics };
+    let req = GateRequest { threshold: None, file, model_sha256: &pair.model_sha256, backend: "cpu", kv_type: "f16", numerics, float_reference: false };
     resolve_thresholds(&req, comparison, Comparison::TeacherForced).unwrap()
 }
 
@@ -118,7 +118,7 @@ fn calibrated_file_gates_its_own_combination_only() {
         let report = compare(&ours, &reference, &thresholds, None);
         assert_eq!(report.verdict, Verdict::Match, "{:?}: {:?}", prompt.text, report.first_problem());
     }
-    let req = GateRequest { threshold: None, file: Some(&file), model_sha256: &pair.model_sha256, backend: "cpu", kv_type: "f16", numerics: "ggml" };
+    let req = GateRequest { threshold: None, file: Some(&file), model_sha256: &pair.model_sha256, backend: "cpu", kv_type: "f16", numerics: "ggml", float_reference: false };
     let err = resolve_thresholds(&req, Comparison::FreeRunning, Comparison::TeacherForced).unwrap_err();
     assert!(format!("{err:#}").contains("numerics exact"), "{err:#}");
 }

@@ -61,6 +61,9 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         backend: backend_of(&ours.engine),
         kv_type: &ours.config.kv_type,
         numerics: &ours.config.numerics,
+        // A float reference's dump records an f32 KV cache and no quantized
+        // matmul; the dump format does not say so, so assume production.
+        float_reference: false,
     };
     let thresholds = resolve_thresholds(&req, comparison, comparison)?;
 

@@ -8,4 +8,5 @@ pub mod capture;
 pub mod diff;
 pub mod inspect;
 pub mod run;
+pub mod variant;
 pub mod weights;

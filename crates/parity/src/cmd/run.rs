@@ -38,11 +38,19 @@ pub struct Args {
     pub decode: usize,
     /// How our engine rounds activations: like ggml's CPU backend (q8
     /// activations in matmuls, f16 Q and probabilities), or exact floats.
-    #[arg(long, value_enum, default_value = "ggml")]
-    pub numerics: NumericsArg,
-    /// KV cache element type of both engines (f16: llama.cpp's default).
-    #[arg(long, value_enum, default_value = "f16")]
-    pub kv: Kv,
+    /// Default: ggml against `--reference llama`, exact against `llama-f32`.
+    #[arg(long, value_enum)]
+    pub numerics: Option<NumericsArg>,
+    /// KV cache element type of both engines. Default: f16 (llama.cpp's)
+    /// against `--reference llama`, f32 against `llama-f32`.
+    #[arg(long, value_enum)]
+    pub kv: Option<Kv>,
+    /// The reference: llama.cpp on this GGUF (production numerics), or
+    /// llama.cpp on an F32 copy of it (written with our bit-exact
+    /// dequantization, cached beside the model) with an f32 KV cache: a
+    /// float reference for engines that keep activations in float.
+    #[arg(long, value_enum, default_value = "llama")]
+    pub reference: ReferenceArg,
     /// A calibrated thresholds file, for the comparison it records (default:
     /// the built-in worst-row rel-L2 gates of the numerics mode).
     #[arg(long, conflicts_with = "threshold")]
@@ -77,19 +85,36 @@ pub struct Args {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReferenceArg {
+    Llama,
+    LlamaF32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum VerdictArg {
     TeacherForced,
     FreeRunning,
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
-    let model = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
+    let float_reference = args.reference == ReferenceArg::LlamaF32;
+    let mut model_path = crate::model_path::resolve(args.model.as_deref())?;
+    if float_reference {
+        model_path = crate::variants::variant(&model_path, "f32")?;
+    }
+    let model = ModelFile::open(&model_path)?;
     let layers = select_layers(args.layer, args.layers.as_deref(), model.cfg.n_layer)?;
     // Validate the cheap things before the expensive loads.
     if let Some(path) = &args.thresholds {
         Thresholds::load(path).context("reading --thresholds")?;
     }
-    let eo = EngineOptions { kv: args.kv.into(), numerics: args.numerics.into(), fault: args.fault, ..EngineOptions::new(args.backend) };
+    let (default_kv, default_numerics) = if float_reference { (Kv::F32, NumericsArg::Exact) } else { (Kv::F16, NumericsArg::Ggml) };
+    let eo = EngineOptions {
+        kv: args.kv.unwrap_or(default_kv).into(),
+        numerics: args.numerics.unwrap_or(default_numerics).into(),
+        fault: args.fault,
+        ..EngineOptions::new(args.backend)
+    };
     let mut pair = Pair::load(&model, eo, args.threads)?;
     let verdict = match args.verdict {
         _ if args.isolate => Comparison::TeacherForced,
@@ -104,6 +129,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         backend: args.backend.name(),
         kv_type: pair.kv.name(),
         numerics,
+        float_reference,
     };
     let tf_gates = resolve_thresholds(&req, Comparison::TeacherForced, verdict)?;
     let fr_gates = resolve_thresholds(&req, Comparison::FreeRunning, verdict)?;
