@@ -28,6 +28,10 @@ pub struct SynthSpec {
     /// Type of the matrices (F32 or F16); norms and biases are always F32.
     pub weight_type: GgmlType,
     pub seed: u64,
+    /// A token whose embedding carries a massive activation (as Qwen2's
+    /// first tokens do): its first 4 dims are scaled by 1000, so its row of
+    /// the residual stream is three orders of magnitude above the others.
+    pub massive_token: Option<u32>,
 }
 
 impl SynthSpec {
@@ -45,6 +49,7 @@ impl SynthSpec {
             tied_output: false,
             weight_type: GgmlType::F32,
             seed: 42,
+            massive_token: None,
         }
     }
 
@@ -370,14 +375,16 @@ pub fn build_tiny_qwen2(spec: &SynthSpec) -> Result<GgufWriter, GgufError> {
         )
     };
 
-    matrix(
-        &mut w,
-        &mut g,
-        "token_embd.weight".into(),
-        spec.n_embd,
-        spec.n_vocab,
-        wt,
-    )?;
+    {
+        // The same distribution `matrix` draws (the massive row aside).
+        let std = (0.5 / (spec.n_embd as f32).sqrt()).clamp(0.02, 0.1);
+        let mut v = g.values(spec.n_embd * spec.n_vocab, 0.0, std);
+        if let Some(t) = spec.massive_token {
+            let row = (t as usize).min(spec.n_vocab - 1) * spec.n_embd;
+            v[row..row + 4.min(spec.n_embd)].iter_mut().for_each(|x| *x *= 1000.0);
+        }
+        w.add_tensor("token_embd.weight", vec![spec.n_embd as u64, spec.n_vocab as u64], wt, encode(wt, &v))?;
+    }
     for l in 0..spec.n_layer {
         let b = format!("blk.{l}");
         vector(

@@ -121,6 +121,7 @@ fn other_shapes_and_bigger_vocab() {
         tied_output: false,
         weight_type: GgmlType::F16,
         seed: 1,
+        massive_token: None,
     });
 }
 

@@ -214,3 +214,43 @@ fn synthetic_f32_model_matches_llama_cpp_tightly() {
     let report = compare(&ours, &reference, &thresholds, None);
     assert_eq!(report.rows[report.first_divergence.unwrap()].id, StageId::layer(0, 0, Stage::AttnScores));
 }
+
+/// A synthetic model with a massive-activation token (its residual row a
+/// thousand times the others), quantized by llama.cpp to every family of
+/// weight type: teacher-forced in ggml numerics it matches under the
+/// built-in gates with no calibration, and a seeded fault is still named
+/// at its stage by a margin of at least 100.
+#[test]
+fn massive_activation_synthetic_models_match_without_calibration() {
+    use gguf::synth::{write_tiny_qwen2, SynthSpec};
+    use gguf::GgmlType;
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "hello world, hello tiny model";
+    let base = SynthSpec { n_layer: 2, n_embd: 256, n_head: 4, n_head_kv: 2, n_ff: 512, ..SynthSpec::tiny() };
+    // The tokenizer does not depend on the weights: find the first token's id.
+    let plain = dir.path().join("plain.gguf");
+    write_tiny_qwen2(&base, &plain).unwrap();
+    let first = llama_ref::LlamaRef::load(&plain).unwrap().tokenize(prompt, false).unwrap()[0];
+    let f32_path = dir.path().join("massive-f32.gguf");
+    write_tiny_qwen2(&SynthSpec { massive_token: Some(first as u32), ..base }, &f32_path).unwrap();
+    for ty in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+        let path = dir.path().join(format!("massive-{}.gguf", ty.name()));
+        llama_ref::quantize_model(&f32_path, &path, ty).unwrap();
+        let model = ModelFile::open(&path).unwrap();
+        let mut pair = Pair::load(&model, cpu(KvType::F16, Fault::None, Numerics::Ggml), None).unwrap();
+        let tf_gates = gates(&pair, "ggml", Comparison::TeacherForced, None);
+        let (tf, _, reference) = pair.capture_both(prompt, false, 3, None).unwrap();
+        let embed = reference.get(&StageId::global(0, Stage::Embed)).unwrap();
+        let row0: f32 = embed.row(0).iter().map(|x| x.abs()).fold(0.0, f32::max);
+        let row1: f32 = embed.row(1).iter().map(|x| x.abs()).fold(0.0, f32::max);
+        assert!(row0 > 100.0 * row1, "{}: the first token is not massive: {row0} vs {row1}", ty.name());
+        let report = compare(&tf, &reference, &tf_gates, None);
+        assert_eq!(report.verdict, Verdict::Match, "{}: {:?}", ty.name(), report.first_problem().map(|p| format!("{p:?}")));
+        let mut faulty = Pair::load(&model, cpu(KvType::F16, Fault::NoQkvBias, Numerics::Ggml), None).unwrap();
+        let (tf, _, reference) = faulty.capture_both(prompt, false, 1, None).unwrap();
+        let report = compare(&tf, &reference, &tf_gates, None);
+        let first = &report.rows[report.first_divergence.expect("fault found")];
+        assert_eq!(first.id, StageId::layer(0, 0, Stage::QProj), "{}", ty.name());
+        assert!(first.ratio().unwrap() >= 100.0, "{}: margin {:?}", ty.name(), first.ratio());
+    }
+}

@@ -76,7 +76,10 @@ pub fn render_json(r: &DiffReport) -> Value {
             let mut o = id_fields(&row.id);
             o.insert("kind".into(), json!("threshold"));
             o.insert("max_abs".into(), num(row.metrics.max_abs));
+            o.insert("row_rel_l2_max".into(), num(row.metrics.row_rel_l2_max));
+            o.insert("gated_on".into(), json!(match row.metric { GateMetric::MaxAbs => "max_abs", GateMetric::RowRelL2 => "row_rel_l2_max" }));
             o.insert("threshold".into(), opt_num(row.threshold));
+            o.insert("margin".into(), opt_num(row.ratio()));
             o.insert("what_to_check".into(), json!(row.id.stage.what_to_check()));
             Value::Object(o)
         }
