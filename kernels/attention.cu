@@ -4,6 +4,7 @@
 // ggml's f32->f16). GQA is an index map (no repeated K/V):
 //   head_map 0 (grouped): kv head = h / (n_head / n_head_kv)
 //   head_map 1 (modulo):  kv head = h % n_head_kv   (the classic wrong map)
+//   head_map 2 (ratio):   kv head = h * n_head_kv / n_head (the grouped map, spelled differently)
 // Layouts: q [n_tokens, n_head, head_dim]; scores/probs [n_head, n_tokens, n_kv];
 // ctx [n_tokens, n_head, head_dim]. Query t sits at position pos0 + t and may
 // attend keys 0..=pos0+t.
@@ -26,7 +27,7 @@ __device__ __forceinline__ void st(half_bits* p, u64 i, float v) {
 }
 
 __device__ __forceinline__ int kv_head(int h, int n_head, int n_head_kv, int head_map) {
-    return head_map == 0 ? h / (n_head / n_head_kv) : h % n_head_kv;
+    return head_map == 0 ? h / (n_head / n_head_kv) : head_map == 1 ? h % n_head_kv : h * n_head_kv / n_head;
 }
 
 // K and V rows [n_tokens, kv_row] into the cache rows pos0.. (kv_row = n_head_kv * head_dim).

@@ -6,13 +6,14 @@
 typedef unsigned long long u64;
 
 // out[t, c] = table[tokens[t], c]; token ids are range-checked on the host.
+// transposed != 0 (a fault): the table read as [n_embd, n_vocab], column tokens[t].
 extern "C" __global__ void embed_f32(const float* __restrict__ table, const int* __restrict__ tokens,
-                                     float* __restrict__ out, int n_tokens, int n_embd) {
+                                     float* __restrict__ out, int n_tokens, int n_embd, int n_vocab, int transposed) {
     u64 total = (u64)n_tokens * (u64)n_embd;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         u64 t = i / (u64)n_embd;
         u64 c = i % (u64)n_embd;
-        out[i] = table[(u64)tokens[t] * (u64)n_embd + c];
+        out[i] = transposed ? table[c * (u64)n_vocab + (u64)tokens[t]] : table[(u64)tokens[t] * (u64)n_embd + c];
     }
 }
 
@@ -31,11 +32,14 @@ extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __r
     }
 }
 
-// silu(gate) * up, silu(g) = g / (1 + exp(-g)).
+// act(gate) * up. act 0: silu(g) = g / (1 + exp(-g)); act 1 (a fault):
+// gelu, tanh approximation, 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
 extern "C" __global__ void swiglu_f32(const float* __restrict__ gate, const float* __restrict__ up,
-                                      float* __restrict__ out, u64 n) {
+                                      float* __restrict__ out, u64 n, int act) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        float a = act == 0 ? g / (1.0f + expf(-g))
+                           : 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+        out[i] = a * up[i];
     }
 }

@@ -10,5 +10,5 @@ pub mod tensor;
 
 pub use dump::{read_dump, read_npy, write_dump, write_npy, Capture, CaptureConfig, CapturedTensor, DumpError};
 pub use kv::KvType;
-pub use stage::{Dims, Family, Input, Layout, Stage, StageId, StageInfo, CATALOGUE};
+pub use stage::{causal_keys, Dims, Family, Input, Layout, Stage, StageId, StageInfo, CATALOGUE};
 pub use tensor::{argmax, Tensor};

@@ -114,6 +114,13 @@ impl Layout {
     }
 }
 
+/// How many keys query `t` of a pass of `n_tokens` may attend when `n_kv`
+/// cache positions are filled after it (the causal part of an attention row):
+/// the query sits at position `n_kv - n_tokens + t`.
+pub fn causal_keys(n_tokens: usize, n_kv: usize, t: usize) -> usize {
+    n_kv - n_tokens + t + 1
+}
+
 /// Where a stage's input comes from, within the same forward pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Input {

@@ -3,7 +3,7 @@
 
 use capture::{KvType, Tensor};
 use crate::arch::ArchSpec;
-use crate::fault::{HeadMap, RopePairing};
+use crate::fault::{Activation, HeadMap, RopePairing, WeightRead};
 use anyhow::{anyhow, ensure, Context, Result};
 use gguf::{GgufFile, Qwen2Config};
 
@@ -114,12 +114,14 @@ pub trait Backend {
     fn to_host(&self, buf: &Self::Buf) -> Result<Tensor>;
     fn from_host(&self, tensor: &Tensor) -> Result<Self::Buf>;
 
-    /// Rows of `token_embd` for `tokens`: `[n_tokens, n_embd]`.
-    fn embed(&self, tokens: &[i32]) -> Result<Self::Buf>;
+    /// Rows of `token_embd` for `tokens`: `[n_tokens, n_embd]` (`read`:
+    /// `Transposed` takes column t of the buffer seen as `[n_embd, n_vocab]`).
+    fn embed(&self, tokens: &[i32], read: WeightRead) -> Result<Self::Buf>;
     /// RMSNorm over the last dim, times the weight.
     fn rms_norm(&self, x: &Self::Buf, weight: Weight, eps: f32) -> Result<Self::Buf>;
-    /// `x W^T (+ b)`: `[n, in] -> [n, out]`, W stored `[out, in]` as in GGUF.
-    fn linear(&self, x: &Self::Buf, weight: Weight, bias: Option<Weight>) -> Result<Self::Buf>;
+    /// `x W^T (+ b)`: `[n, in] -> [n, out]`, W stored `[out, in]` as in GGUF
+    /// (`read`: `Transposed` reads the same buffer as `[in, out]`).
+    fn linear(&self, x: &Self::Buf, weight: Weight, bias: Option<Weight>, read: WeightRead) -> Result<Self::Buf>;
     /// Rotary embedding of `[n_tokens, n_heads, head_dim]` at positions `pos0..pos0 + n_tokens`.
     fn rope(&self, x: &Self::Buf, pos0: usize, freq_base: f32, pairing: RopePairing) -> Result<Self::Buf>;
     /// Write K (after RoPE) and V of `[n_tokens, n_head_kv, head_dim]` into the cache at `pos0..`.
@@ -131,8 +133,8 @@ pub trait Backend {
     /// probs V, heads merged: `[n_tokens, n_head, head_dim]`.
     fn attn_ctx(&self, layer: usize, probs: &Self::Buf, n_kv: usize, head_map: HeadMap) -> Result<Self::Buf>;
     fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
-    /// silu(gate) * up.
-    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf>;
+    /// act(gate) * up (act: silu for Qwen2).
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, act: Activation) -> Result<Self::Buf>;
     /// Forget the KV cache (a new sequence starts at position 0).
     fn reset_cache(&mut self) -> Result<()>;
 }

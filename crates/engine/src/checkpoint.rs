@@ -5,7 +5,7 @@
 //! `wants` and nothing else: no copy leaves the backend.
 
 use capture::{Capture, CapturedTensor, Tensor};
-use capture::stage::StageId;
+use capture::stage::{Stage, StageId};
 use anyhow::Result;
 use std::collections::BTreeMap;
 
@@ -81,10 +81,30 @@ impl Checkpoints for Isolate<'_> {
         self.recorder.wants(id) || self.reference.get(id).is_some()
     }
     fn visit(&mut self, id: &StageId, tensor: Tensor) -> Result<Option<Tensor>> {
+        let Some(reference) = self.reference.get(id) else {
+            if self.recorder.wants(id) {
+                self.recorder.visit(id, tensor)?;
+            }
+            return Ok(None);
+        };
+        // The reference defines only the causal part of attn_scores (zeros
+        // beyond it): ours keeps whatever its scores op put past the causal
+        // limit, so a missing or shifted mask still acts downstream.
+        let replacement = match (id.stage, &tensor.shape[..], &reference.shape[..]) {
+            (Stage::AttnScores, &[h, n_t, n_kv], r) if r == tensor.shape.as_slice() && n_t <= n_kv => {
+                let mut merged = tensor.clone();
+                for (i, (m, r)) in merged.data.chunks_mut(n_kv).zip(reference.data.chunks(n_kv)).enumerate().take(h * n_t) {
+                    let limit = capture::causal_keys(n_t, n_kv, i % n_t);
+                    m[..limit].copy_from_slice(&r[..limit]);
+                }
+                merged
+            }
+            _ => reference.clone(),
+        };
         if self.recorder.wants(id) {
             self.recorder.visit(id, tensor)?;
         }
-        Ok(self.reference.get(id).cloned())
+        Ok(Some(replacement))
     }
 }
 

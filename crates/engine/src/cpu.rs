@@ -8,7 +8,7 @@ use crate::arch::ArchSpec;
 use crate::backend::{Backend, BackendOptions, Weight};
 use capture::KvType;
 use capture::Tensor;
-use crate::fault::{HeadMap, RopePairing};
+use crate::fault::{Activation, HeadMap, RopePairing, WeightRead};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use gguf::{GgufFile, Qwen2Config};
 use half::f16;
@@ -67,6 +67,7 @@ impl CpuBackend {
         match map {
             HeadMap::Grouped => head / (self.cfg.n_head / self.cfg.n_head_kv),
             HeadMap::Modulo => head % self.cfg.n_head_kv,
+            HeadMap::Ratio => head * self.cfg.n_head_kv / self.cfg.n_head,
         }
     }
 }
@@ -89,6 +90,11 @@ pub fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
         tail += a[i] as f64 * b[i] as f64;
     }
     acc.iter().sum::<f64>() + tail
+}
+
+/// gelu, tanh approximation: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+pub fn gelu_tanh(g: f64) -> f64 {
+    0.5 * g * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh())
 }
 
 fn round_to_cache(v: f32, kv: KvType) -> f32 {
@@ -123,7 +129,7 @@ impl Backend for CpuBackend {
         Ok(tensor.clone())
     }
 
-    fn embed(&self, tokens: &[i32]) -> Result<Tensor> {
+    fn embed(&self, tokens: &[i32], read: WeightRead) -> Result<Tensor> {
         let table = self.weight(Weight::TokenEmbd)?;
         let n_embd = self.cfg.n_embd;
         let mut out = Vec::with_capacity(tokens.len() * n_embd);
@@ -131,7 +137,11 @@ impl Backend for CpuBackend {
             let row = usize::try_from(t).ok().filter(|&r| r < self.cfg.n_vocab).with_context(|| {
                 format!("token id {t} out of range: the vocabulary has {} tokens", self.cfg.n_vocab)
             })?;
-            out.extend_from_slice(&table.data[row * n_embd..(row + 1) * n_embd]);
+            match read {
+                WeightRead::Rows => out.extend_from_slice(&table.data[row * n_embd..(row + 1) * n_embd]),
+                // Column `row` of the buffer seen as [n_embd, n_vocab].
+                WeightRead::Transposed => out.extend((0..n_embd).map(|c| table.data[c * self.cfg.n_vocab + row])),
+            }
         }
         Ok(Tensor::new(vec![tokens.len(), n_embd], out))
     }
@@ -151,7 +161,7 @@ impl Backend for CpuBackend {
         Ok(Tensor::new(x.shape.clone(), out))
     }
 
-    fn linear(&self, x: &Tensor, weight: Weight, bias: Option<Weight>) -> Result<Tensor> {
+    fn linear(&self, x: &Tensor, weight: Weight, bias: Option<Weight>, read: WeightRead) -> Result<Tensor> {
         let w = self.weight(weight)?;
         let (n_out, n_in) = (w.shape[0], w.shape[1]);
         let n = x.shape[0];
@@ -159,9 +169,13 @@ impl Backend for CpuBackend {
         let b = bias.map(|b| self.weight(b)).transpose()?;
         // Parallel over output features: each task streams one weight row
         // (cache-resident) against every token.
+        // The transposed read gathers output o's weights with stride n_out.
+        let gathered: Option<Vec<f32>> = (read == WeightRead::Transposed)
+            .then(|| (0..n_out).flat_map(|o| (0..n_in).map(move |i| (o, i))).map(|(o, i)| w.data[i * n_out + o]).collect());
+        let rows = gathered.as_deref().unwrap_or(&w.data);
         let mut out_t = vec![0f32; n_out * n];
         out_t.par_chunks_mut(n).enumerate().for_each(|(o, col)| {
-            let wr = &w.data[o * n_in..(o + 1) * n_in];
+            let wr = &rows[o * n_in..(o + 1) * n_in];
             let bias = b.map_or(0.0, |b| b.data[o] as f64);
             for (t, c) in col.iter_mut().enumerate() {
                 *c = (dot_f64(&x.data[t * n_in..(t + 1) * n_in], wr) + bias) as f32;
@@ -293,7 +307,7 @@ impl Backend for CpuBackend {
         Ok(Tensor::new(a.shape.clone(), a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect()))
     }
 
-    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    fn swiglu(&self, gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
         ensure!(gate.len() == up.len(), "swiglu: {:?} * {:?}", gate.shape, up.shape);
         let data = gate
             .data
@@ -301,7 +315,11 @@ impl Backend for CpuBackend {
             .zip(up.data.par_iter())
             .map(|(&g, &u)| {
                 let g = g as f64;
-                (g / (1.0 + (-g).exp()) * u as f64) as f32
+                let a = match act {
+                    Activation::Silu => g / (1.0 + (-g).exp()),
+                    Activation::Gelu => gelu_tanh(g),
+                };
+                (a * u as f64) as f32
             })
             .collect();
         Ok(Tensor::new(gate.shape.clone(), data))

@@ -4,7 +4,7 @@
 use crate::arch::ArchSpec;
 use crate::backend::{Backend, Weight};
 use crate::checkpoint::Checkpoints;
-use crate::fault::Fault;
+use crate::fault::{Activation, Fault, FaultSpec, WeightRead};
 use crate::numerics::Rounding;
 use capture::{argmax, Stage, StageId};
 use anyhow::{bail, ensure, Result};
@@ -15,7 +15,7 @@ pub struct Model<B: Backend> {
     pub cfg: Qwen2Config,
     /// What varies between architectures of the family: read here, nowhere else.
     pub arch: ArchSpec,
-    pub fault: Fault,
+    pub fault: FaultSpec,
     /// How activations are rounded between ops (`exact` until set).
     pub rounding: Rounding,
     /// Positions already in the KV cache.
@@ -46,7 +46,7 @@ fn checkpoint<B: Backend>(backend: &B, cps: &mut dyn Checkpoints, id: StageId, b
 }
 
 impl<B: Backend> Model<B> {
-    pub fn new(backend: B, cfg: Qwen2Config, fault: Fault) -> Self {
+    pub fn new(backend: B, cfg: Qwen2Config, fault: FaultSpec) -> Self {
         Model { backend, arch: ArchSpec::qwen2(&cfg), cfg, fault, rounding: Rounding::default_exact(), n_past: 0 }
     }
 
@@ -75,79 +75,102 @@ impl<B: Backend> Model<B> {
         let (n, pos0) = (tokens.len(), self.n_past);
         let n_kv = pos0 + n;
         let (hd, eps) = (cfg.head_dim, cfg.rms_eps);
-        let fault = self.fault;
-        let scale = if fault == Fault::NoAttnScale { 1.0 } else { 1.0 / (hd as f32).sqrt() };
-        // The KV-offset fault writes decode steps' K/V one slot late.
-        let kv_pos = if fault == Fault::KvOffset && step > 0 { pos0 + 1 } else { pos0 };
-        let with_bias = |b: Weight| (self.arch.qkv_bias && fault != Fault::NoQkvBias).then_some(b);
-        let pairing = fault.rope_pairing(self.arch.rope);
+        let spec = self.fault;
+        let global = spec.global();
+        use WeightRead::{Rows, Transposed};
+        let read_if = |bug: bool| if bug { Transposed } else { Rows };
 
-        let mut x = self.backend.embed(tokens)?;
+        let mut x = self.backend.embed(tokens, read_if(global == Fault::EmbedTransposed))?;
         x = checkpoint(&self.backend, cps, StageId::global(step, Stage::Embed), x)?;
 
         for l in 0..cfg.n_layer {
+            // The fault, if it acts in this layer: each variant below is the
+            // bug written into the op's arguments the way it happens.
+            let f = spec.at_layer(l);
+            let eps_l = if f == Fault::RmsEps { 1e-5 } else { eps };
+            let scale = if f == Fault::NoAttnScale { 1.0 } else { 1.0 / (hd as f32).sqrt() };
+            let rope_base = if f == Fault::RopeBase { 10_000.0 } else { cfg.rope_freq_base };
+            let rope_pos = match f {
+                Fault::RopePosOffset => pos0 + 1,
+                Fault::RopeDecodePos if step > 0 => pos0 - 1,
+                _ => pos0,
+            };
+            // Decode steps' K/V one slot late.
+            let kv_pos = if f == Fault::KvOffset && step > 0 { pos0 + 1 } else { pos0 };
+            // Which keys each query reads (scores) and sees (softmax): 0..=mask_pos0 + t.
+            let mask_pos0 = match f {
+                Fault::MaskMissing => n_kv,
+                Fault::MaskOffByOne => pos0 + 1,
+                Fault::KvLenShort if step > 0 => pos0 - 1,
+                _ => pos0,
+            };
+            let with_bias = |b: Weight| (self.arch.qkv_bias && f != Fault::NoQkvBias).then_some(b);
+            let pairing = f.rope_pairing(self.arch.rope);
             let id = |stage| StageId::layer(step, l, stage);
             let be = &self.backend;
-            let h = be.rms_norm(&x, Weight::AttnNorm(l), eps)?;
+            let norm_w = if f == Fault::NormWeightSwapped { Weight::FfnNorm(l) } else { Weight::AttnNorm(l) };
+            let h = be.rms_norm(&x, norm_w, eps_l)?;
             let h = checkpoint(be, cps, id(Stage::AttnNorm), h)?;
 
             // `m(x, W)`: x as the matmul with W sees it (rounded in ggml numerics).
             let rnd = &self.rounding;
             let hq = rnd.for_matmul(be, &h, Weight::AttnQ(l))?;
-            let q = be.linear(hq.as_ref().unwrap_or(&h), Weight::AttnQ(l), with_bias(Weight::AttnQBias(l)))?;
+            let q = be.linear(hq.as_ref().unwrap_or(&h), Weight::AttnQ(l), with_bias(Weight::AttnQBias(l)), read_if(f == Fault::QProjTransposed))?;
             let q = checkpoint(be, cps, id(Stage::QProj), be.reshape(q, &[n, cfg.n_head, hd])?)?;
             let hk = rnd.for_matmul(be, &h, Weight::AttnK(l))?;
-            let k = be.linear(hk.as_ref().unwrap_or(&h), Weight::AttnK(l), with_bias(Weight::AttnKBias(l)))?;
+            let k = be.linear(hk.as_ref().unwrap_or(&h), Weight::AttnK(l), with_bias(Weight::AttnKBias(l)), Rows)?;
             let k = checkpoint(be, cps, id(Stage::KProj), be.reshape(k, &[n, cfg.n_head_kv, hd])?)?;
             let hv = rnd.for_matmul(be, &h, Weight::AttnV(l))?;
-            let v = be.linear(hv.as_ref().unwrap_or(&h), Weight::AttnV(l), with_bias(Weight::AttnVBias(l)))?;
+            let v = be.linear(hv.as_ref().unwrap_or(&h), Weight::AttnV(l), with_bias(Weight::AttnVBias(l)), Rows)?;
             let v = checkpoint(be, cps, id(Stage::VProj), be.reshape(v, &[n, cfg.n_head_kv, hd])?)?;
 
-            let q = be.rope(&q, pos0, cfg.rope_freq_base, pairing)?;
+            let q = be.rope(&q, rope_pos, rope_base, pairing)?;
             let q = checkpoint(be, cps, id(Stage::QRope), q)?;
-            let k = be.rope(&k, pos0, cfg.rope_freq_base, pairing)?;
+            let k = be.rope(&k, rope_pos, rope_base, pairing)?;
             let k = checkpoint(be, cps, id(Stage::KRope), k)?;
-            self.backend.kv_store(l, &k, &v, kv_pos)?;
+            let k_twice = if f == Fault::KRoundedTwice { self.rounding.to_kv_type(be, &k)? } else { None };
+            self.backend.kv_store(l, k_twice.as_ref().unwrap_or(&k), &v, kv_pos)?;
 
             let be = &self.backend;
             let rnd = &self.rounding;
             let q_kv = rnd.for_kv_matmul(be, &q)?;
-            let scores = be.attn_scores(l, q_kv.as_ref().unwrap_or(&q), pos0, n_kv, fault.head_map())?;
+            let scores = be.attn_scores(l, q_kv.as_ref().unwrap_or(&q), mask_pos0, n_kv, f.head_map())?;
             let scores = checkpoint(be, cps, id(Stage::AttnScores), scores)?;
-            let probs = be.softmax_causal(&scores, scale, pos0)?;
+            let probs = be.softmax_causal(&scores, scale, mask_pos0)?;
             let probs = checkpoint(be, cps, id(Stage::AttnProbs), probs)?;
             let probs_kv = rnd.for_kv_matmul(be, &probs)?;
-            let ctx = be.attn_ctx(l, probs_kv.as_ref().unwrap_or(&probs), n_kv, fault.head_map())?;
+            let ctx = be.attn_ctx(l, probs_kv.as_ref().unwrap_or(&probs), n_kv, f.head_map())?;
             let ctx = checkpoint(be, cps, id(Stage::AttnCtx), ctx)?;
             let ctx = be.reshape(ctx, &[n, cfg.n_head * hd])?;
             let ctx_o = rnd.for_matmul(be, &ctx, Weight::AttnOutput(l))?;
-            let attn = be.linear(ctx_o.as_ref().unwrap_or(&ctx), Weight::AttnOutput(l), None)?;
+            let attn = be.linear(ctx_o.as_ref().unwrap_or(&ctx), Weight::AttnOutput(l), None, read_if(f == Fault::OProjTransposed))?;
             let attn = checkpoint(be, cps, id(Stage::AttnOut), attn)?;
-            let resid = be.add(&x, &attn)?;
+            let resid = if f == Fault::ResidualDropped { attn } else { be.add(&x, &attn)? };
             let resid = checkpoint(be, cps, id(Stage::AttnResidual), resid)?;
 
-            let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps)?;
+            let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps_l)?;
             let h = checkpoint(be, cps, id(Stage::FfnNorm), h)?;
             let hg = rnd.for_matmul(be, &h, Weight::FfnGate(l))?;
-            let gate = be.linear(hg.as_ref().unwrap_or(&h), Weight::FfnGate(l), None)?;
+            let gate = be.linear(hg.as_ref().unwrap_or(&h), Weight::FfnGate(l), None, Rows)?;
             let gate = checkpoint(be, cps, id(Stage::FfnGate), gate)?;
             let hu = rnd.for_matmul(be, &h, Weight::FfnUp(l))?;
-            let up = be.linear(hu.as_ref().unwrap_or(&h), Weight::FfnUp(l), None)?;
+            let up = be.linear(hu.as_ref().unwrap_or(&h), Weight::FfnUp(l), None, Rows)?;
             let up = checkpoint(be, cps, id(Stage::FfnUp), up)?;
-            let act = if fault == Fault::SwigluSwapped { be.swiglu(&up, &gate)? } else { be.swiglu(&gate, &up)? };
+            let act_fn = if f == Fault::WrongActivation { Activation::Gelu } else { Activation::Silu };
+            let act = if f == Fault::SwigluSwapped { be.swiglu(&up, &gate, act_fn)? } else { be.swiglu(&gate, &up, act_fn)? };
             let act = checkpoint(be, cps, id(Stage::FfnAct), act)?;
             let act_d = rnd.for_matmul(be, &act, Weight::FfnDown(l))?;
-            let down = be.linear(act_d.as_ref().unwrap_or(&act), Weight::FfnDown(l), None)?;
+            let down = be.linear(act_d.as_ref().unwrap_or(&act), Weight::FfnDown(l), None, read_if(f == Fault::FfnDownTransposed))?;
             let down = checkpoint(be, cps, id(Stage::FfnDown), down)?;
-            let out = be.add(&resid, &down)?;
+            let out = if f == Fault::ResidualWrongInput { be.add(&x, &down)? } else { be.add(&resid, &down)? };
             x = checkpoint(be, cps, id(Stage::LayerOut), out)?;
         }
 
         let be = &self.backend;
-        let h = be.rms_norm(&x, Weight::OutputNorm, eps)?;
+        let h = if global == Fault::FinalNormSkipped { x } else { be.rms_norm(&x, Weight::OutputNorm, eps)? };
         let h = checkpoint(be, cps, StageId::global(step, Stage::FinalNorm), h)?;
         let h_out = self.rounding.for_matmul(be, &h, Weight::Output)?;
-        let logits = be.linear(h_out.as_ref().unwrap_or(&h), Weight::Output, None)?;
+        let logits = be.linear(h_out.as_ref().unwrap_or(&h), Weight::Output, None, read_if(global == Fault::LmHeadTransposed))?;
         let logits = checkpoint(be, cps, StageId::global(step, Stage::Logits), logits)?;
         self.n_past = n_kv;
 

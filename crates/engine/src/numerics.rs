@@ -103,6 +103,17 @@ impl Rounding {
     }
 }
 
+impl Rounding {
+    /// `x` converted to the KV cache's element type (f16 rounding; nothing
+    /// for an f32 cache), whatever the numerics mode.
+    pub fn to_kv_type<B: Backend>(&self, be: &B, x: &B::Buf) -> Result<Option<B::Buf>> {
+        match self.kv_type {
+            KvType::F16 => round_rows(be, x, GgmlType::F16).map(Some),
+            KvType::F32 => Ok(None),
+        }
+    }
+}
+
 fn round_rows<B: Backend>(be: &B, x: &B::Buf, ty: GgmlType) -> Result<B::Buf> {
     let shape = be.shape(x).to_vec();
     let mut host = be.to_host(x)?;

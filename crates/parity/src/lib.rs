@@ -12,6 +12,7 @@ pub mod model_path;
 pub mod ours;
 pub mod prompts;
 pub mod report;
+pub mod selftest;
 pub mod session;
 pub mod thresholds;
 pub mod variants;

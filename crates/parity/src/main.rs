@@ -27,6 +27,10 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Compare two capture dumps stage by stage: first divergence, largest jump, reports.
     Diff(cmd::diff::Args),
+    /// List the fault catalogue: each bug, the op it changes, where it must be named.
+    Faults(cmd::faults::Args),
+    /// Seed every fault at a random layer and check each is named exactly; clean runs must match.
+    Selftest(cmd::selftest::Args),
     /// Make (once, cached beside the model) an F32 copy or a llama.cpp quantization of the model.
     Variant(cmd::variant::Args),
 }
@@ -42,6 +46,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Diff(args) => cmd::diff::run(args),
         Command::Variant(args) => cmd::variant::run(args),
+        Command::Faults(args) => cmd::faults::run(args),
+        Command::Selftest(args) => cmd::selftest::run(args),
     };
     match result {
         Ok(code) => code,

@@ -194,6 +194,33 @@ fn row_errors(stage: Stage, shape: &[usize], ours: &Tensor, reference: &Tensor, 
 /// element counts and the leading dimension agree.
 pub fn compare(stage: Stage, ours: &Tensor, reference: &Tensor) -> Result<StageMetrics, ShapeMismatch> {
     check_comparable(ours, reference)?;
+    if stage == Stage::AttnScores {
+        if let (Some(a), Some(b)) = (causal_part(ours), causal_part(reference)) {
+            return compare_all(stage, &a, &b);
+        }
+    }
+    compare_all(stage, ours, reference)
+}
+
+/// `attn_scores` are compared on their causal part only (the catalogue):
+/// entries a query may not attend to are zeroed, whatever an engine left
+/// there (an engine that computes them, or its mask, is judged at
+/// `attn_probs`). `[n_head, n_tokens, n_kv]`: query t sits at position
+/// n_kv - n_tokens + t. `None` for another shape.
+fn causal_part(t: &Tensor) -> Option<Tensor> {
+    let [h, n_t, n_kv] = t.shape[..] else { return None };
+    if n_t > n_kv || t.data.len() != h * n_t * n_kv {
+        return None;
+    }
+    let mut out = t.clone();
+    for (r, row) in out.data.chunks_mut(n_kv).enumerate() {
+        let limit = capture::causal_keys(n_t, n_kv, r % n_t);
+        row[limit..].iter_mut().for_each(|x| *x = 0.0);
+    }
+    Some(out)
+}
+
+fn compare_all(stage: Stage, ours: &Tensor, reference: &Tensor) -> Result<StageMetrics, ShapeMismatch> {
     let shape = canonical_shape(stage, ours, reference);
     let mut non_finite = 0usize;
     let mut first_non_finite: Option<usize> = None;

@@ -9,7 +9,7 @@ use engine::checkpoint::{Checkpoints, Isolate, Recorder, StageFilter};
 use engine::cpu::CpuBackend;
 pub use engine::cuda::cuda_available;
 use engine::cuda::CudaBackend;
-use engine::fault::Fault;
+use engine::fault::FaultSpec;
 use engine::forward::Model;
 use engine::numerics::{Numerics, Rounding};
 use gguf::{GgufFile, Qwen2Config};
@@ -70,7 +70,7 @@ pub struct EngineOptions {
     pub backend: BackendKind,
     pub kv: KvType,
     pub numerics: Numerics,
-    pub fault: Fault,
+    pub fault: FaultSpec,
     /// KV cache capacity in positions (clamped to the model's context).
     pub max_ctx: usize,
 }
@@ -78,7 +78,7 @@ pub struct EngineOptions {
 impl EngineOptions {
     /// The correct engine: f16 KV cache, ggml numerics, no fault.
     pub fn new(backend: BackendKind) -> Self {
-        EngineOptions { backend, kv: KvType::F16, numerics: Numerics::Ggml, fault: Fault::None, max_ctx: usize::MAX }
+        EngineOptions { backend, kv: KvType::F16, numerics: Numerics::Ggml, fault: FaultSpec::NONE, max_ctx: usize::MAX }
     }
 }
 
@@ -125,6 +125,14 @@ impl OurEngine {
         };
         eprintln!("ours-{}: weights loaded in {:.1} s", backend.name(), started.elapsed().as_secs_f64());
         Ok(OurEngine { model, kv_type, numerics: eo.numerics })
+    }
+
+    /// Seed a fault (or none) into the loaded engine: no reload needed.
+    pub fn set_fault(&mut self, fault: FaultSpec) {
+        match &mut self.model {
+            Loaded::Cpu(model) => model.fault = fault,
+            Loaded::Cuda(model) => model.fault = fault,
+        }
     }
 
     /// Run over `tokens` (prefill) and `n_decode` decode steps fed with

@@ -189,16 +189,12 @@ impl Pair {
 
     /// One reference capture, our engine run both ways on it:
     /// (teacher-forced, free-running, reference). With a layer subset the
-    /// reference also captures the last layer, so that teacher-forced
-    /// final_norm and logits are fed its output, not our free-running one.
+    /// reference also captures the layer before each selected one and the
+    /// last layer, so that every teacher-forced stage (a selected layer's
+    /// attn_norm, final_norm, logits) is fed the reference's input, not our
+    /// free-running one.
     pub fn capture_both(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>) -> Result<(Capture, Capture, Capture)> {
-        let last = self.n_layer.saturating_sub(1);
-        let ref_layers = layers.clone().map(|mut ls| {
-            if !ls.contains(&last) {
-                ls.push(last);
-            }
-            ls
-        });
+        let ref_layers = layers.as_deref().map(|ls| feeding_layers(ls, self.n_layer));
         let reference = self.reference(prompt, chat, n_decode, ref_layers)?;
         let teacher_forced = self.ours(&reference, layers.clone(), true)?;
         let free_running = self.ours(&reference, layers, false)?;
@@ -213,6 +209,17 @@ impl Pair {
     }
 }
 
+/// The layers a teacher-forced comparison of `selected` needs captured:
+/// each selected layer, the one before it (its input), and the last (the
+/// input of final_norm).
+pub fn feeding_layers(selected: &[usize], n_layer: usize) -> Vec<usize> {
+    let mut out: Vec<usize> = selected.iter().flat_map(|&l| [l.saturating_sub(1), l]).collect();
+    out.push(n_layer.saturating_sub(1));
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// Compare with `layers` selected (global stages always kept).
 pub fn compare(ours: &Capture, reference: &Capture, thresholds: &Thresholds, layers: Option<&[usize]>) -> DiffReport {
     let filter = |id: &StageId| match (layers, id.layer) {
@@ -225,6 +232,13 @@ pub fn compare(ours: &Capture, reference: &Capture, thresholds: &Thresholds, lay
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn teacher_forcing_captures_the_layers_that_feed_the_selection() {
+        assert_eq!(feeding_layers(&[0], 24), vec![0, 23]);
+        assert_eq!(feeding_layers(&[5], 24), vec![4, 5, 23]);
+        assert_eq!(feeding_layers(&[3, 4, 23], 24), vec![2, 3, 4, 22, 23]);
+    }
 
     #[test]
     fn context_check() {

@@ -33,7 +33,7 @@ use crate::arch::ArchSpec;
 use crate::backend::{Backend, BackendOptions, Weight};
 use capture::KvType;
 use capture::Tensor;
-use crate::fault::{HeadMap, RopePairing};
+use crate::fault::{Activation, HeadMap, RopePairing, WeightRead};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
@@ -329,6 +329,7 @@ impl CudaBackend {
         Ok(match head_map {
             HeadMap::Grouped => 0,
             HeadMap::Modulo => 1,
+            HeadMap::Ratio => 2,
         })
     }
 }
@@ -363,7 +364,7 @@ impl Backend for CudaBackend {
         Ok(CudaBuf { data, shape: tensor.shape.clone() })
     }
 
-    fn embed(&self, tokens: &[i32]) -> Result<CudaBuf> {
+    fn embed(&self, tokens: &[i32], read: WeightRead) -> Result<CudaBuf> {
         ensure!(!tokens.is_empty(), "no tokens");
         if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.cfg.n_vocab) {
             bail!("token id {bad} out of range (n_vocab {})", self.cfg.n_vocab);
@@ -372,10 +373,11 @@ impl Backend for CudaBackend {
         let ids = self.stream.clone_htod(tokens).context("uploading token ids")?;
         let n_embd = self.cfg.n_embd;
         let mut out = self.alloc(vec![tokens.len(), n_embd])?;
-        let (nt, ne) = (i32_of(tokens.len(), "n_tokens")?, i32_of(n_embd, "n_embd")?);
+        let (nt, ne, nv) = (i32_of(tokens.len(), "n_tokens")?, i32_of(n_embd, "n_embd")?, i32_of(self.cfg.n_vocab, "n_vocab")?);
+        let transposed = i32::from(read == WeightRead::Transposed);
         let cfg = grid_for(out.len());
         let mut b = self.stream.launch_builder(&self.k.embed);
-        b.arg(&table.data).arg(&ids).arg(&mut out.data).arg(&nt).arg(&ne);
+        b.arg(&table.data).arg(&ids).arg(&mut out.data).arg(&nt).arg(&ne).arg(&nv).arg(&transposed);
         unsafe { b.launch(cfg) }.context("launching embed_f32")?;
         Ok(out)
     }
@@ -400,7 +402,11 @@ impl Backend for CudaBackend {
     /// W), B = x's storage (column-major `[in, n]` = x^T, ld = in, op N),
     /// C = y's storage (column-major `[out, n]` = y^T, ld = out);
     /// m = out, n = n_tokens, k = in.
-    fn linear(&self, x: &CudaBuf, weight: Weight, bias: Option<Weight>) -> Result<CudaBuf> {
+    ///
+    /// `WeightRead::Transposed` (a fault) flips A's flag and takes its
+    /// leading dimension from the other side: A's storage as column-major
+    /// `[out, in]` (ld = out, op N), i.e. W's buffer read as `[in, out]`.
+    fn linear(&self, x: &CudaBuf, weight: Weight, bias: Option<Weight>, read: WeightRead) -> Result<CudaBuf> {
         let w = self.weight(weight)?;
         ensure!(w.shape.len() == 2, "linear: {weight:?} is not a matrix");
         let (n_out, n_in) = (w.shape[0], w.shape[1]);
@@ -413,14 +419,18 @@ impl Backend for CudaBackend {
             shape = vec![n, n_out];
         }
         let mut y = self.alloc(shape)?;
+        let (transa, lda) = match read {
+            WeightRead::Rows => (cublasOperation_t::CUBLAS_OP_T, n_in),
+            WeightRead::Transposed => (cublasOperation_t::CUBLAS_OP_N, n_out),
+        };
         let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
+            transa,
             transb: cublasOperation_t::CUBLAS_OP_N,
             m: i32_of(n_out, "out")?,
             n: i32_of(n, "n_tokens")?,
             k: i32_of(n_in, "in")?,
             alpha: 1.0f32,
-            lda: i32_of(n_in, "lda")?,
+            lda: i32_of(lda, "lda")?,
             ldb: i32_of(n_in, "ldb")?,
             beta: 0.0f32,
             ldc: i32_of(n_out, "ldc")?,
@@ -565,13 +575,17 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf) -> Result<CudaBuf> {
+    fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, act: Activation) -> Result<CudaBuf> {
         ensure!(gate.len() == up.len(), "swiglu: shapes {:?} and {:?} differ in size", gate.shape, up.shape);
         let mut out = self.alloc(gate.shape.clone())?;
         let n = out.len() as u64;
         let cfg = grid_for(out.len());
+        let code: i32 = match act {
+            Activation::Silu => 0,
+            Activation::Gelu => 1,
+        };
         let mut l = self.stream.launch_builder(&self.k.swiglu);
-        l.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n);
+        l.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n).arg(&code);
         unsafe { l.launch(cfg) }.context("launching swiglu_f32")?;
         Ok(out)
     }

@@ -8,8 +8,8 @@ use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::report::{render_terminal, write_reports};
 use crate::session::{compare, resolve_thresholds, GateRequest, ModelFile, Pair};
 use crate::thresholds::{Comparison, Thresholds};
-use anyhow::{Context, Result};
-use engine::fault::Fault;
+use anyhow::{bail, Context, Result};
+use engine::fault::{Fault, FaultSpec};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -66,10 +66,10 @@ pub struct Args {
     /// Same as `--verdict teacher-forced` (the default); kept for old scripts.
     #[arg(long, hide = true)]
     pub isolate: bool,
-    /// Seed a fault variant into our engine (none, rope-adjacent, gqa-modulo,
-    /// no-qkv-bias, swiglu-swapped, no-attn-scale, kv-offset).
-    #[arg(long, default_value = "none", value_parser = Fault::parse_or_list)]
-    pub fault: Fault,
+    /// Seed a fault of the catalogue into our engine, in every layer or at
+    /// one: NAME or NAME@LAYER (`parity faults` lists them).
+    #[arg(long, default_value = "none", value_parser = FaultSpec::parse)]
+    pub fault: FaultSpec,
     /// llama.cpp threads (default: all).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -103,6 +103,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         model_path = crate::variants::variant(&model_path, "f32")?;
     }
     let model = ModelFile::open(&model_path)?;
+    if let Some(l) = args.fault.layer.filter(|&l| l >= model.cfg.n_layer) {
+        bail!("--fault {}: layer {l} out of range: the model has {} layers (0..={})", args.fault, model.cfg.n_layer, model.cfg.n_layer - 1);
+    }
     let layers = select_layers(args.layer, args.layers.as_deref(), model.cfg.n_layer)?;
     // Validate the cheap things before the expensive loads.
     if let Some(path) = &args.thresholds {
@@ -143,7 +146,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     };
 
     write_reports(&report, args.json.as_deref(), args.markdown.as_deref(), args.html.as_deref())?;
-    if args.fault != Fault::None {
+    if args.fault.fault != Fault::None {
         println!("seeded fault: {}", args.fault);
     }
     print!("{}", render_terminal(&report, layers.as_deref()));
