@@ -108,6 +108,8 @@ pub trait Backend {
 
     /// "cpu" or "cuda".
     fn name(&self) -> &'static str;
+    /// The element type of this backend's KV cache.
+    fn kv_type(&self) -> KvType;
     fn shape<'a>(&self, buf: &'a Self::Buf) -> &'a [usize];
     /// Same data, new shape (element count must match).
     fn reshape(&self, buf: Self::Buf, shape: &[usize]) -> Result<Self::Buf>;

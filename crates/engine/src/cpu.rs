@@ -111,6 +111,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
     fn shape<'a>(&self, buf: &'a Tensor) -> &'a [usize] {
         &buf.shape
     }

@@ -47,7 +47,8 @@ fn checkpoint<B: Backend>(backend: &B, cps: &mut dyn Checkpoints, id: StageId, b
 
 impl<B: Backend> Model<B> {
     pub fn new(backend: B, cfg: Qwen2Config, fault: FaultSpec) -> Self {
-        Model { backend, arch: ArchSpec::qwen2(&cfg), cfg, fault, rounding: Rounding::default_exact(), n_past: 0 }
+        let backend_kv = backend.kv_type();
+        Model { backend, arch: ArchSpec::qwen2(&cfg), cfg, fault, rounding: Rounding::exact(backend_kv), n_past: 0 }
     }
 
     pub fn with_rounding(mut self, rounding: Rounding) -> Self {

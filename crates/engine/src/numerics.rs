@@ -56,9 +56,10 @@ pub struct Rounding {
 }
 
 impl Rounding {
-    /// The oracle's own arithmetic, f16 KV cache rounding only (done by the backend).
-    pub fn default_exact() -> Rounding {
-        Rounding { numerics: Numerics::Exact, ..Rounding::default() }
+    /// The oracle's own arithmetic: the only rounding is the KV cache's
+    /// (done by the backend's store).
+    pub fn exact(kv_type: KvType) -> Rounding {
+        Rounding { numerics: Numerics::Exact, kv_type, vec_dot: HashMap::new() }
     }
 
     /// Each weight's type read from the GGUF (a tied LM head is `token_embd`'s).

@@ -23,7 +23,7 @@ use capture::Tensor;
 use engine::checkpoint::{Recorder, StageFilter};
 use engine::cpu::CpuBackend;
 use engine::cuda::{cuda_available, CudaBackend};
-use engine::fault::{Fault, HeadMap, RopePairing};
+use engine::fault::{Activation, Fault, FaultSpec, HeadMap, RopePairing, WeightRead};
 use engine::forward::Model;
 use gguf::Qwen2Config;
 use rand::{Rng, SeedableRng};
@@ -167,12 +167,14 @@ fn embed_matches_exactly() {
         for n in N_TOKENS {
             let mut tokens: Vec<i32> = (0..n).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
             tokens[0] = cfg.n_vocab as i32 - 1;
-            let a = cpu.embed(&tokens).unwrap();
-            let b = host(&g, &g.embed(&tokens).unwrap());
-            close(&format!("embed cfg{ci} n{n}"), &a, &b, 0.0, 0.0);
+            for read in [WeightRead::Rows, WeightRead::Transposed] {
+                let a = cpu.embed(&tokens, read).unwrap();
+                let b = host(&g, &g.embed(&tokens, read).unwrap());
+                close(&format!("embed {read:?} cfg{ci} n{n}"), &a, &b, 0.0, 0.0);
+            }
         }
-        assert!(g.embed(&[cfg.n_vocab as i32]).is_err(), "out-of-range token id accepted");
-        assert!(g.embed(&[-1]).is_err(), "negative token id accepted");
+        assert!(g.embed(&[cfg.n_vocab as i32], WeightRead::Rows).is_err(), "out-of-range token id accepted");
+        assert!(g.embed(&[-1], WeightRead::Rows).is_err(), "negative token id accepted");
     }
 }
 
@@ -219,9 +221,12 @@ fn linear_matches_with_and_without_bias() {
                 (&x, Weight::Output, None),
             ];
             for (input, w, b) in cases {
-                let a = cpu.linear(input, w, b).unwrap();
-                let r = host(&g, &g.linear(&on_gpu(&g, input), w, b).unwrap());
-                close(&format!("linear {w:?} bias {b:?} cfg{ci} n{n}"), &a, &r, 1e-5, 1e-5);
+                // The transposed read (the GEMM flag / leading-dimension fault) too.
+                for read in [WeightRead::Rows, WeightRead::Transposed] {
+                    let a = cpu.linear(input, w, b, read).unwrap();
+                    let r = host(&g, &g.linear(&on_gpu(&g, input), w, b, read).unwrap());
+                    close(&format!("linear {w:?} bias {b:?} {read:?} cfg{ci} n{n}"), &a, &r, 1e-5, 1e-5);
+                }
             }
         }
     }
@@ -267,9 +272,11 @@ fn add_and_swiglu_match() {
 
             let gate = rand_tensor(&mut rng, &[n, cfg.n_ff], 8.0);
             let up = rand_tensor(&mut rng, &[n, cfg.n_ff], 3.0);
-            let w_cpu = cpu.swiglu(&gate, &up).unwrap();
-            let w_gpu = host(&g, &g.swiglu(&on_gpu(&g, &gate), &on_gpu(&g, &up)).unwrap());
-            close(&format!("swiglu cfg{ci} n{n}"), &w_cpu, &w_gpu, 4e-7, 1e-7);
+            for act in [Activation::Silu, Activation::Gelu] {
+                let w_cpu = cpu.swiglu(&gate, &up, act).unwrap();
+                let w_gpu = host(&g, &g.swiglu(&on_gpu(&g, &gate), &on_gpu(&g, &up), act).unwrap());
+                close(&format!("swiglu {act:?} cfg{ci} n{n}"), &w_cpu, &w_gpu, 4e-7, 1e-7);
+            }
         }
     }
 }
@@ -329,7 +336,7 @@ fn attention_matches_prefill_and_decode() {
                         g.kv_store(layer, &on_gpu(&g, &k), &on_gpu(&g, &v), pos0).unwrap();
                     }
                     let n_kv = pos0 + nt;
-                    for map in [HeadMap::Grouped, HeadMap::Modulo] {
+                    for map in [HeadMap::Grouped, HeadMap::Modulo, HeadMap::Ratio] {
                         let layer = step % cfg.n_layer;
                         let what = format!("cfg{ci} {kv:?} n{n} step{step} {map:?}");
                         let sc = cpu.attn_scores(layer, &q, pos0, n_kv, map).unwrap();
@@ -388,13 +395,13 @@ fn forward_pass_matches_cpu_for_every_fault() {
     }
     for (ci, cfg) in configs().iter().enumerate() {
         for kv in [KvType::F16, KvType::F32] {
-            for fault in Fault::ALL {
+            for fault in Fault::all() {
                 let (cpu, g) = backends(cfg, kv, 100 + ci as u64);
                 let mut rng = ChaCha8Rng::seed_from_u64(21);
                 let prompt: Vec<i32> = (0..7).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
                 let forced: Vec<i32> = (0..3).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
-                let mut mc = Model::new(cpu, cfg.clone(), fault);
-                let mut mg = Model::new(g, cfg.clone(), fault);
+                let mut mc = Model::new(cpu, cfg.clone(), FaultSpec::from(fault));
+                let mut mg = Model::new(g, cfg.clone(), FaultSpec::from(fault));
                 let mut rc = Recorder::new(StageFilter::default(), "cpu");
                 let mut rg = Recorder::new(StageFilter::default(), "cuda");
                 mc.generate(&prompt, 3, Some(&forced), &mut rc).unwrap();

@@ -341,6 +341,10 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn kv_type(&self) -> KvType {
+        self.opts.kv_type
+    }
+
     fn shape<'a>(&self, buf: &'a CudaBuf) -> &'a [usize] {
         &buf.shape
     }
