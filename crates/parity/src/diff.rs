@@ -96,6 +96,8 @@ pub struct DiffReport {
     /// The other comparison of the same run, summarized (`parity run`
     /// reports teacher-forced and adds free-running here).
     pub free_running: Option<FreeRunningSummary>,
+    /// Which bug it is, at the first divergence (filled by the verbs).
+    pub diagnosis: Option<crate::diagnosis::Diagnosis>,
 }
 
 /// The free-running comparison beside a teacher-forced verdict: how the
@@ -377,5 +379,6 @@ pub fn diff_captures(
         comparison: if ours.config.fed == "teacher-forced" { "teacher-forced" } else { "free-running" }.to_string(),
         numerics: ours.config.numerics.clone(),
         free_running: None,
+        diagnosis: None,
     }
 }

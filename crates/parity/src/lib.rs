@@ -4,6 +4,7 @@
 
 pub mod calibration;
 pub mod cmd;
+pub mod diagnosis;
 pub mod diff;
 pub mod fixtures;
 pub mod layers;

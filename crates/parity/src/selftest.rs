@@ -36,6 +36,10 @@ pub struct Outcome {
     pub free_running_agrees: bool,
     /// Why the fault was seeded where it was (subtle faults).
     pub note: String,
+    /// The top hypothesis of the diagnosis that holds ("-" when none does).
+    pub diagnosis: String,
+    /// It names this fault.
+    pub diagnosed: bool,
 }
 
 /// The summary `parity selftest` prints last and exits on.
@@ -50,6 +54,8 @@ pub struct Summary {
     pub clean_runs: usize,
     pub clean_clean: usize,
     pub free_running_agree: usize,
+    /// Faults whose top diagnosis names the fault.
+    pub diagnosed: usize,
     pub passed: bool,
 }
 
@@ -122,7 +128,13 @@ pub fn run_prompt(
     for (k, spec) in runs.iter().enumerate() {
         progress(&format!("prompt {}: {}/{} {}", prompt_index + 1, k + 1, runs.len(), spec));
         pair.ours.set_fault(*spec);
-        let tf = compare(&pair.ours(reference, None, true)?, reference, tf_gates, None);
+        let tf_capture = pair.ours(reference, None, true)?;
+        let tf = compare(&tf_capture, reference, tf_gates, None);
+        pair.ours.set_fault(FaultSpec::NONE);
+        let diagnosis = crate::diagnosis::diagnose(Some(&mut *pair), reference, &tf_capture, &tf)?;
+        pair.ours.set_fault(*spec);
+        let top = diagnosis.as_ref().and_then(|d| d.best()).map(|h| h.claim.clone());
+        let diagnosed = top.as_deref().is_some_and(|c| c.starts_with(&format!("{}:", spec.fault.name())));
         let fr = compare(&pair.ours(reference, None, false)?, reference, fr_gates, None);
         let expected = expected_at(spec);
         let (found, found_id, margin) = describe(&tf);
@@ -159,6 +171,8 @@ pub fn run_prompt(
             free_running_jump: fr_jump,
             free_running_agrees: fr_agrees,
             note,
+            diagnosis: top.map_or("-".to_string(), |c| c.split(':').next().unwrap_or_default().to_string()),
+            diagnosed,
         });
     }
     pair.ours.set_fault(FaultSpec::NONE);
@@ -188,6 +202,7 @@ pub fn summarize(outcomes: &[Outcome], seed: u64, min_margin: f64) -> Summary {
         clean_runs: clean.len(),
         clean_clean,
         free_running_agree: faults.iter().filter(|o| o.free_running_agrees).count(),
+        diagnosed: faults.iter().filter(|o| o.diagnosed).count(),
         passed: exact == faults.len() && equivalent_clean == equivalent.len() && clean_clean == clean.len(),
     }
 }

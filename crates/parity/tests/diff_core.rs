@@ -558,7 +558,7 @@ fn terminal_summary_has_heat_lines() {
         .expect("summary row for layer 1");
     assert_eq!(row[8], "...#.........X...", "{row:?}");
     assert_eq!((row[3].as_str(), row[4].as_str(), row[5].as_str()), ("17", "2", "ffn_up"));
-    assert!(text.contains("heat: max-abs/threshold"));
+    assert!(text.contains("heat: error/threshold"));
     assert!(text.contains("prefill, layer 1"), "detail table of the first divergence: {text}");
     assert!(text.contains("token 0, head 0, dim 2"));
 }

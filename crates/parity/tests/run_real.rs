@@ -258,3 +258,45 @@ fn massive_activation_synthetic_models_match_without_calibration() {
         assert!(first.ratio().unwrap() >= 100.0, "{}: margin {:?}", ty.name(), first.ratio());
     }
 }
+
+/// `parity selftest` on the real model: every fault of the catalogue at a
+/// seeded random layer is named exactly, teacher-forced, by at least 10x its
+/// gate; the equivalent variants and the clean run raise no alarm.
+#[test]
+fn selftest_names_every_fault_of_the_catalogue() {
+    let model = real_model_or_skip!();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("selftest.json");
+    let o = parity(&["selftest", "--model", model.to_str().unwrap(), "--seed", "20261125", "--json", json.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let s = &v["summary"];
+    assert_eq!(s["passed"], true);
+    assert!(s["faults"].as_u64().unwrap() >= 18, "{s}");
+    assert_eq!(s["exact"], s["faults"]);
+    assert!(s["equivalent"].as_u64().unwrap() >= 2);
+    assert_eq!(s["equivalent_clean"], s["equivalent"]);
+    assert!(s["min_margin"].as_f64().unwrap() >= 10.0);
+    // Every layer fault sits at the layer the seed drew, and was found there.
+    for o in v["outcomes"].as_array().unwrap() {
+        if let Some(l) = o["layer"].as_u64() {
+            assert!(o["found"].as_str().unwrap().contains(&format!("layer {l},")) || o["expected"] == "no divergence", "{o}");
+        }
+    }
+    assert!(out.contains("PASS"), "{out}");
+}
+
+/// `--fault NAME@L` acts at layer L only and is named there.
+#[test]
+fn a_fault_at_a_chosen_layer_is_named_at_that_layer() {
+    let model = real_model_or_skip!();
+    let m = model.to_str().unwrap();
+    let o = parity(&["run", "--model", m, "--prompt", HAIKU, "--layers", "13..=15", "--fault", "o-proj-transposed@14"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("FIRST DIVERGENCE: prefill, layer 14, attn_out"), "{out}");
+    let o = parity(&["run", "--model", m, "--prompt", HAIKU, "--fault", "o-proj-transposed@24"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("layer 24 out of range"), "{}", text(&o).1);
+}

@@ -140,10 +140,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let (teacher_forced, free_running, reference) = pair.capture_both(&args.prompt, args.chat, args.decode, layers.clone())?;
     let tf = compare(&teacher_forced, &reference, &tf_gates, layers.as_deref());
     let fr = compare(&free_running, &reference, &fr_gates, layers.as_deref());
-    let report = match verdict {
+    let mut report = match verdict {
         Comparison::TeacherForced => DiffReport { free_running: Some(FreeRunningSummary::of(&fr)), ..tf },
         Comparison::FreeRunning => fr,
     };
+    let under_test = if verdict == Comparison::TeacherForced { &teacher_forced } else { &free_running };
+    report.diagnosis = crate::diagnosis::diagnose(Some(&mut pair), &reference, under_test, &report)?;
 
     write_reports(&report, args.json.as_deref(), args.markdown.as_deref(), args.html.as_deref())?;
     if args.fault.fault != Fault::None {

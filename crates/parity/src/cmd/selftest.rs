@@ -102,7 +102,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    table.set_header(vec!["prompt", "fault", "layer", "expected", "found (teacher-forced)", "margin", "exact", "free-running (largest jump)", "jump"]);
+    table.set_header(vec!["prompt", "fault", "layer", "expected", "found (teacher-forced)", "margin", "exact", "diagnosis", "free-running (largest jump)", "jump"]);
     for o in &outcomes {
         table.add_row(vec![
             o.prompt.to_string(),
@@ -112,6 +112,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             o.found.clone(),
             o.margin.map_or("-".into(), sci),
             if o.exact { if o.confined { "yes" } else { "yes (spreads)" } } else { "NO" }.to_string(),
+            format!("{}{}", o.diagnosis, if o.diagnosed || o.expected == "no divergence" { "" } else { " (wrong)" }),
             format!("{}{}", o.free_running_found, if o.free_running_agrees { "" } else { " (differs)" }),
             o.free_running_jump.map_or("-".into(), sci),
         ]);
@@ -121,11 +122,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         println!("note: {}: {}", o.fault, o.note);
     }
     println!(
-        "selftest (seed {seed}): {}/{} faults named exactly teacher-forced (margin >= {}; smallest {}), {}/{} equivalent variants clean, {}/{} clean runs clean; free-running largest jump at the fault's stage for {}/{}: {}",
+        "selftest (seed {seed}): {}/{} faults named exactly teacher-forced (margin >= {}; smallest {}), {}/{} diagnosed as that bug, {}/{} equivalent variants clean, {}/{} clean runs clean; free-running largest jump at the fault's stage for {}/{}: {}",
         summary.exact,
         summary.faults,
         args.min_margin,
         summary.min_margin.map_or("-".into(), sci),
+        summary.diagnosed,
+        summary.faults,
         summary.equivalent_clean,
         summary.equivalent,
         summary.clean_clean,

@@ -127,6 +127,13 @@ pub fn render_json(r: &DiffReport) -> Value {
         "kv_type": r.kv_type,
         "thresholds_source": r.thresholds_source,
         "comparison": r.comparison,
+        "diagnosis": r.diagnosis.as_ref().map_or(Value::Null, |d| json!({
+            "at": Value::Object(id_fields(&d.at)),
+            "evidence": d.evidence,
+            "hypotheses": d.hypotheses.iter().map(|h| json!({
+                "claim": h.claim, "test": h.test, "figure": num(h.figure), "holds": h.holds,
+            })).collect::<Vec<_>>(),
+        })),
         "numerics": r.numerics,
         "free_running": r.free_running.as_ref().map_or(Value::Null, |fr| json!({
             "thresholds_source": fr.thresholds_source,

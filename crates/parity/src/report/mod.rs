@@ -144,6 +144,9 @@ pub fn verdict_lines(r: &DiffReport) -> Vec<String> {
             let threshold = row.threshold.map_or("no threshold".to_string(), sci);
             let margin = row.ratio().map_or(String::new(), |x| format!(" ({}x its threshold)", sci(x)));
             out.push(format!("FIRST DIVERGENCE: {}: {value} > {threshold}{margin}", row.id));
+            if let Some(d) = r.diagnosis.as_ref().filter(|d| d.at == row.id) {
+                out.push(d.headline());
+            }
             out.push(format!("look at: {}", row.id.stage.what_to_check()));
             if let Some(w) = &m.worst {
                 out.push(format!(
