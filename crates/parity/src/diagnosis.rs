@@ -40,8 +40,10 @@ impl Diagnosis {
     pub fn headline(&self) -> String {
         match self.best() {
             Some(h) => {
-                let next = self.hypotheses.iter().skip(1).find(|x| x.holds).map_or("none".to_string(), |x| x.claim.clone());
-                format!("diagnosis: {} ({}: {:.1e}; next that holds: {next})", h.claim, h.test, h.figure)
+                let tied: Vec<&str> = self.hypotheses.iter().skip(1).filter(|x| x.holds && x.figure == h.figure).map(|x| x.claim.as_str()).collect();
+                let next = self.hypotheses.iter().skip(1 + tied.len()).find(|x| x.holds).map_or("none".to_string(), |x| x.claim.clone());
+                let tie = if tied.is_empty() { String::new() } else { format!("; equally: {}", tied.join("; ")) };
+                format!("diagnosis: {} ({}: {:.1e}{tie}; next that holds: {next})", h.claim, h.test, h.figure)
             }
             None => format!("diagnosis: no bug model reproduces it; {}", self.evidence),
         }

@@ -133,8 +133,14 @@ pub fn run_prompt(
         pair.ours.set_fault(FaultSpec::NONE);
         let diagnosis = crate::diagnosis::diagnose(Some(&mut *pair), reference, &tf_capture, &tf)?;
         pair.ours.set_fault(*spec);
-        let top = diagnosis.as_ref().and_then(|d| d.best()).map(|h| h.claim.clone());
-        let diagnosed = top.as_deref().is_some_and(|c| c.starts_with(&format!("{}:", spec.fault.name())));
+        // The hypotheses that hold with the best figure: several bug models
+        // can reproduce a stage exactly (kv-offset and kv-len-short leave
+        // the same hole in decode's scores), a tie the diagnosis reports.
+        let tied: Vec<String> = diagnosis.as_ref().map_or(Vec::new(), |d| {
+            let best = d.best().map(|h| h.figure);
+            d.hypotheses.iter().filter(|h| h.holds && Some(h.figure) == best).map(|h| h.claim.split(':').next().unwrap_or_default().to_string()).collect()
+        });
+        let diagnosed = tied.iter().any(|name| name == spec.fault.name());
         let fr = compare(&pair.ours(reference, None, false)?, reference, fr_gates, None);
         let expected = expected_at(spec);
         let (found, found_id, margin) = describe(&tf);
@@ -171,7 +177,7 @@ pub fn run_prompt(
             free_running_jump: fr_jump,
             free_running_agrees: fr_agrees,
             note,
-            diagnosis: top.map_or("-".to_string(), |c| c.split(':').next().unwrap_or_default().to_string()),
+            diagnosis: if tied.is_empty() { "-".to_string() } else { tied.join(" = ") },
             diagnosed,
         });
     }

@@ -260,3 +260,29 @@ fn built_in_gates_without_a_file_and_files_only_for_their_combination() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("KV type f16"), "{}", stderr(&out));
 }
+
+/// A dump with a hand-made bug: the diagnosis names a scale by its constant
+/// and a dropped bias as an offset per channel, with no engine loaded.
+#[test]
+fn diff_diagnoses_a_scale_and_an_offset() {
+    let reference = synthetic("llama.cpp", 1);
+    let mut scaled = synthetic("ours-cpu", 1);
+    for v in scaled.tensors.get_mut(&StageId::layer(0, 1, Stage::QRope)).unwrap().tensor.data.iter_mut() {
+        *v *= 4.0; // head_dim is 4
+    }
+    let d = Dumps::new(&scaled, &reference);
+    let out = d.run(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("diagnosis: ours = 4.000000 x reference (head_dim)"), "{}", stdout(&out));
+
+    let mut biased = synthetic("ours-cpu", 1);
+    let t = &mut biased.tensors.get_mut(&StageId::layer(0, 0, Stage::KProj)).unwrap().tensor;
+    let width = t.data.len() / T;
+    for (i, v) in t.data.iter_mut().enumerate() {
+        *v -= 0.5 + 0.25 * (i % width) as f32; // the same row removed from every token
+    }
+    let d = Dumps::new(&biased, &reference);
+    let out = d.run(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("diagnosis: a constant offset per channel"), "{}", stdout(&out));
+}

@@ -278,6 +278,8 @@ fn selftest_names_every_fault_of_the_catalogue() {
     assert!(s["equivalent"].as_u64().unwrap() >= 2);
     assert_eq!(s["equivalent_clean"], s["equivalent"]);
     assert!(s["min_margin"].as_f64().unwrap() >= 10.0);
+    // The diagnosis names the bug (ties count: two bug models can leave the same tensor).
+    assert!(s["diagnosed"].as_u64().unwrap() >= 15, "{s}");
     // Every layer fault sits at the layer the seed drew, and was found there.
     for o in v["outcomes"].as_array().unwrap() {
         if let Some(l) = o["layer"].as_u64() {
@@ -296,6 +298,8 @@ fn a_fault_at_a_chosen_layer_is_named_at_that_layer() {
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "stdout: {out}\nstderr: {err}");
     assert!(out.contains("FIRST DIVERGENCE: prefill, layer 14, attn_out"), "{out}");
+    // ... and the what-if replay names the bug.
+    assert!(out.contains("diagnosis: o-proj-transposed:"), "{out}");
     let o = parity(&["run", "--model", m, "--prompt", HAIKU, "--fault", "o-proj-transposed@24"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).1.contains("layer 24 out of range"), "{}", text(&o).1);
