@@ -115,14 +115,11 @@ impl<B: Backend> Model<B> {
 
             // `m(x, W)`: x as the matmul with W sees it (rounded in ggml numerics).
             let rnd = &self.rounding;
-            let hq = rnd.for_matmul(be, &h, Weight::AttnQ(l))?;
-            let q = be.linear(hq.as_ref().unwrap_or(&h), Weight::AttnQ(l), with_bias(Weight::AttnQBias(l)), read_if(f == Fault::QProjTransposed))?;
+            let q = rnd.linear(be, &h, Weight::AttnQ(l), with_bias(Weight::AttnQBias(l)), read_if(f == Fault::QProjTransposed))?;
             let q = checkpoint(be, cps, id(Stage::QProj), be.reshape(q, &[n, cfg.n_head, hd])?)?;
-            let hk = rnd.for_matmul(be, &h, Weight::AttnK(l))?;
-            let k = be.linear(hk.as_ref().unwrap_or(&h), Weight::AttnK(l), with_bias(Weight::AttnKBias(l)), Rows)?;
+            let k = rnd.linear(be, &h, Weight::AttnK(l), with_bias(Weight::AttnKBias(l)), Rows)?;
             let k = checkpoint(be, cps, id(Stage::KProj), be.reshape(k, &[n, cfg.n_head_kv, hd])?)?;
-            let hv = rnd.for_matmul(be, &h, Weight::AttnV(l))?;
-            let v = be.linear(hv.as_ref().unwrap_or(&h), Weight::AttnV(l), with_bias(Weight::AttnVBias(l)), Rows)?;
+            let v = rnd.linear(be, &h, Weight::AttnV(l), with_bias(Weight::AttnVBias(l)), Rows)?;
             let v = checkpoint(be, cps, id(Stage::VProj), be.reshape(v, &[n, cfg.n_head_kv, hd])?)?;
 
             let q = be.rope(&q, rope_pos, rope_base, pairing)?;
@@ -143,25 +140,21 @@ impl<B: Backend> Model<B> {
             let ctx = be.attn_ctx(l, probs_kv.as_ref().unwrap_or(&probs), n_kv, f.head_map())?;
             let ctx = checkpoint(be, cps, id(Stage::AttnCtx), ctx)?;
             let ctx = be.reshape(ctx, &[n, cfg.n_head * hd])?;
-            let ctx_o = rnd.for_matmul(be, &ctx, Weight::AttnOutput(l))?;
-            let attn = be.linear(ctx_o.as_ref().unwrap_or(&ctx), Weight::AttnOutput(l), None, read_if(f == Fault::OProjTransposed))?;
+            let attn = rnd.linear(be, &ctx, Weight::AttnOutput(l), None, read_if(f == Fault::OProjTransposed))?;
             let attn = checkpoint(be, cps, id(Stage::AttnOut), attn)?;
             let resid = if f == Fault::ResidualDropped { attn } else { be.add(&x, &attn)? };
             let resid = checkpoint(be, cps, id(Stage::AttnResidual), resid)?;
 
             let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps_l)?;
             let h = checkpoint(be, cps, id(Stage::FfnNorm), h)?;
-            let hg = rnd.for_matmul(be, &h, Weight::FfnGate(l))?;
-            let gate = be.linear(hg.as_ref().unwrap_or(&h), Weight::FfnGate(l), None, Rows)?;
+            let gate = rnd.linear(be, &h, Weight::FfnGate(l), None, Rows)?;
             let gate = checkpoint(be, cps, id(Stage::FfnGate), gate)?;
-            let hu = rnd.for_matmul(be, &h, Weight::FfnUp(l))?;
-            let up = be.linear(hu.as_ref().unwrap_or(&h), Weight::FfnUp(l), None, Rows)?;
+            let up = rnd.linear(be, &h, Weight::FfnUp(l), None, Rows)?;
             let up = checkpoint(be, cps, id(Stage::FfnUp), up)?;
             let act_fn = if f == Fault::WrongActivation { Activation::Gelu } else { Activation::Silu };
             let act = if f == Fault::SwigluSwapped { be.swiglu(&up, &gate, act_fn)? } else { be.swiglu(&gate, &up, act_fn)? };
             let act = checkpoint(be, cps, id(Stage::FfnAct), act)?;
-            let act_d = rnd.for_matmul(be, &act, Weight::FfnDown(l))?;
-            let down = be.linear(act_d.as_ref().unwrap_or(&act), Weight::FfnDown(l), None, read_if(f == Fault::FfnDownTransposed))?;
+            let down = rnd.linear(be, &act, Weight::FfnDown(l), None, read_if(f == Fault::FfnDownTransposed))?;
             let down = checkpoint(be, cps, id(Stage::FfnDown), down)?;
             let out = if f == Fault::ResidualWrongInput { be.add(&x, &down)? } else { be.add(&resid, &down)? };
             x = checkpoint(be, cps, id(Stage::LayerOut), out)?;
@@ -170,8 +163,7 @@ impl<B: Backend> Model<B> {
         let be = &self.backend;
         let h = if global == Fault::FinalNormSkipped { x } else { be.rms_norm(&x, Weight::OutputNorm, eps)? };
         let h = checkpoint(be, cps, StageId::global(step, Stage::FinalNorm), h)?;
-        let h_out = self.rounding.for_matmul(be, &h, Weight::Output)?;
-        let logits = be.linear(h_out.as_ref().unwrap_or(&h), Weight::Output, None, read_if(global == Fault::LmHeadTransposed))?;
+        let logits = self.rounding.linear(be, &h, Weight::Output, None, read_if(global == Fault::LmHeadTransposed))?;
         let logits = checkpoint(be, cps, StageId::global(step, Stage::Logits), logits)?;
         self.n_past = n_kv;
 

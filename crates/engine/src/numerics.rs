@@ -15,6 +15,8 @@
 //! host and back per rounded tensor).
 
 use crate::backend::{Backend, Weight};
+use crate::fault::WeightRead;
+use capture::Tensor;
 use anyhow::{anyhow, Result};
 use capture::KvType;
 use gguf::quant::{round_like_ggml, vec_dot_type};
@@ -53,25 +55,45 @@ pub struct Rounding {
     pub kv_type: KvType,
     /// The `vec_dot_type` of each weight (absent: F32, no rounding).
     vec_dot: HashMap<Weight, GgmlType>,
+    /// For Q4_1/Q5_1 weights: each block's min `m` (`[out, in/32]`). ggml's
+    /// q8_1 dot adds `m * s` with `s = f16(d * sum q)` rounded to f16, where
+    /// the dequantized product has `m * f16(d) * sum q`: the difference is
+    /// added back after the matmul, so those weights round exactly too.
+    mins: HashMap<Weight, Vec<f32>>,
 }
 
 impl Rounding {
     /// The oracle's own arithmetic: the only rounding is the KV cache's
     /// (done by the backend's store).
     pub fn exact(kv_type: KvType) -> Rounding {
-        Rounding { numerics: Numerics::Exact, kv_type, vec_dot: HashMap::new() }
+        Rounding { numerics: Numerics::Exact, kv_type, vec_dot: HashMap::new(), mins: HashMap::new() }
     }
 
     /// Each weight's type read from the GGUF (a tied LM head is `token_embd`'s).
     pub fn from_gguf(numerics: Numerics, kv_type: KvType, gguf: &gguf::GgufFile, cfg: &gguf::Qwen2Config) -> Result<Rounding> {
         let arch = crate::arch::ArchSpec::qwen2(cfg);
         let mut types = HashMap::new();
+        let mut mins = HashMap::new();
         for w in Weight::all(&arch, cfg.n_layer).into_iter().chain([Weight::Output]) {
             let name = w.gguf_name(cfg.tied_output);
             let info = gguf.tensor(&name).ok_or_else(|| anyhow!("tensor {name} is missing"))?;
             types.insert(w, info.ggml_type);
+            let block_bytes = match info.ggml_type {
+                GgmlType::Q4_1 => 20,
+                GgmlType::Q5_1 => 24,
+                _ => continue,
+            };
+            // Block layout: d (f16), m (f16), ...: m at byte 2.
+            let m = gguf
+                .tensor_data(info)
+                .chunks_exact(block_bytes)
+                .map(|b| half::f16::from_le_bytes([b[2], b[3]]).to_f32())
+                .collect();
+            mins.insert(w, m);
         }
-        Rounding::new(numerics, kv_type, &types)
+        let mut r = Rounding::new(numerics, kv_type, &types)?;
+        r.mins = mins;
+        Ok(r)
     }
 
     /// `weight_types`: each weight's GGUF type (a tied LM head under
@@ -82,7 +104,7 @@ impl Rounding {
             let vdt = vec_dot_type(ty).ok_or_else(|| anyhow!("weight {w:?}: ggml type {} has no CPU matmul rounding we emulate", ty.name()))?;
             vec_dot.insert(w, vdt);
         }
-        Ok(Rounding { numerics, kv_type, vec_dot })
+        Ok(Rounding { numerics, kv_type, vec_dot, mins: HashMap::new() })
     }
 
     /// The activation `x` as ggml's matmul with `weight` sees it; `None`
@@ -91,6 +113,23 @@ impl Rounding {
         match (self.numerics, self.vec_dot.get(&weight)) {
             (Numerics::Ggml, Some(&vdt)) if vdt != GgmlType::F32 => round_rows(be, x, vdt).map(Some),
             _ => Ok(None),
+        }
+    }
+
+    /// `x W^T (+ b)` as ggml's CPU matmul computes it in ggml numerics (the
+    /// activation rounded per `for_matmul`, plus the q8_1 min correction),
+    /// else the backend's own linear.
+    pub fn linear<B: Backend>(&self, be: &B, x: &B::Buf, weight: Weight, bias: Option<Weight>, read: WeightRead) -> Result<B::Buf> {
+        let rounded = self.for_matmul(be, x, weight)?;
+        let y = be.linear(rounded.as_ref().unwrap_or(x), weight, bias, read)?;
+        match (self.numerics, self.mins.get(&weight), read) {
+            (Numerics::Ggml, Some(mins), WeightRead::Rows) => {
+                let correction = q8_1_min_correction(&be.to_host(x)?, mins, be.shape(&y))?;
+                let c = be.from_host(&correction)?;
+                let c = be.reshape(c, be.shape(&y))?;
+                be.add(&y, &c)
+            }
+            _ => Ok(y),
         }
     }
 
@@ -113,6 +152,36 @@ impl Rounding {
             KvType::F32 => Ok(None),
         }
     }
+}
+
+/// `y[t][o] += sum_b m[o][b] (s[t][b] - f16(d[t][b]) sum q[t][b])`: what
+/// ggml's q8_1 dot adds beyond the dequantized product (see `Rounding::mins`).
+fn q8_1_min_correction(x: &Tensor, mins: &[f32], y_shape: &[usize]) -> Result<Tensor> {
+    let n_in = *x.shape.last().unwrap_or(&0);
+    let n_out = *y_shape.last().unwrap_or(&0);
+    let n_blocks = n_in / 32;
+    anyhow::ensure!(n_in % 32 == 0 && mins.len() == n_out * n_blocks, "q8_1 correction: rows of {n_in} against {} mins", mins.len());
+    let rows = x.data.len() / n_in.max(1);
+    let mut out = vec![0f32; rows * n_out];
+    for (t, row) in x.data.chunks_exact(n_in).enumerate() {
+        let bytes = gguf::quant::quantize_q8_1(row);
+        // Per block: s (as ggml stores it) minus f16(d) * sum q (what the
+        // dequantized activation sums to).
+        let c: Vec<f64> = bytes
+            .chunks_exact(36)
+            .map(|b| {
+                let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() as f64;
+                let s = half::f16::from_le_bytes([b[2], b[3]]).to_f32() as f64;
+                let sum_q: i32 = b[4..36].iter().map(|&q| q as i8 as i32).sum();
+                s - d * sum_q as f64
+            })
+            .collect();
+        for o in 0..n_out {
+            let m = &mins[o * n_blocks..(o + 1) * n_blocks];
+            out[t * n_out + o] = m.iter().zip(&c).map(|(&m, &c)| m as f64 * c).sum::<f64>() as f32;
+        }
+    }
+    Ok(Tensor::new(vec![rows, n_out], out))
 }
 
 fn round_rows<B: Backend>(be: &B, x: &B::Buf, ty: GgmlType) -> Result<B::Buf> {
