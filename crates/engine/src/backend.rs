@@ -69,6 +69,44 @@ impl Weight {
     }
 
     /// Look the weight up in `gguf`, check its shape against `cfg` and
+    /// dequantize it to f32 (bit for bit ggml's values), or with the
+    /// `q5-0-high-bit` fault when `dequant_bug` names this weight's layer.
+    pub fn dequantize_for(self, gguf: &GgufFile, cfg: &Qwen2Config, dequant_bug: Option<Option<usize>>) -> Result<Tensor> {
+        let name = self.gguf_name(cfg.tied_output);
+        let info = gguf.tensor(&name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", gguf.path().display()))?;
+        let buggy = match dequant_bug {
+            None => false,
+            Some(None) => self.layer().is_some(),
+            Some(layer) => self.layer() == layer,
+        };
+        if info.ggml_type == gguf::GgmlType::Q5_0 && buggy {
+            let mut t = self.dequantize(gguf, cfg)?;
+            gguf::dequant::q5_0_forgotten_shift(gguf.tensor_data(info), &mut t.data);
+            return Ok(t);
+        }
+        self.dequantize(gguf, cfg)
+    }
+
+    /// The layer a per-layer weight belongs to.
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            Weight::AttnNorm(l)
+            | Weight::AttnQ(l)
+            | Weight::AttnQBias(l)
+            | Weight::AttnK(l)
+            | Weight::AttnKBias(l)
+            | Weight::AttnV(l)
+            | Weight::AttnVBias(l)
+            | Weight::AttnOutput(l)
+            | Weight::FfnNorm(l)
+            | Weight::FfnGate(l)
+            | Weight::FfnUp(l)
+            | Weight::FfnDown(l) => Some(l),
+            Weight::TokenEmbd | Weight::OutputNorm | Weight::Output => None,
+        }
+    }
+
+    /// Look the weight up in `gguf`, check its shape against `cfg` and
     /// dequantize it to f32 (bit for bit ggml's values).
     pub fn dequantize(self, gguf: &GgufFile, cfg: &Qwen2Config) -> Result<Tensor> {
         let name = self.gguf_name(cfg.tied_output);
@@ -147,4 +185,8 @@ pub struct BackendOptions {
     pub kv_type: KvType,
     /// KV cache capacity in positions (prompt + decode steps).
     pub max_ctx: usize,
+    /// The `q5-0-high-bit` fault: the Q5_0 weights of this layer (`Some(Some(l))`)
+    /// or of every layer (`Some(None)`) dequantized with the bug (the one
+    /// fault that lives in the load, not in the pass).
+    pub dequant_bug: Option<Option<usize>>,
 }

@@ -32,7 +32,7 @@ impl CpuBackend {
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions) -> Result<Self> {
         let all = Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer);
         let loaded: Vec<(Weight, Tensor)> =
-            all.par_iter().map(|&w| Ok((w, w.dequantize(gguf, cfg)?))).collect::<Result<_>>()?;
+            all.par_iter().map(|&w| Ok((w, w.dequantize_for(gguf, cfg, opts.dequant_bug)?))).collect::<Result<_>>()?;
         Self::from_weights(cfg.clone(), loaded.into_iter().collect(), opts)
     }
 

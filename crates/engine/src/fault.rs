@@ -78,6 +78,7 @@ pub enum Fault {
     ResidualWrongInput,
     FinalNormSkipped,
     LmHeadTransposed,
+    Q50HighBit,
     GqaRatioForm,
     KRoundedTwice,
 }
@@ -149,7 +150,7 @@ use FirstStep::{FirstDecode, Prefill};
 use Scope::{Global, Layer};
 
 /// Indexed by `Fault as usize`.
-pub const FAULTS: [FaultInfo; 26] = [
+pub const FAULTS: [FaultInfo; 27] = [
     entry(Fault::None, "none", "the correct engine", "-", None, Global),
     entry(Fault::EmbedTransposed, "embed-transposed", "token embedding read as a column of the [vocab, embd] table (row/column index swapped)",
         "embed", Some(At(Prefill, Stage::Embed)), Global),
@@ -203,6 +204,8 @@ pub const FAULTS: [FaultInfo; 26] = [
         "rms_norm", Some(At(Prefill, Stage::FinalNorm)), Global),
     entry(Fault::LmHeadTransposed, "lm-head-transposed", "LM head GEMM with the wrong leading dimension: the [vocab, embd] weight read as [embd, vocab]",
         "linear (lm head)", Some(At(Prefill, Stage::Logits)), Global),
+    entry(Fault::Q50HighBit, "q5-0-high-bit", "Q5_0 dequantization with the `<< 4` forgotten on the second half's fifth bit (first seen at q_proj where attn_q is Q5_0, as in Q4_K_M Qwen2 GGUFs)",
+        "dequantize (at load)", Some(At(Prefill, Stage::QProj)), Layer),
     entry(Fault::GqaRatioForm, "gqa-ratio-form", "GQA map written h * n_head_kv / n_head: equal to h / (n_head / n_head_kv) for every head",
         "attn_scores, attn_ctx", Some(NoDivergence), Layer),
     entry(Fault::KRoundedTwice, "k-rounded-twice", "K rounded to f16 before the store into the f16 cache, which rounds it again (idempotent)",
@@ -268,6 +271,12 @@ impl fmt::Display for FaultSpec {
 }
 
 impl Fault {
+    /// The fault acts when the weights are loaded: the engine must be
+    /// loaded again to seed or clear it.
+    pub fn at_load(self) -> bool {
+        self == Fault::Q50HighBit
+    }
+
     pub fn all() -> impl Iterator<Item = Fault> {
         FAULTS.iter().map(|f| f.fault)
     }

@@ -19,7 +19,7 @@ fn tiny_model(spec: &SynthSpec, kv: KvType, fault: Fault) -> Model<CpuBackend> {
     write_tiny_qwen2(spec, &path).unwrap();
     let gguf = GgufFile::open(&path).unwrap();
     let cfg = Qwen2Config::from_gguf(&gguf).unwrap();
-    let backend = CpuBackend::load(&gguf, &cfg, BackendOptions { kv_type: kv, max_ctx: 64 }).unwrap();
+    let backend = CpuBackend::load(&gguf, &cfg, BackendOptions { kv_type: kv, max_ctx: 64, dequant_bug: None }).unwrap();
     Model::new(backend, cfg, FaultSpec::from(fault))
 }
 
@@ -173,6 +173,12 @@ fn each_fault_first_changes_its_own_stage() {
     let (_, clean) = record(&mut tiny_model(&spec, KvType::F32, Fault::None), 2);
     // Where each fault must show first comes from the catalogue, not from here.
     for info in FAULTS.iter() {
+        if info.fault.at_load() {
+            // A dequantization bug needs quantized weights; this synthetic
+            // model is F32. Covered on the real model (Q5_0 weights) by
+            // parity's run_real tests (seeded_faults_are_localized, selftest).
+            continue;
+        }
         let (fault, at) = match info.expect {
             Some(Expect::At(step, stage)) if stage.is_global() => (info.fault, Some(StageId::global(step.index(), stage))),
             Some(Expect::At(step, stage)) => (info.fault, Some(StageId::layer(step.index(), 0, stage))),
@@ -218,7 +224,7 @@ fn tied_output_uses_the_token_embedding() {
     let cfg = Qwen2Config::from_gguf(&gguf).unwrap();
     assert!(cfg.tied_output);
     let embd = engine::backend::Weight::TokenEmbd.dequantize(&gguf, &cfg).unwrap();
-    let backend = CpuBackend::load(&gguf, &cfg, BackendOptions { kv_type: KvType::F32, max_ctx: 64 }).unwrap();
+    let backend = CpuBackend::load(&gguf, &cfg, BackendOptions { kv_type: KvType::F32, max_ctx: 64, dequant_bug: None }).unwrap();
     let mut model = Model::new(backend, cfg.clone(), FaultSpec::NONE);
     let (_, rec) = record(&mut model, 0);
     let h = &rec.tensors[&StageId::global(0, Stage::FinalNorm)].tensor;

@@ -111,7 +111,7 @@ fn weights(cfg: &Qwen2Config, seed: u64) -> HashMap<Weight, Tensor> {
 }
 
 fn backends(cfg: &Qwen2Config, kv: KvType, seed: u64) -> (CpuBackend, CudaBackend) {
-    let opts = BackendOptions { kv_type: kv, max_ctx: MAX_CTX };
+    let opts = BackendOptions { kv_type: kv, max_ctx: MAX_CTX, dequant_bug: None };
     let w = weights(cfg, seed);
     let cpu = CpuBackend::from_weights(cfg.clone(), w.clone(), opts).expect("cpu backend");
     let mut wg = w;
@@ -434,7 +434,7 @@ fn no_device_error_is_clear() {
         assert!(e.starts_with("no CUDA device: use --backend cpu"), "{e}");
         let cfg = configs()[1].clone();
         let w = weights(&cfg, 1);
-        let err = CudaBackend::from_weights(cfg, w, BackendOptions { kv_type: KvType::F16, max_ctx: 8 }).err().expect("must fail");
+        let err = CudaBackend::from_weights(cfg, w, BackendOptions { kv_type: KvType::F16, max_ctx: 8, dequant_bug: None }).err().expect("must fail");
         assert!(err.to_string().starts_with("no CUDA device: use --backend cpu"), "{err}");
     }
 }

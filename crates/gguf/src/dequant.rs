@@ -195,6 +195,24 @@ fn q5_0(t: &[f32; 65536], b: &[u8; 22], y: &mut [f32; 32]) {
     }
 }
 
+/// The fault zoo's dequantization bug (`q5-0-high-bit`): Q5_0 with the
+/// `<< 4` forgotten on the second half's high bit, so element j + 16 takes
+/// bit j + 20 of `qh` (garbage, or 0 past bit 31) as its fifth bit. Rows of
+/// 32-blocks: `bytes` a whole number of 22-byte blocks.
+pub fn q5_0_forgotten_shift(bytes: &[u8], out: &mut [f32]) {
+    let table = f16_table();
+    for (b, y) in bytes.chunks_exact(22).zip(out.chunks_exact_mut(32)) {
+        let d = h(table, b[0], b[1]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        for j in 0..16 {
+            let xh_0 = (((qh >> j) << 4) & 0x10) as u8;
+            let xh_1 = (qh.checked_shr(j as u32 + 16).unwrap_or(0) & 0x10) as u8;
+            y[j] = (((b[6 + j] & 0x0F) | xh_0) as i32 - 16) as f32 * d;
+            y[j + 16] = (((b[6 + j] >> 4) | xh_1) as i32 - 16) as f32 * d;
+        }
+    }
+}
+
 // block_q5_1 { half d; half m; u8 qh[4]; u8 qs[16]; }
 fn q5_1(t: &[f32; 65536], b: &[u8; 24], y: &mut [f32; 32]) {
     let d = h(t, b[0], b[1]);

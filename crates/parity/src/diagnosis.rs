@@ -197,7 +197,7 @@ mod tests {
 /// acts at that stage, run as our engine with that fault at that layer,
 /// teacher-forced on `reference`; its tensor at `at` compared with `eut`,
 /// the engine under test's. Holds when it reproduces `eut` within `gate`
-/// (worst-row rel-L2). Our engine is left without a fault.
+/// (worst-row rel-L2). Our engine is left with the fault it had.
 pub fn replay(
     pair: &mut crate::session::Pair,
     reference: &capture::Capture,
@@ -211,11 +211,11 @@ pub fn replay(
             && (f.scope == Scope::Global) == at.layer.is_none()
     });
     let mut out = Vec::new();
+    let under_test = pair.fault();
     for info in candidates {
-        pair.ours.set_fault(FaultSpec { fault: info.fault, layer: at.layer });
+        pair.set_fault(FaultSpec { fault: info.fault, layer: at.layer })?;
         let layers = at.layer.map(|l| vec![l]);
         let replayed = pair.ours(reference, layers, true);
-        pair.ours.set_fault(FaultSpec::NONE);
         let replayed = replayed?;
         let Some(model_out) = replayed.get(&at) else { continue };
         let figure = match crate::metrics::compare(at.stage, eut, model_out) {
@@ -229,6 +229,7 @@ pub fn replay(
             holds: figure <= gate,
         });
     }
+    pair.set_fault(under_test)?;
     Ok(out)
 }
 

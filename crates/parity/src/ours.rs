@@ -107,7 +107,8 @@ enum Loaded {
 impl OurEngine {
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, eo: EngineOptions) -> Result<Self> {
         let (backend, kv_type, fault) = (eo.backend, eo.kv, eo.fault);
-        let opts = BackendOptions { kv_type, max_ctx: eo.max_ctx.min(cfg.n_ctx_train.max(1)) };
+        let dequant_bug = fault.fault.at_load().then_some(fault.layer);
+        let opts = BackendOptions { kv_type, max_ctx: eo.max_ctx.min(cfg.n_ctx_train.max(1)), dequant_bug };
         let rounding = Rounding::from_gguf(eo.numerics, kv_type, gguf, cfg)?;
         let started = Instant::now();
         let model = match backend {
@@ -127,7 +128,9 @@ impl OurEngine {
         Ok(OurEngine { model, kv_type, numerics: eo.numerics })
     }
 
-    /// Seed a fault (or none) into the loaded engine: no reload needed.
+    /// Seed a fault (or none) into the loaded engine. Faults that act at
+    /// load (`Fault::at_load`) need `OurEngine::load` instead: the caller
+    /// reloads for those.
     pub fn set_fault(&mut self, fault: FaultSpec) {
         match &mut self.model {
             Loaded::Cpu(model) => model.fault = fault,

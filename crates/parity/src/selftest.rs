@@ -127,12 +127,11 @@ pub fn run_prompt(
     let runs: Vec<FaultSpec> = std::iter::once(FaultSpec::NONE).chain(specs.iter().copied()).collect();
     for (k, spec) in runs.iter().enumerate() {
         progress(&format!("prompt {}: {}/{} {}", prompt_index + 1, k + 1, runs.len(), spec));
-        pair.ours.set_fault(*spec);
+        pair.set_fault(*spec)?;
         let tf_capture = pair.ours(reference, None, true)?;
         let tf = compare(&tf_capture, reference, tf_gates, None);
-        pair.ours.set_fault(FaultSpec::NONE);
+        // The replays leave our engine with `spec` again.
         let diagnosis = crate::diagnosis::diagnose(Some(&mut *pair), reference, &tf_capture, &tf)?;
-        pair.ours.set_fault(*spec);
         // The hypotheses that hold with the best figure: several bug models
         // can reproduce a stage exactly (kv-offset and kv-len-short leave
         // the same hole in decode's scores), a tie the diagnosis reports.
@@ -181,7 +180,7 @@ pub fn run_prompt(
             diagnosed,
         });
     }
-    pair.ours.set_fault(FaultSpec::NONE);
+    pair.set_fault(FaultSpec::NONE)?;
     Ok(out)
 }
 

@@ -3,6 +3,7 @@
 
 use crate::diff::{diff_captures, DiffReport};
 use crate::ours::{BackendKind, EngineOptions, Mode, OurEngine};
+use engine::fault::FaultSpec;
 use crate::thresholds::{Comparison, Thresholds};
 use anyhow::{bail, Context, Result};
 use capture::{Capture, KvType, StageId};
@@ -133,6 +134,10 @@ pub fn backend_of(engine: &str) -> &str {
 pub struct Pair {
     pub llama: LlamaRef,
     pub ours: OurEngine,
+    /// What `ours` was loaded from and with: a fault that acts at load
+    /// (`Fault::at_load`) is seeded by loading it again.
+    model_path: PathBuf,
+    engine: EngineOptions,
     pub model_sha256: String,
     pub n_layer: usize,
     pub n_ctx_train: usize,
@@ -153,7 +158,38 @@ impl Pair {
         let model_sha256 = sha256_file(&model.path)?;
         let llama = LlamaRef::load(&model.path)?;
         let ours = OurEngine::load(&model.gguf, cfg, eo)?;
-        Ok(Pair { llama, ours, model_sha256, n_layer: cfg.n_layer, n_ctx_train: cfg.n_ctx_train, kv: eo.kv, threads })
+        Ok(Pair {
+            llama,
+            ours,
+            model_path: model.path.clone(),
+            engine: eo,
+            model_sha256,
+            n_layer: cfg.n_layer,
+            n_ctx_train: cfg.n_ctx_train,
+            kv: eo.kv,
+            threads,
+        })
+    }
+
+    /// Seed `fault` (or none) into our engine: in place for faults in the
+    /// pass, by loading the weights again for faults at load (and again to
+    /// clear one).
+    pub fn set_fault(&mut self, fault: FaultSpec) -> Result<()> {
+        let was_at_load = self.engine.fault.fault.at_load();
+        if fault.fault.at_load() || was_at_load {
+            let model = ModelFile::open(&self.model_path)?;
+            self.engine.fault = fault;
+            self.ours = OurEngine::load(&model.gguf, &model.cfg, self.engine)?;
+        } else {
+            self.engine.fault = fault;
+        }
+        self.ours.set_fault(fault);
+        Ok(())
+    }
+
+    /// The fault our engine carries now.
+    pub fn fault(&self) -> FaultSpec {
+        self.engine.fault
     }
 
     /// llama.cpp on one prompt, captured for the layers asked.

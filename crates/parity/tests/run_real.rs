@@ -304,3 +304,23 @@ fn a_fault_at_a_chosen_layer_is_named_at_that_layer() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).1.contains("layer 24 out of range"), "{}", text(&o).1);
 }
+
+/// A quantization of the real model made on the fly (`parity variant`, cached
+/// beside the model): our dequantization equals ggml's bit for bit on it and
+/// `parity run` matches with the built-in gates.
+#[test]
+fn q8_0_variant_of_the_real_model_matches() {
+    let model = real_model_or_skip!();
+    let o = parity(&["variant", "--model", model.to_str().unwrap(), "--type", "q8_0"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    let path = out.lines().last().unwrap().trim().to_string();
+    let file = gguf::GgufFile::open(&path).unwrap();
+    assert!(file.tensors().iter().filter(|t| t.ggml_type == gguf::GgmlType::Q8_0).count() > 100);
+    let o = parity(&["weights", "--model", &path]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o).0);
+    let o = parity(&["run", "--model", &path, "--prompt", HAIKU, "--decode", "4"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("MATCH"), "{out}");
+}

@@ -221,7 +221,7 @@ impl CudaBackend {
         // host memory stays at a few layers' f32, not the whole model's.
         for group in all.chunks(12) {
             let data: Vec<(Weight, Tensor)> =
-                group.par_iter().map(|&w| Ok((w, w.dequantize(gguf, cfg)?))).collect::<Result<_>>()?;
+                group.par_iter().map(|&w| Ok((w, w.dequantize_for(gguf, cfg, opts.dequant_bug)?))).collect::<Result<_>>()?;
             for (w, d) in data {
                 backend.upload_weight(w, &d.data).with_context(|| format!("uploading {}", w.gguf_name(cfg.tied_output)))?;
             }
