@@ -160,7 +160,7 @@ fn q8_1_min_correction(x: &Tensor, mins: &[f32], y_shape: &[usize]) -> Result<Te
     let n_in = *x.shape.last().unwrap_or(&0);
     let n_out = *y_shape.last().unwrap_or(&0);
     let n_blocks = n_in / 32;
-    anyhow::ensure!(n_in % 32 == 0 && mins.len() == n_out * n_blocks, "q8_1 correction: rows of {n_in} against {} mins", mins.len());
+    anyhow::ensure!(n_in.is_multiple_of(32) && mins.len() == n_out * n_blocks, "q8_1 correction: rows of {n_in} against {} mins", mins.len());
     let rows = x.data.len() / n_in.max(1);
     let mut out = vec![0f32; rows * n_out];
     for (t, row) in x.data.chunks_exact(n_in).enumerate() {

@@ -39,7 +39,7 @@ pub fn vec_dot_type(weight: GgmlType) -> Option<GgmlType> {
 /// Quantize one row to ggml's q8_0 block bytes (34 bytes per 32 values).
 /// `row.len()` must be a multiple of 32.
 pub fn quantize_q8_0(row: &[f32]) -> Vec<u8> {
-    assert!(row.len() % 32 == 0, "q8_0 rows are whole blocks of 32");
+    assert!(row.len().is_multiple_of(32), "q8_0 rows are whole blocks of 32");
     let mut out = Vec::with_capacity(row.len() / 32 * 34);
     for block in row.chunks_exact(32) {
         let (d, qs) = q8_legacy_block(block);
@@ -52,7 +52,7 @@ pub fn quantize_q8_0(row: &[f32]) -> Vec<u8> {
 /// Quantize one row to ggml's q8_1 block bytes (36 bytes per 32 values:
 /// d, s as f16, then 32 quants).
 pub fn quantize_q8_1(row: &[f32]) -> Vec<u8> {
-    assert!(row.len() % 32 == 0, "q8_1 rows are whole blocks of 32");
+    assert!(row.len().is_multiple_of(32), "q8_1 rows are whole blocks of 32");
     let mut out = Vec::with_capacity(row.len() / 32 * 36);
     for block in row.chunks_exact(32) {
         let (d, qs) = q8_legacy_block(block);
@@ -116,7 +116,7 @@ fn q8_legacy_block(block: &[f32]) -> (LegacyScale, [i8; 32]) {
 /// Quantize one row to ggml's q8_K block bytes (292 bytes per 256 values:
 /// d as f32, 256 quants, 16 bsums as i16). `row.len()` must be a multiple of 256.
 pub fn quantize_q8_k(row: &[f32]) -> Vec<u8> {
-    assert!(row.len() % 256 == 0, "q8_K rows are whole blocks of 256");
+    assert!(row.len().is_multiple_of(256), "q8_K rows are whole blocks of 256");
     let mut out = Vec::with_capacity(row.len() / 256 * 292);
     for block in row.chunks_exact(256) {
         let (d, qs) = q8_k_block(block);
@@ -164,7 +164,7 @@ pub fn round_like_ggml(vec_dot_type: GgmlType, row: &mut [f32]) {
         GgmlType::F32 => {}
         GgmlType::F16 => row.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
         GgmlType::BF16 => row.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
-        GgmlType::Q8_0 | GgmlType::Q8_1 if row.len() % 32 == 0 => {
+        GgmlType::Q8_0 | GgmlType::Q8_1 if row.len().is_multiple_of(32) => {
             for block in row.chunks_exact_mut(32) {
                 let (d, qs) = q8_legacy_block(block);
                 let d = f16::from_bits(d.bits).to_f32();
@@ -173,7 +173,7 @@ pub fn round_like_ggml(vec_dot_type: GgmlType, row: &mut [f32]) {
                 }
             }
         }
-        GgmlType::Q8_K if row.len() % 256 == 0 => {
+        GgmlType::Q8_K if row.len().is_multiple_of(256) => {
             for block in row.chunks_exact_mut(256) {
                 let (d, qs) = q8_k_block(block);
                 for (x, &q) in block.iter_mut().zip(&qs) {
