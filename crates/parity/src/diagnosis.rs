@@ -29,6 +29,9 @@ pub struct Diagnosis {
     pub hypotheses: Vec<Hypothesis>,
     /// Where the error sits when nothing holds: the worst tokens.
     pub evidence: String,
+    /// How much of the difference ggml's rounding could explain: our engine
+    /// in exact vs ggml numerics at this stage, against the divergence.
+    pub attribution: Option<String>,
 }
 
 impl Diagnosis {
@@ -251,10 +254,35 @@ pub fn diagnose(
         crate::thresholds::GateMetric::MaxAbs => 1e-4,
     };
     let (mut hypotheses, evidence) = patterns(row.id.stage, o, r, gate, reference.config.head_dim.max(1));
+    let mut attribution = None;
     if let Some(pair) = pair {
         hypotheses.extend(replay(pair, reference, row.id, o, gate)?);
+        attribution = attribute(pair, reference, row.id, row.metrics.row_rel_l2_max)?;
     }
-    let mut d = Diagnosis { at: row.id, hypotheses, evidence };
+    let mut d = Diagnosis { at: row.id, hypotheses, evidence, attribution };
     d.sort();
     Ok(Some(d))
+}
+
+/// Attribution: the stage recomputed by our engine (with the fault it
+/// carries) in exact numerics, teacher-forced, against the same in ggml
+/// numerics: how far ggml's rounding alone moves this stage, set beside the
+/// divergence (`observed`, worst-row rel-L2). `None` in exact numerics.
+fn attribute(pair: &mut crate::session::Pair, reference: &capture::Capture, at: StageId, observed: f64) -> anyhow::Result<Option<String>> {
+    use engine::numerics::Numerics;
+    if pair.ours.numerics != Numerics::Ggml {
+        return Ok(None);
+    }
+    let layers = at.layer.map(|l| vec![l]);
+    let ggml = pair.ours(reference, layers.clone(), true)?;
+    pair.ours.set_numerics(Numerics::Exact);
+    let exact = pair.ours(reference, layers, true);
+    pair.ours.set_numerics(Numerics::Ggml);
+    let exact = exact?;
+    let (Some(g), Some(e)) = (ggml.get(&at), exact.get(&at)) else { return Ok(None) };
+    let rounding = crate::metrics::compare(at.stage, e, g).map(|m| m.row_rel_l2_max).unwrap_or(f64::NAN);
+    Ok(Some(format!(
+        "attribution: ggml's rounding moves {at} by {rounding:.1e} (worst-row rel-L2, our engine exact vs ggml numerics); the divergence is {observed:.1e}, {} what rounding explains",
+        if rounding > 0.0 { format!("{:.1e}x", observed / rounding) } else { "beyond".to_string() }
+    )))
 }

@@ -128,6 +128,16 @@ impl OurEngine {
         Ok(OurEngine { model, kv_type, numerics: eo.numerics })
     }
 
+    /// Switch the numerics mode of the loaded engine (the weight types it
+    /// rounds for were read at load).
+    pub fn set_numerics(&mut self, numerics: Numerics) {
+        self.numerics = numerics;
+        match &mut self.model {
+            Loaded::Cpu(model) => model.rounding.numerics = numerics,
+            Loaded::Cuda(model) => model.rounding.numerics = numerics,
+        }
+    }
+
     /// Seed a fault (or none) into the loaded engine. Faults that act at
     /// load (`Fault::at_load`) need `OurEngine::load` instead: the caller
     /// reloads for those.

@@ -300,6 +300,8 @@ fn a_fault_at_a_chosen_layer_is_named_at_that_layer() {
     assert!(out.contains("FIRST DIVERGENCE: prefill, layer 14, attn_out"), "{out}");
     // ... and the what-if replay names the bug.
     assert!(out.contains("diagnosis: o-proj-transposed:"), "{out}");
+    // ... and says how much of it ggml's rounding could explain.
+    assert!(out.contains("attribution: ggml's rounding moves prefill, layer 14, attn_out by"), "{out}");
     let o = parity(&["run", "--model", m, "--prompt", HAIKU, "--fault", "o-proj-transposed@24"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).1.contains("layer 24 out of range"), "{}", text(&o).1);

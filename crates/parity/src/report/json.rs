@@ -130,6 +130,7 @@ pub fn render_json(r: &DiffReport) -> Value {
         "diagnosis": r.diagnosis.as_ref().map_or(Value::Null, |d| json!({
             "at": Value::Object(id_fields(&d.at)),
             "evidence": d.evidence,
+            "attribution": d.attribution,
             "hypotheses": d.hypotheses.iter().map(|h| json!({
                 "claim": h.claim, "test": h.test, "figure": num(h.figure), "holds": h.holds,
             })).collect::<Vec<_>>(),

@@ -146,6 +146,7 @@ pub fn verdict_lines(r: &DiffReport) -> Vec<String> {
             out.push(format!("FIRST DIVERGENCE: {}: {value} > {threshold}{margin}", row.id));
             if let Some(d) = r.diagnosis.as_ref().filter(|d| d.at == row.id) {
                 out.push(d.headline());
+                out.extend(d.attribution.clone());
             }
             out.push(format!("look at: {}", row.id.stage.what_to_check()));
             if let Some(w) = &m.worst {
