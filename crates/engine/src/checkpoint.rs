@@ -108,6 +108,16 @@ impl Checkpoints for Isolate<'_> {
     }
 }
 
+/// splitmix64: advance `state` and return the next value of a fixed,
+/// dependency-free pseudo-random sequence (perturbations, selftest's draws).
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// Perturb: add `magnitude * (deterministic pseudo-random in [-1, 1))` to
 /// every element at one checkpoint, then observe the rest. Used to check
 /// that a disturbance of a known size is seen where it is made.
@@ -124,14 +134,9 @@ impl Checkpoints for Perturb {
     }
     fn visit(&mut self, id: &StageId, mut tensor: Tensor) -> Result<Option<Tensor>> {
         let replaced = if *id == self.at {
-            // splitmix64: a fixed, dependency-free sequence.
             let mut state = self.seed;
             for v in tensor.data.iter_mut() {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
+                let z = splitmix64(&mut state);
                 let unit = (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
                 *v += self.magnitude * unit as f32;
             }

@@ -59,17 +59,12 @@ pub struct Summary {
     pub passed: bool,
 }
 
-/// splitmix64: a fixed, dependency-free sequence for the layer draws.
+/// The layer draws: splitmix64 from the seed.
 struct Draw(u64);
 
 impl Draw {
     fn next(&mut self, n: usize) -> usize {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z % n.max(1) as u64) as usize
+        (engine::checkpoint::splitmix64(&mut self.0) % n.max(1) as u64) as usize
     }
 }
 
