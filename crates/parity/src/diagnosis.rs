@@ -257,7 +257,7 @@ pub fn diagnose(
     let mut attribution = None;
     if let Some(pair) = pair {
         hypotheses.extend(replay(pair, reference, row.id, o, gate)?);
-        attribution = attribute(pair, reference, row.id, row.metrics.row_rel_l2_max)?;
+        attribution = attribute(pair, reference, ours, row.id, row.metrics.row_rel_l2_max)?;
     }
     let mut d = Diagnosis { at: row.id, hypotheses, evidence, attribution };
     d.sort();
@@ -268,13 +268,30 @@ pub fn diagnose(
 /// carries) in exact numerics, teacher-forced, against the same in ggml
 /// numerics: how far ggml's rounding alone moves this stage, set beside the
 /// divergence (`observed`, worst-row rel-L2). `None` in exact numerics.
-fn attribute(pair: &mut crate::session::Pair, reference: &capture::Capture, at: StageId, observed: f64) -> anyhow::Result<Option<String>> {
+/// `under_test` is reused as the ggml side when it is that very pass (our
+/// engine, teacher-forced, ggml numerics): no need to run it again.
+fn attribute(
+    pair: &mut crate::session::Pair,
+    reference: &capture::Capture,
+    under_test: &capture::Capture,
+    at: StageId,
+    observed: f64,
+) -> anyhow::Result<Option<String>> {
     use engine::numerics::Numerics;
-    if pair.ours.numerics != Numerics::Ggml {
+    if pair.ours.numerics() != Numerics::Ggml {
         return Ok(None);
     }
     let layers = at.layer.map(|l| vec![l]);
-    let ggml = pair.ours(reference, layers.clone(), true)?;
+    let same_pass = under_test.engine.starts_with("ours-")
+        && under_test.config.fed == "teacher-forced"
+        && under_test.config.numerics == Numerics::Ggml.name();
+    let rerun;
+    let ggml = if same_pass {
+        under_test
+    } else {
+        rerun = pair.ours(reference, layers.clone(), true)?;
+        &rerun
+    };
     pair.ours.set_numerics(Numerics::Exact);
     let exact = pair.ours(reference, layers, true);
     pair.ours.set_numerics(Numerics::Ggml);

@@ -96,7 +96,6 @@ pub struct OurEngine {
     model: Loaded,
     /// The KV cache type the backend was built with (recorded in captures).
     kv_type: KvType,
-    pub numerics: Numerics,
 }
 
 enum Loaded {
@@ -125,13 +124,20 @@ impl OurEngine {
             }
         };
         eprintln!("ours-{}: weights loaded in {:.1} s", backend.name(), started.elapsed().as_secs_f64());
-        Ok(OurEngine { model, kv_type, numerics: eo.numerics })
+        Ok(OurEngine { model, kv_type })
+    }
+
+    /// The numerics mode the engine rounds in now (its rounding holds it).
+    pub fn numerics(&self) -> Numerics {
+        match &self.model {
+            Loaded::Cpu(model) => model.rounding.numerics,
+            Loaded::Cuda(model) => model.rounding.numerics,
+        }
     }
 
     /// Switch the numerics mode of the loaded engine (the weight types it
     /// rounds for were read at load).
     pub fn set_numerics(&mut self, numerics: Numerics) {
-        self.numerics = numerics;
         match &mut self.model {
             Loaded::Cpu(model) => model.rounding.numerics = numerics,
             Loaded::Cuda(model) => model.rounding.numerics = numerics,
@@ -151,13 +157,13 @@ impl OurEngine {
     /// Run over `tokens` (prefill) and `n_decode` decode steps fed with
     /// `forced` (the reference's greedy tokens) when given.
     pub fn run(&mut self, tokens: &[i32], n_decode: usize, forced: Option<&[i32]>, layers: Option<Vec<usize>>, mode: Mode) -> Result<Capture> {
-        let kv_type = self.kv_type;
+        let (kv_type, numerics) = (self.kv_type, self.numerics());
         match &mut self.model {
             Loaded::Cpu(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
             Loaded::Cuda(model) => drive(model, tokens, n_decode, forced, layers, kv_type, mode),
         }
         .map(|mut c| {
-            c.config.numerics = self.numerics.name().to_string();
+            c.config.numerics = numerics.name().to_string();
             c
         })
     }

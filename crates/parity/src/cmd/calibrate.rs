@@ -92,7 +92,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     thresholds.model_sha256 = pair.model_sha256.clone();
     thresholds.backend = args.backend.name().to_string();
     thresholds.kv_type = capture::KvType::from(args.kv).name().to_string();
-    thresholds.numerics = pair.ours.numerics.name().to_string();
+    thresholds.numerics = pair.ours.numerics().name().to_string();
     thresholds.llama_cpp = llama_ref::LLAMA_CPP_BUILD.to_string();
     thresholds.prompts = prompts.len();
     let out = args

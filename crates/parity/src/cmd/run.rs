@@ -124,7 +124,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         VerdictArg::TeacherForced => Comparison::TeacherForced,
         VerdictArg::FreeRunning => Comparison::FreeRunning,
     };
-    let numerics = pair.ours.numerics.name();
+    let numerics = pair.ours.numerics().name();
     let req = GateRequest {
         threshold: args.threshold,
         file: args.thresholds.as_deref(),

@@ -71,7 +71,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         model_sha256: &pair.model_sha256,
         backend: args.backend.name(),
         kv_type: pair.kv.name(),
-        numerics: pair.ours.numerics.name(),
+        numerics: pair.ours.numerics().name(),
         float_reference: false,
     };
     let tf_gates = resolve_thresholds(&req, Comparison::TeacherForced, Comparison::TeacherForced)?;
