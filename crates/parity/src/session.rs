@@ -187,6 +187,20 @@ impl Pair {
         Ok(())
     }
 
+    /// What this pair's gates must have been made for: its model, backend,
+    /// KV type and numerics, with the user's `--threshold`/`--thresholds`.
+    pub fn gate_request<'a>(&'a self, threshold: Option<f64>, file: Option<&'a Path>, float_reference: bool) -> GateRequest<'a> {
+        GateRequest {
+            threshold,
+            file,
+            model_sha256: &self.model_sha256,
+            backend: self.engine.backend.name(),
+            kv_type: self.kv.name(),
+            numerics: self.ours.numerics().name(),
+            float_reference,
+        }
+    }
+
     /// The fault our engine carries now.
     pub fn fault(&self) -> FaultSpec {
         self.engine.fault

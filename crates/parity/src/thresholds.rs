@@ -43,6 +43,14 @@ pub enum GateMetric {
 }
 
 impl GateMetric {
+    /// The JSON field of a stage's metrics that this gate bounds.
+    pub fn field(self) -> &'static str {
+        match self {
+            GateMetric::MaxAbs => "max_abs",
+            GateMetric::RowRelL2 => "row_rel_l2_max",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             GateMetric::MaxAbs => "max-abs",

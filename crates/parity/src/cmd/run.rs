@@ -6,7 +6,7 @@ use crate::diff::{DiffReport, FreeRunningSummary, Verdict};
 use crate::layers::select_layers;
 use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::report::{render_terminal, write_reports};
-use crate::session::{compare, resolve_thresholds, GateRequest, ModelFile, Pair};
+use crate::session::{compare, resolve_thresholds, ModelFile, Pair};
 use crate::thresholds::{Comparison, Thresholds};
 use anyhow::{bail, Context, Result};
 use engine::fault::{Fault, FaultSpec};
@@ -124,16 +124,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         VerdictArg::TeacherForced => Comparison::TeacherForced,
         VerdictArg::FreeRunning => Comparison::FreeRunning,
     };
-    let numerics = pair.ours.numerics().name();
-    let req = GateRequest {
-        threshold: args.threshold,
-        file: args.thresholds.as_deref(),
-        model_sha256: &pair.model_sha256,
-        backend: args.backend.name(),
-        kv_type: pair.kv.name(),
-        numerics,
-        float_reference,
-    };
+    let req = pair.gate_request(args.threshold, args.thresholds.as_deref(), float_reference);
     let tf_gates = resolve_thresholds(&req, Comparison::TeacherForced, verdict)?;
     let fr_gates = resolve_thresholds(&req, Comparison::FreeRunning, verdict)?;
 

@@ -8,7 +8,7 @@ use crate::ours::{BackendKind, EngineOptions};
 use crate::prompts::read_prompts;
 use crate::report::sci;
 use crate::selftest::{default_prompts, draw_layers, run_prompt, summarize, Outcome};
-use crate::session::{resolve_thresholds, GateRequest, ModelFile, Pair};
+use crate::session::{resolve_thresholds, ModelFile, Pair};
 use crate::thresholds::Comparison;
 use anyhow::{bail, Context, Result};
 use comfy_table::Table;
@@ -65,15 +65,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let specs = draw_layers(&faults, model.cfg.n_layer, seed);
     eprintln!("selftest: seed {seed} ({} faults, {} prompts, backend {})", specs.len(), prompts.len(), args.backend.name());
     let mut pair = Pair::load(&model, EngineOptions::new(args.backend), None)?;
-    let req = GateRequest {
-        threshold: None,
-        file: None,
-        model_sha256: &pair.model_sha256,
-        backend: args.backend.name(),
-        kv_type: pair.kv.name(),
-        numerics: pair.ours.numerics().name(),
-        float_reference: false,
-    };
+    let req = pair.gate_request(None, None, false);
     let tf_gates = resolve_thresholds(&req, Comparison::TeacherForced, Comparison::TeacherForced)?;
     let fr_gates = resolve_thresholds(&req, Comparison::FreeRunning, Comparison::TeacherForced)?;
 

@@ -3,7 +3,6 @@
 
 use super::verdict_lines;
 use crate::diff::{DiffReport, FirstProblem, StageRow, Verdict};
-use crate::thresholds::GateMetric;
 use capture::stage::StageId;
 use serde_json::{json, Value};
 
@@ -47,7 +46,7 @@ fn stage_json(row: &StageRow) -> Value {
     o.insert("n".into(), json!(m.n));
     o.insert("shape".into(), json!(m.shape));
     o.insert("threshold".into(), opt_num(row.threshold));
-    o.insert("gated_on".into(), json!(match row.metric { GateMetric::MaxAbs => "max_abs", GateMetric::RowRelL2 => "row_rel_l2_max" }));
+    o.insert("gated_on".into(), json!(row.metric.field()));
     o.insert("margin".into(), opt_num(row.ratio()));
     o.insert("pass".into(), json!(row.pass));
     o.insert("jump".into(), opt_num(row.jump));
@@ -77,7 +76,7 @@ pub fn render_json(r: &DiffReport) -> Value {
             o.insert("kind".into(), json!("threshold"));
             o.insert("max_abs".into(), num(row.metrics.max_abs));
             o.insert("row_rel_l2_max".into(), num(row.metrics.row_rel_l2_max));
-            o.insert("gated_on".into(), json!(match row.metric { GateMetric::MaxAbs => "max_abs", GateMetric::RowRelL2 => "row_rel_l2_max" }));
+            o.insert("gated_on".into(), json!(row.metric.field()));
             o.insert("threshold".into(), opt_num(row.threshold));
             o.insert("margin".into(), opt_num(row.ratio()));
             o.insert("what_to_check".into(), json!(row.id.stage.what_to_check()));
