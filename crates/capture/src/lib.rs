@@ -3,11 +3,13 @@
 //! the dump format. The engine and llama.cpp's side depend on this crate and
 //! not on each other.
 
+pub mod bundle;
 pub mod dump;
 pub mod kv;
 pub mod stage;
 pub mod tensor;
 
+pub use bundle::{decode_bundle, encode_bundle, BundleError};
 pub use dump::{read_dump, read_npy, write_dump, write_npy, Capture, CaptureConfig, CapturedTensor, DumpError};
 pub use kv::KvType;
 pub use stage::{causal_keys, Dims, Family, Input, Layout, Stage, StageId, StageInfo, CATALOGUE};

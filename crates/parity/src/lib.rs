@@ -2,6 +2,7 @@
 //! thresholds and reports. The `parity` binary is a thin CLI over it: `cmd/`
 //! only parses arguments and prints.
 
+pub mod cache;
 pub mod calibration;
 pub mod cmd;
 pub mod diagnosis;

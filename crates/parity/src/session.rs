@@ -1,6 +1,7 @@
 //! A comparison session: the model opened once, llama.cpp and our engine
 //! loaded once, and both run on the same tokens for as many prompts as asked.
 
+use crate::cache::{RefCache, RefKey};
 use crate::diff::{diff_captures, DiffReport};
 use crate::ours::{BackendKind, EngineOptions, Mode, OurEngine};
 use engine::fault::FaultSpec;
@@ -132,7 +133,10 @@ pub fn backend_of(engine: &str) -> &str {
 
 /// Everything both engines need for a series of prompts on one model.
 pub struct Pair {
-    pub llama: LlamaRef,
+    /// llama.cpp, loaded on the first reference the cache cannot answer.
+    llama: Option<LlamaRef>,
+    /// Where llama.cpp's captures are kept between runs (`None`: `--no-cache`).
+    cache: Option<RefCache>,
     pub ours: OurEngine,
     /// What `ours` was loaded from and with: a fault that acts at load
     /// (`Fault::at_load`) is seeded by loading it again.
@@ -146,7 +150,16 @@ pub struct Pair {
 }
 
 impl Pair {
+    /// Both engines on `model`, with the reference cache of the environment
+    /// (`RefCache::from_env`).
     pub fn load(model: &ModelFile, eo: EngineOptions, threads: Option<usize>) -> Result<Pair> {
+        Pair::load_with_cache(model, eo, threads, Some(RefCache::from_env()))
+    }
+
+    /// Both engines on `model`; llama.cpp's captures come from `cache` when
+    /// it has them (none: every reference is computed, and the model hashed
+    /// afresh).
+    pub fn load_with_cache(model: &ModelFile, eo: EngineOptions, threads: Option<usize>, cache: Option<RefCache>) -> Result<Pair> {
         let backend = eo.backend;
         if threads == Some(0) {
             bail!("--threads must be at least 1");
@@ -155,11 +168,11 @@ impl Pair {
             crate::ours::cuda_available().map_err(anyhow::Error::msg)?;
         }
         let cfg = &model.cfg;
-        let model_sha256 = sha256_file(&model.path)?;
-        let llama = LlamaRef::load(&model.path)?;
+        let model_sha256 = crate::cache::model_sha256(&model.path, cache.is_none())?;
         let ours = OurEngine::load(&model.gguf, cfg, eo)?;
         Ok(Pair {
-            llama,
+            llama: None,
+            cache,
             ours,
             model_path: model.path.clone(),
             engine: eo,
@@ -206,16 +219,54 @@ impl Pair {
         self.engine.fault
     }
 
-    /// llama.cpp on one prompt, captured for the layers asked.
+    /// llama.cpp, loaded now if no reference has needed it yet.
+    fn llama(&mut self) -> Result<&LlamaRef> {
+        if self.llama.is_none() {
+            self.llama = Some(LlamaRef::load(&self.model_path)?);
+        }
+        Ok(self.llama.as_ref().expect("loaded above"))
+    }
+
+    /// llama.cpp on one prompt, captured for the layers asked: from the
+    /// reference cache when it holds this exact capture, else computed (and
+    /// stored).
     pub fn reference(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>) -> Result<Capture> {
-        let tokens = self.llama.tokenize(prompt, chat)?;
-        check_context(tokens.len(), n_decode, self.n_ctx_train)?;
+        let layers = layers.map(|mut ls| {
+            ls.sort_unstable();
+            ls.dedup();
+            ls
+        });
         let mut opts = RefOptions { kv_type: self.kv, layers, ..RefOptions::default() };
         if let Some(t) = self.threads {
             opts.threads = t;
         }
-        let mut reference = self.llama.run(&tokens, n_decode, &opts)?;
+        let key = RefKey {
+            model_sha256: self.model_sha256.clone(),
+            prompt: prompt.to_string(),
+            chat,
+            n_decode,
+            layers: opts.layers.clone(),
+            kv_type: opts.kv_type.name().to_string(),
+            flash_attn: opts.flash_attn,
+            threads: opts.threads,
+            llama_cpp_build: llama_ref::LLAMA_CPP_BUILD.to_string(),
+        };
+        if let Some(cached) = self.cache.as_ref().and_then(|c| c.load(&key)) {
+            check_context(cached.tokens.len(), n_decode, self.n_ctx_train)?;
+            return Ok(cached);
+        }
+        let n_ctx_train = self.n_ctx_train;
+        let llama = self.llama()?;
+        let tokens = llama.tokenize(prompt, chat)?;
+        check_context(tokens.len(), n_decode, n_ctx_train)?;
+        let mut reference = llama.run(&tokens, n_decode, &opts)?;
         self.label(&mut reference, prompt, chat);
+        if let Some(cache) = &self.cache {
+            // A cache that cannot be written costs time, not the verdict.
+            if let Err(e) = cache.store(&key, &reference) {
+                eprintln!("reference cache: {e:#}");
+            }
+        }
         Ok(reference)
     }
 
