@@ -268,8 +268,9 @@ mod tests {
     #[test]
     fn eviction_keeps_the_most_recently_used_within_the_bound() {
         let dir = tempfile::tempdir().unwrap();
-        // each entry is a little over 4 KB: the bound holds two
-        let cache = RefCache::new(dir.path().to_path_buf(), 9_000);
+        // a bound that holds two entries and not three
+        let entry = encode_bundle(&capture(1000), &key("a").canonical()).len() as u64;
+        let cache = RefCache::new(dir.path().to_path_buf(), entry * 5 / 2);
         let old = SystemTime::now() - std::time::Duration::from_secs(100);
         cache.store(&key("a"), &capture(1000)).unwrap();
         cache.store(&key("b"), &capture(1000)).unwrap();
