@@ -46,6 +46,10 @@ pub struct CaptureConfig {
     /// (free-running) otherwise.
     #[serde(default)]
     pub fed: String,
+    /// The pass ended after this layer (the last one asked for): the final
+    /// norm and logits were not computed. None: the whole pass ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_after_layer: Option<usize>,
 }
 
 impl CaptureConfig {

@@ -74,17 +74,23 @@ impl Weight {
     pub fn dequantize_for(self, gguf: &GgufFile, cfg: &Qwen2Config, dequant_bug: Option<Option<usize>>) -> Result<Tensor> {
         let name = self.gguf_name(cfg.tied_output);
         let info = gguf.tensor(&name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", gguf.path().display()))?;
-        let buggy = match dequant_bug {
-            None => false,
-            Some(None) => self.layer().is_some(),
-            Some(layer) => self.layer() == layer,
-        };
-        if info.ggml_type == gguf::GgmlType::Q5_0 && buggy {
+        if self.dequant_bug_applies(info.ggml_type, dequant_bug) {
             let mut t = self.dequantize(gguf, cfg)?;
             gguf::dequant::q5_0_forgotten_shift(gguf.tensor_data(info), &mut t.data);
             return Ok(t);
         }
         self.dequantize(gguf, cfg)
+    }
+
+    /// Whether the `q5-0-high-bit` fault (`dequant_bug`: every layer, or
+    /// one) changes this weight, stored as `ty`.
+    pub fn dequant_bug_applies(self, ty: gguf::GgmlType, dequant_bug: Option<Option<usize>>) -> bool {
+        let in_scope = match dequant_bug {
+            None => false,
+            Some(None) => self.layer().is_some(),
+            Some(layer) => self.layer() == layer,
+        };
+        in_scope && ty == gguf::GgmlType::Q5_0
     }
 
     /// The layer a per-layer weight belongs to.

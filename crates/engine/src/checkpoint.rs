@@ -14,6 +14,27 @@ pub trait Checkpoints {
     fn wants(&self, id: &StageId) -> bool;
     /// Sees the host copy; returning `Some` replaces the tensor the forward pass continues with.
     fn visit(&mut self, id: &StageId, tensor: Tensor) -> Result<Option<Tensor>>;
+    /// What the pass does with `layer` of `step`: compute it unless the
+    /// checkpoints need nothing from it. The plan of a layer must be the
+    /// same in every step (a layer skipped in the prefill has no KV cache).
+    fn layer_plan(&self, _step: usize, _layer: usize) -> LayerPlan {
+        LayerPlan::Run
+    }
+}
+
+/// What the forward pass does with one layer.
+#[derive(Debug)]
+pub enum LayerPlan {
+    /// Compute it.
+    Run,
+    /// Do not compute it: continue with this tensor as its output.
+    Given(Tensor),
+    /// Do not compute it: a later layer's given output replaces whatever it
+    /// would have produced before anything reads it.
+    Skip,
+    /// End the pass before this layer: nothing from here on is wanted (no
+    /// logits, so no greedy token either).
+    Stop,
 }
 
 /// No checkpoints: the forward pass at full speed.
@@ -49,17 +70,30 @@ pub struct Recorder {
     pub filter: StageFilter,
     pub provenance: String,
     pub tensors: BTreeMap<StageId, CapturedTensor>,
+    /// End the pass after this layer (the last one anybody compares).
+    pub end_after: Option<usize>,
 }
 
 impl Recorder {
     pub fn new(filter: StageFilter, provenance: impl Into<String>) -> Self {
-        Recorder { filter, provenance: provenance.into(), tensors: BTreeMap::new() }
+        Recorder { filter, provenance: provenance.into(), tensors: BTreeMap::new(), end_after: None }
+    }
+
+    /// Whether any stage of `layer` in `step` is recorded.
+    fn wants_layer(&self, layer: usize) -> bool {
+        self.filter.layers.as_ref().is_none_or(|ls| ls.contains(&layer))
     }
 }
 
 impl Checkpoints for Recorder {
     fn wants(&self, id: &StageId) -> bool {
         self.filter.accepts(id)
+    }
+    fn layer_plan(&self, _step: usize, layer: usize) -> LayerPlan {
+        match self.end_after {
+            Some(last) if layer > last => LayerPlan::Stop,
+            _ => LayerPlan::Run,
+        }
     }
     fn visit(&mut self, id: &StageId, tensor: Tensor) -> Result<Option<Tensor>> {
         self.tensors.insert(*id, CapturedTensor { tensor, provenance: self.provenance.clone() });
@@ -79,6 +113,21 @@ impl Checkpoints for Isolate<'_> {
     fn wants(&self, id: &StageId) -> bool {
         // Every stage with a reference tensor must be replaced, recorded or not.
         self.recorder.wants(id) || self.reference.get(id).is_some()
+    }
+    /// A layer nobody records need not run when the reference gives its
+    /// output, or a later unrecorded layer's output that replaces it: only
+    /// the recorded layers and the globals are computed.
+    fn layer_plan(&self, step: usize, layer: usize) -> LayerPlan {
+        let n_layer = self.reference.config.n_layer;
+        for l in layer..n_layer {
+            if self.recorder.wants_layer(l) {
+                return LayerPlan::Run;
+            }
+            if let Some(out) = self.reference.get(&StageId::layer(step, l, Stage::LayerOut)) {
+                return if l == layer { LayerPlan::Given(out.clone()) } else { LayerPlan::Skip };
+            }
+        }
+        LayerPlan::Run
     }
     fn visit(&mut self, id: &StageId, tensor: Tensor) -> Result<Option<Tensor>> {
         let Some(reference) = self.reference.get(id) else {

@@ -1,5 +1,6 @@
-//! The CPU backend: the oracle. Weights are dequantized at load to f32 (bit
-//! for bit ggml's values), every reduction (dot products, RMSNorm, softmax)
+//! The CPU backend: the oracle. Weights are used as f32 (bit for bit ggml's
+//! dequantized values; matrices stay encoded and are dequantized a row at a
+//! time, see `stored`), every reduction (dot products, RMSNorm, softmax)
 //! accumulates in f64, and the elementwise ops round once to f32. The only
 //! deliberate rounding beyond that is the KV cache, which stores f16 when
 //! asked, exactly as llama.cpp's default cache does.
@@ -9,6 +10,7 @@ use crate::backend::{Backend, BackendOptions, Weight};
 use capture::KvType;
 use capture::Tensor;
 use crate::fault::{Activation, HeadMap, RopePairing, WeightRead};
+use crate::stored::{EncodedMatrix, StoredWeight};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use gguf::{GgufFile, Qwen2Config};
 use half::f16;
@@ -17,7 +19,7 @@ use std::collections::HashMap;
 
 pub struct CpuBackend {
     cfg: Qwen2Config,
-    weights: HashMap<Weight, Tensor>,
+    weights: HashMap<Weight, StoredWeight>,
     kv_type: KvType,
     max_ctx: usize,
     /// Per layer: `[positions, n_head_kv, head_dim]`, values already rounded
@@ -27,22 +29,41 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Dequantize every weight of `cfg` from `gguf` (in parallel, one tensor
-    /// a task). A tied LM head is token_embd: dequantized and stored once.
+    /// Every weight of `cfg` from `gguf`: matrices as views of the file in
+    /// their encoding, vectors (and weights a fault changes at load)
+    /// dequantized to f32. A tied LM head is token_embd, held once.
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions) -> Result<Self> {
         let all = Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer);
-        let loaded: Vec<(Weight, Tensor)> =
-            all.par_iter().map(|&w| Ok((w, w.dequantize_for(gguf, cfg, opts.dequant_bug)?))).collect::<Result<_>>()?;
-        Self::from_weights(cfg.clone(), loaded.into_iter().collect(), opts)
+        let mut weights = HashMap::with_capacity(all.len());
+        for w in all {
+            let shape = w.shape(cfg);
+            let name = w.gguf_name(cfg.tied_output);
+            let info = gguf.tensor(&name).with_context(|| format!("{}: tensor {name} is missing", gguf.path().display()))?;
+            let faulted = w.dequant_bug_applies(info.ggml_type, opts.dequant_bug);
+            let stored = if shape.len() == 2 && !faulted {
+                let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+                ensure!(dims == shape, "tensor {name} has shape {dims:?}, expected {shape:?}");
+                let m = EncodedMatrix::new(info.ggml_type, gguf.tensor_bytes(info), shape[0], shape[1]).with_context(|| format!("tensor {name}"))?;
+                StoredWeight::Encoded(m)
+            } else {
+                StoredWeight::Float(w.dequantize_for(gguf, cfg, opts.dequant_bug)?)
+            };
+            weights.insert(w, stored);
+        }
+        Self::from_stored(cfg.clone(), weights, opts)
     }
 
     /// Build from weights already in f32, `[out, in]` matrices and `[n]`
     /// vectors. With a tied output, `Weight::Output` may be absent.
     pub fn from_weights(cfg: Qwen2Config, weights: HashMap<Weight, Tensor>, opts: BackendOptions) -> Result<Self> {
+        Self::from_stored(cfg, weights.into_iter().map(|(w, t)| (w, StoredWeight::Float(t))).collect(), opts)
+    }
+
+    fn from_stored(cfg: Qwen2Config, weights: HashMap<Weight, StoredWeight>, opts: BackendOptions) -> Result<Self> {
         for w in Weight::all(&ArchSpec::qwen2(&cfg), cfg.n_layer) {
             let t = weights.get(&w).with_context(|| format!("weight {w:?} missing"))?;
             let expected = w.shape(&cfg);
-            ensure!(t.shape == expected, "weight {} has shape {:?}, expected {expected:?}", w.gguf_name(cfg.tied_output), t.shape);
+            ensure!(t.shape() == expected, "weight {} has shape {:?}, expected {expected:?}", w.gguf_name(cfg.tied_output), t.shape());
         }
         let n_layer = cfg.n_layer;
         Ok(CpuBackend {
@@ -55,7 +76,7 @@ impl CpuBackend {
         })
     }
 
-    fn weight(&self, w: Weight) -> Result<&Tensor> {
+    fn weight(&self, w: Weight) -> Result<&StoredWeight> {
         let stored = match w {
             Weight::Output if self.cfg.tied_output && !self.weights.contains_key(&w) => Weight::TokenEmbd,
             _ => w,
@@ -134,24 +155,27 @@ impl Backend for CpuBackend {
     }
 
     fn embed(&self, tokens: &[i32], read: WeightRead) -> Result<Tensor> {
-        let table = self.weight(Weight::TokenEmbd)?;
+        let stored = self.weight(Weight::TokenEmbd)?;
         let n_embd = self.cfg.n_embd;
+        // The transposed read needs the whole table; the right one a row per token.
+        let table = (read == WeightRead::Transposed).then(|| stored.to_f32()).transpose()?;
+        let mut buf = vec![0f32; n_embd];
         let mut out = Vec::with_capacity(tokens.len() * n_embd);
         for &t in tokens {
             let row = usize::try_from(t).ok().filter(|&r| r < self.cfg.n_vocab).with_context(|| {
                 format!("token id {t} out of range: the vocabulary has {} tokens", self.cfg.n_vocab)
             })?;
-            match read {
-                WeightRead::Rows => out.extend_from_slice(&table.data[row * n_embd..(row + 1) * n_embd]),
+            match &table {
+                None => out.extend_from_slice(stored.row(row, &mut buf)?),
                 // Column `row` of the buffer seen as [n_embd, n_vocab].
-                WeightRead::Transposed => out.extend((0..n_embd).map(|c| table.data[c * self.cfg.n_vocab + row])),
+                Some(table) => out.extend((0..n_embd).map(|c| table.data[c * self.cfg.n_vocab + row])),
             }
         }
         Ok(Tensor::new(vec![tokens.len(), n_embd], out))
     }
 
     fn rms_norm(&self, x: &Tensor, weight: Weight, eps: f32) -> Result<Tensor> {
-        let w = self.weight(weight)?;
+        let w = self.weight(weight)?.vector()?;
         let d = *x.shape.last().context("rms_norm of a scalar")?;
         ensure!(w.len() == d, "rms_norm: weight of {} for rows of {d}", w.len());
         let mut out = vec![0f32; x.len()];
@@ -159,32 +183,45 @@ impl Backend for CpuBackend {
             let mean_sq = dot_f64(row, row) / d as f64;
             let inv = 1.0 / (mean_sq + eps as f64).sqrt();
             for i in 0..d {
-                o[i] = (row[i] as f64 * inv * w.data[i] as f64) as f32;
+                o[i] = (row[i] as f64 * inv * w[i] as f64) as f32;
             }
         });
         Ok(Tensor::new(x.shape.clone(), out))
     }
 
     fn linear(&self, x: &Tensor, weight: Weight, bias: Option<Weight>, read: WeightRead) -> Result<Tensor> {
-        let w = self.weight(weight)?;
-        let (n_out, n_in) = (w.shape[0], w.shape[1]);
+        let stored = self.weight(weight)?;
+        let (n_out, n_in) = match stored.shape()[..] {
+            [o, i] => (o, i),
+            ref s => bail!("linear: weight {weight:?} of shape {s:?} is not a matrix"),
+        };
         let n = x.shape[0];
         ensure!(x.len() == n * n_in, "linear: input {:?} against weight [{n_out}, {n_in}]", x.shape);
-        let b = bias.map(|b| self.weight(b)).transpose()?;
-        // Parallel over output features: each task streams one weight row
-        // (cache-resident) against every token.
-        // The transposed read gathers output o's weights with stride n_out.
-        let gathered: Option<Vec<f32>> = (read == WeightRead::Transposed)
-            .then(|| (0..n_out).flat_map(|o| (0..n_in).map(move |i| (o, i))).map(|(o, i)| w.data[i * n_out + o]).collect());
-        let rows = gathered.as_deref().unwrap_or(&w.data);
+        let b = bias.map(|b| self.weight(b).and_then(|b| b.vector())).transpose()?;
+        // The transposed read gathers output o's weights with stride n_out
+        // from the whole matrix (a fault: the copy is its cost alone).
+        let gathered: Option<StoredWeight> = (read == WeightRead::Transposed)
+            .then(|| -> Result<StoredWeight> {
+                let w = stored.to_f32()?;
+                let data = (0..n_out).flat_map(|o| (0..n_in).map(move |i| (o, i))).map(|(o, i)| w.data[i * n_out + o]).collect();
+                Ok(StoredWeight::Float(Tensor::new(vec![n_out, n_in], data)))
+            })
+            .transpose()?;
+        let rows = gathered.as_ref().unwrap_or(stored);
+        // Parallel over output features: each task takes one weight row
+        // (dequantized into the task's buffer, cache-resident) against every token.
         let mut out_t = vec![0f32; n_out * n];
-        out_t.par_chunks_mut(n).enumerate().for_each(|(o, col)| {
-            let wr = &rows[o * n_in..(o + 1) * n_in];
-            let bias = b.map_or(0.0, |b| b.data[o] as f64);
-            for (t, c) in col.iter_mut().enumerate() {
-                *c = (dot_f64(&x.data[t * n_in..(t + 1) * n_in], wr) + bias) as f32;
-            }
-        });
+        out_t.par_chunks_mut(n).enumerate().try_for_each_init(
+            || vec![0f32; n_in],
+            |buf, (o, col)| -> Result<()> {
+                let wr = rows.row(o, buf)?;
+                let bias = b.map_or(0.0, |b| b[o] as f64);
+                for (t, c) in col.iter_mut().enumerate() {
+                    *c = (dot_f64(&x.data[t * n_in..(t + 1) * n_in], wr) + bias) as f32;
+                }
+                Ok(())
+            },
+        )?;
         let mut out = vec![0f32; n * n_out];
         for o in 0..n_out {
             for t in 0..n {

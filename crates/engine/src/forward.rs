@@ -3,11 +3,11 @@
 
 use crate::arch::ArchSpec;
 use crate::backend::{Backend, Weight};
-use crate::checkpoint::Checkpoints;
+use crate::checkpoint::{Checkpoints, LayerPlan};
 use crate::fault::{Activation, Fault, FaultSpec, WeightRead};
 use crate::numerics::Rounding;
 use capture::{argmax, Stage, StageId};
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use gguf::Qwen2Config;
 
 pub struct Model<B: Backend> {
@@ -67,8 +67,9 @@ impl<B: Backend> Model<B> {
     }
 
     /// One forward pass over `tokens` at positions `n_past..`, as step `step`
-    /// (0 = prefill). Returns the last token's logits.
-    pub fn forward(&mut self, tokens: &[i32], step: usize, cps: &mut dyn Checkpoints) -> Result<Vec<f32>> {
+    /// (0 = prefill). Returns the last token's logits, or `None` when the
+    /// checkpoints ended the pass before them (`LayerPlan::Stop`).
+    pub fn forward(&mut self, tokens: &[i32], step: usize, cps: &mut dyn Checkpoints) -> Result<Option<Vec<f32>>> {
         if tokens.is_empty() {
             bail!("forward pass over no tokens");
         }
@@ -84,7 +85,27 @@ impl<B: Backend> Model<B> {
         let mut x = self.backend.embed(tokens, read_if(global == Fault::EmbedTransposed))?;
         x = checkpoint(&self.backend, cps, StageId::global(step, Stage::Embed), x)?;
 
+        // Whether `x` is stale: a skipped layer's output is not computed and
+        // must be replaced (by a later given output) before anything reads it.
+        let mut stale = false;
         for l in 0..cfg.n_layer {
+            match cps.layer_plan(step, l) {
+                LayerPlan::Run => ensure!(!stale, "layer {l} of step {step} would run on a skipped layer's output"),
+                LayerPlan::Skip => {
+                    stale = true;
+                    continue;
+                }
+                LayerPlan::Given(out) => {
+                    ensure!(out.len() == n * cfg.n_embd, "layer {l}: given output of shape {:?} for {n} tokens", out.shape);
+                    x = self.backend.reshape(self.backend.from_host(&out)?, &[n, cfg.n_embd])?;
+                    stale = false;
+                    continue;
+                }
+                LayerPlan::Stop => {
+                    self.n_past = n_kv;
+                    return Ok(None);
+                }
+            }
             // The fault, if it acts in this layer: each variant below is the
             // bug written into the op's arguments the way it happens.
             let f = spec.at_layer(l);
@@ -160,6 +181,7 @@ impl<B: Backend> Model<B> {
             x = checkpoint(be, cps, id(Stage::LayerOut), out)?;
         }
 
+        ensure!(!stale, "the final norm of step {step} would read a skipped layer's output");
         let be = &self.backend;
         let h = if global == Fault::FinalNormSkipped { x } else { be.rms_norm(&x, Weight::OutputNorm, eps)? };
         let h = checkpoint(be, cps, StageId::global(step, Stage::FinalNorm), h)?;
@@ -169,13 +191,15 @@ impl<B: Backend> Model<B> {
 
         // Greedy decoding needs the last row only.
         let host = be.to_host(&logits)?;
-        Ok(host.data[(n - 1) * cfg.n_vocab..].to_vec())
+        Ok(Some(host.data[(n - 1) * cfg.n_vocab..].to_vec()))
     }
 
     /// Prefill `prompt`, then decode `n_decode` steps greedily. Decode step k
     /// is fed `forced[k - 1]` when given (so two engines see the same tokens
     /// even where a near-tie would make their argmax differ), else our own
-    /// argmax. Returns our argmax of every step (`n_decode + 1` tokens).
+    /// argmax. Returns our argmax of every step (`n_decode + 1` tokens), or
+    /// none when the checkpoints end each pass before the logits (then
+    /// `forced` must be given).
     pub fn generate(
         &mut self,
         prompt: &[i32],
@@ -188,12 +212,19 @@ impl<B: Backend> Model<B> {
         }
         self.reset()?;
         let mut picked = Vec::with_capacity(n_decode + 1);
-        let logits = self.forward(prompt, 0, cps)?;
-        picked.push(argmax(&logits) as i32);
-        for step in 1..=n_decode {
-            let input = forced.map_or(picked[step - 1], |f| f[step - 1]);
-            let logits = self.forward(&[input], step, cps)?;
-            picked.push(argmax(&logits) as i32);
+        for step in 0..=n_decode {
+            let logits = if step == 0 {
+                self.forward(prompt, 0, cps)?
+            } else {
+                let input = match forced {
+                    Some(f) => f[step - 1],
+                    None => *picked.last().context("greedy decoding needs the logits the pass ended before")?,
+                };
+                self.forward(&[input], step, cps)?
+            };
+            if let Some(logits) = logits {
+                picked.push(argmax(&logits) as i32);
+            }
         }
         Ok(picked)
     }

@@ -9,3 +9,4 @@ pub mod cuda;
 pub mod fault;
 pub mod forward;
 pub mod numerics;
+pub mod stored;

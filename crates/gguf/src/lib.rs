@@ -13,6 +13,6 @@ pub mod writer;
 
 pub use config::Qwen2Config;
 pub use error::{GgufError, Section};
-pub use reader::{GgufFile, MetadataValue, TensorInfo};
+pub use reader::{GgufFile, MappedBytes, MetadataValue, TensorInfo};
 pub use types::GgmlType;
 pub use writer::GgufWriter;

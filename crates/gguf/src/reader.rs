@@ -6,6 +6,7 @@
 use crate::error::{GgufError, Section};
 use crate::types::GgmlType;
 use memmap2::Mmap;
+use std::sync::Arc;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -254,10 +255,25 @@ pub struct TensorInfo {
     pub n_bytes: u64,
 }
 
+/// A range of a GGUF's memory map that keeps the map alive.
+#[derive(Clone)]
+pub struct MappedBytes {
+    map: Arc<Mmap>,
+    start: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for MappedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.map[self.start..self.start + self.len]
+    }
+}
+
 /// An opened, fully validated GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     file_size: u64,
     version: u32,
     alignment: usize,
@@ -677,7 +693,7 @@ impl GgufFile {
 
         Ok(GgufFile {
             path,
-            mmap,
+            mmap: Arc::new(mmap),
             file_size,
             version,
             alignment,
@@ -756,6 +772,15 @@ impl GgufFile {
             (Some(s), Some(e)) if e <= self.mmap.len() => &self.mmap[s..e],
             _ => &[],
         }
+    }
+
+    /// The tensor's bytes as a handle that keeps the map alive (an engine
+    /// that keeps weights in their GGUF encoding holds these, not copies).
+    pub fn tensor_bytes(&self, info: &TensorInfo) -> MappedBytes {
+        let data = self.tensor_data(info);
+        // `data` is a subslice of the map (or empty): its offset is in range.
+        let start = if data.is_empty() { 0 } else { data.as_ptr() as usize - self.mmap.as_ptr() as usize };
+        MappedBytes { map: Arc::clone(&self.mmap), start, len: data.len() }
     }
 
     /// Dequantize a whole tensor to f32 (see [`crate::dequant`]).

@@ -152,6 +152,11 @@ impl RefCache {
     }
 }
 
+/// The cache a verb uses: the environment's, or none under `--no-cache`.
+pub fn reference_cache(no_cache: bool) -> Option<RefCache> {
+    (!no_cache).then(RefCache::from_env)
+}
+
 #[derive(Serialize, Deserialize, PartialEq)]
 struct DigestStamp {
     path: PathBuf,

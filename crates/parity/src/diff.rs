@@ -114,10 +114,15 @@ pub struct FreeRunningSummary {
     pub logits: Vec<(usize, LogitsMetrics)>,
     pub logits_kl_max: Option<f64>,
     pub verdict: Verdict,
+    /// Our free-running pass ended after this layer (the last asked for):
+    /// final_norm and logits were compared teacher-forced only.
+    pub ended_after_layer: Option<usize>,
 }
 
 impl FreeRunningSummary {
-    pub fn of(r: &DiffReport) -> FreeRunningSummary {
+    /// The summary of a free-running comparison whose pass ended after
+    /// `ended_after_layer` (None: it ran to the logits).
+    pub fn of(r: &DiffReport, ended_after_layer: Option<usize>) -> FreeRunningSummary {
         let mut per_layer: BTreeMap<(bool, usize), (f64, Stage)> = BTreeMap::new();
         for row in &r.rows {
             let key = (row.id.layer.is_none(), row.id.layer.unwrap_or(0));
@@ -137,6 +142,7 @@ impl FreeRunningSummary {
             logits: r.logits.clone(),
             logits_kl_max: r.logits_kl_max,
             verdict: r.verdict,
+            ended_after_layer,
         }
     }
 }

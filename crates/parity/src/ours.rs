@@ -86,6 +86,10 @@ impl EngineOptions {
 pub enum Mode<'a> {
     /// Record our tensors; the engine runs on its own outputs.
     Observe,
+    /// Observe, and end each pass after the last selected layer: nothing
+    /// past it (final norm, logits) is computed (the free-running side of a
+    /// `--layer` comparison).
+    ObserveSelected,
     /// Record ours, then continue with the reference's tensor at every
     /// stage: each recorded tensor carries one op's own error.
     Isolate(&'a Capture),
@@ -182,9 +186,14 @@ fn drive<B: Backend>(
     let recorder = Recorder::new(StageFilter { layers: layers.clone() }, engine_name.clone());
     let started = Instant::now();
     let fed = if matches!(mode, Mode::Isolate(_)) { "teacher-forced" } else { "" };
+    let mut ended_after_layer = None;
     let (generated, tensors) = match mode {
-        Mode::Observe => {
+        Mode::Observe | Mode::ObserveSelected => {
             let mut rec = recorder;
+            if matches!(mode, Mode::ObserveSelected) {
+                rec.end_after = layers.as_ref().and_then(|ls| ls.iter().max().copied());
+                ended_after_layer = rec.end_after;
+            }
             let generated = model.generate(tokens, n_decode, forced, &mut rec as &mut dyn Checkpoints)?;
             (generated, rec.tensors)
         }
@@ -218,6 +227,7 @@ fn drive<B: Backend>(
             n_decode,
             threads: rayon::current_num_threads(),
             fed: fed.to_string(),
+            ended_after_layer,
             ..CaptureConfig::default()
         },
         tensors,

@@ -7,7 +7,7 @@ use crate::ours::{BackendKind, EngineOptions, Mode, OurEngine};
 use engine::fault::FaultSpec;
 use crate::thresholds::{Comparison, Thresholds};
 use anyhow::{bail, Context, Result};
-use capture::{Capture, KvType, StageId};
+use capture::{Capture, KvType, Stage, StageId};
 use gguf::{GgufFile, Qwen2Config};
 use llama_ref::{LlamaRef, RefOptions};
 use sha2::{Digest, Sha256};
@@ -276,7 +276,12 @@ impl Pair {
     pub fn ours(&mut self, reference: &Capture, layers: Option<Vec<usize>>, teacher_forced: bool) -> Result<Capture> {
         let n_decode = reference.config.n_decode;
         let forced = &reference.generated[..n_decode];
-        let mode = if teacher_forced { Mode::Isolate(reference) } else { Mode::Observe };
+        // Free-running over some layers: nothing after the last of them is run.
+        let mode = match (teacher_forced, &layers) {
+            (true, _) => Mode::Isolate(reference),
+            (false, Some(_)) => Mode::ObserveSelected,
+            (false, None) => Mode::Observe,
+        };
         let mut ours = self.ours.run(&reference.tokens, n_decode, Some(forced), layers, mode)?;
         self.label(&mut ours, &reference.prompt, reference.chat);
         Ok(ours)
@@ -321,11 +326,14 @@ pub fn feeding_layers(selected: &[usize], n_layer: usize) -> Vec<usize> {
     out
 }
 
-/// Compare with `layers` selected (global stages always kept).
+/// Compare with `layers` selected (global stages kept, except those after
+/// the layers when our pass ended there: `ended_after_layer`).
 pub fn compare(ours: &Capture, reference: &Capture, thresholds: &Thresholds, layers: Option<&[usize]>) -> DiffReport {
+    let ended = ours.config.ended_after_layer.is_some();
     let filter = |id: &StageId| match (layers, id.layer) {
         (Some(sel), Some(l)) => sel.contains(&l),
-        _ => true,
+        (_, None) => !ended || id.stage == Stage::Embed,
+        (None, Some(_)) => true,
     };
     diff_captures(ours, reference, thresholds, Some(&filter))
 }

@@ -5,6 +5,7 @@
 
 use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::prompts::read_prompts;
+use crate::cache::reference_cache;
 use crate::session::{ModelFile, Pair};
 use crate::report::sci;
 use crate::calibration::{run_calibration, Calibration, CalibrationOptions};
@@ -52,6 +53,10 @@ pub struct Args {
     /// Output file (default: fixtures/thresholds/<sha256[..16]>-<backend>.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Compute llama.cpp's captures afresh: neither read nor write the
+    /// reference cache (and hash the model again).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -74,7 +79,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let prompts = read_prompts(&prompts_path)?;
     let model = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
     let eo = EngineOptions { kv: args.kv.into(), numerics: args.numerics.into(), ..EngineOptions::new(args.backend) };
-    let mut pair = Pair::load(&model, eo, None)?;
+    let mut pair = Pair::load_with_cache(&model, eo, None, reference_cache(args.no_cache))?;
     let opts = CalibrationOptions {
         comparison: match args.comparison {
             VerdictArg::TeacherForced => Comparison::TeacherForced,

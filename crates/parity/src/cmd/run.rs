@@ -6,6 +6,7 @@ use crate::diff::{DiffReport, FreeRunningSummary, Verdict};
 use crate::layers::select_layers;
 use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::report::{render_terminal, write_reports};
+use crate::cache::reference_cache;
 use crate::session::{compare, resolve_thresholds, ModelFile, Pair};
 use crate::thresholds::{Comparison, Thresholds};
 use anyhow::{bail, Context, Result};
@@ -82,6 +83,10 @@ pub struct Args {
     /// Write the self-contained HTML report here.
     #[arg(long)]
     pub html: Option<PathBuf>,
+    /// Compute llama.cpp's captures afresh: neither read nor write the
+    /// reference cache (and hash the model again).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -118,7 +123,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         fault: args.fault,
         ..EngineOptions::new(args.backend)
     };
-    let mut pair = Pair::load(&model, eo, args.threads)?;
+    let mut pair = Pair::load_with_cache(&model, eo, args.threads, reference_cache(args.no_cache))?;
     let verdict = match args.verdict {
         _ if args.isolate => Comparison::TeacherForced,
         VerdictArg::TeacherForced => Comparison::TeacherForced,
@@ -132,7 +137,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let tf = compare(&teacher_forced, &reference, &tf_gates, layers.as_deref());
     let fr = compare(&free_running, &reference, &fr_gates, layers.as_deref());
     let mut report = match verdict {
-        Comparison::TeacherForced => DiffReport { free_running: Some(FreeRunningSummary::of(&fr)), ..tf },
+        Comparison::TeacherForced => DiffReport { free_running: Some(FreeRunningSummary::of(&fr, free_running.config.ended_after_layer)), ..tf },
         Comparison::FreeRunning => fr,
     };
     let under_test = if verdict == Comparison::TeacherForced { &teacher_forced } else { &free_running };

@@ -8,6 +8,7 @@ use crate::ours::{BackendKind, EngineOptions};
 use crate::prompts::read_prompts;
 use crate::report::sci;
 use crate::selftest::{default_prompts, draw_layers, run_prompt, summarize, Outcome};
+use crate::cache::reference_cache;
 use crate::session::{resolve_thresholds, ModelFile, Pair};
 use crate::thresholds::Comparison;
 use anyhow::{bail, Context, Result};
@@ -43,6 +44,10 @@ pub struct Args {
     /// Write the matrix and the summary as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Compute llama.cpp's captures afresh: neither read nor write the
+    /// reference cache (and hash the model again).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 pub fn run(args: &Args) -> Result<ExitCode> {
@@ -64,7 +69,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let model = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
     let specs = draw_layers(&faults, model.cfg.n_layer, seed);
     eprintln!("selftest: seed {seed} ({} faults, {} prompts, backend {})", specs.len(), prompts.len(), args.backend.name());
-    let mut pair = Pair::load(&model, EngineOptions::new(args.backend), None)?;
+    let mut pair = Pair::load_with_cache(&model, EngineOptions::new(args.backend), None, reference_cache(args.no_cache))?;
     let req = pair.gate_request(None, None, false);
     let tf_gates = resolve_thresholds(&req, Comparison::TeacherForced, Comparison::TeacherForced)?;
     let fr_gates = resolve_thresholds(&req, Comparison::FreeRunning, Comparison::TeacherForced)?;

@@ -137,6 +137,7 @@ pub fn render_json(r: &DiffReport) -> Value {
         "numerics": r.numerics,
         "free_running": r.free_running.as_ref().map_or(Value::Null, |fr| json!({
             "thresholds_source": fr.thresholds_source,
+            "ended_after_layer": fr.ended_after_layer,
             "verdict": match fr.verdict { Verdict::Match => "match", Verdict::Diverged => "diverged" },
             "first_over_gate": fr.first_over_gate.map_or(Value::Null, |(id, v, t)| {
                 let mut o = id_fields(&id);

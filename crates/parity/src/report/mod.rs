@@ -242,6 +242,11 @@ pub fn free_running_lines(r: &DiffReport) -> Vec<String> {
         .map(|(l, v, s)| format!("{}:{}({})", l.map_or("head".to_string(), |l| l.to_string()), sci(*v), s))
         .collect();
     out.push(format!("  worst-row rel-L2 per layer (stage): {}", growth.join(" ")));
+    if let Some(last) = fr.ended_after_layer {
+        out.push(format!(
+            "  the free-running pass ended after layer {last}, the last asked for: final_norm and logits compared teacher-forced only (run without --layer/--layers for end-to-end agreement)"
+        ));
+    }
     for (step, m) in &fr.logits {
         out.push(format!(
             "  logits {}: top-1 agree {}/{}, KL(ref||ours) mean {} max {}{}",
