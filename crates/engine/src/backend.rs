@@ -158,6 +158,11 @@ pub trait Backend {
     /// Same data, new shape (element count must match).
     fn reshape(&self, buf: Self::Buf, shape: &[usize]) -> Result<Self::Buf>;
     fn to_host(&self, buf: &Self::Buf) -> Result<Tensor>;
+    /// The buffer's values on the host, the buffer given up (a host backend
+    /// hands it over without a copy).
+    fn into_host(&self, buf: Self::Buf) -> Result<Tensor> {
+        self.to_host(&buf)
+    }
     fn from_host(&self, tensor: &Tensor) -> Result<Self::Buf>;
 
     /// Rows of `token_embd` for `tokens`: `[n_tokens, n_embd]` (`read`:

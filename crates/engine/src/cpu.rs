@@ -150,6 +150,10 @@ impl Backend for CpuBackend {
         Ok(buf.clone())
     }
 
+    fn into_host(&self, buf: Tensor) -> Result<Tensor> {
+        Ok(buf)
+    }
+
     fn from_host(&self, tensor: &Tensor) -> Result<Tensor> {
         Ok(tensor.clone())
     }
@@ -209,23 +213,30 @@ impl Backend for CpuBackend {
             .transpose()?;
         let rows = gathered.as_ref().unwrap_or(stored);
         // Parallel over output features: each task takes one weight row
-        // (dequantized into the task's buffer, cache-resident) against every token.
-        let mut out_t = vec![0f32; n_out * n];
-        out_t.par_chunks_mut(n).enumerate().try_for_each_init(
-            || vec![0f32; n_in],
-            |buf, (o, col)| -> Result<()> {
-                let wr = rows.row(o, buf)?;
-                let bias = b.map_or(0.0, |b| b[o] as f64);
-                for (t, c) in col.iter_mut().enumerate() {
-                    *c = (dot_f64(&x.data[t * n_in..(t + 1) * n_in], wr) + bias) as f32;
-                }
-                Ok(())
-            },
-        )?;
+        // (dequantized into the task's buffer, cache-resident) against every
+        // token. Bands of features bound the transposed scratch to a band's
+        // share of the output (the LM head's is vocabulary-wide).
+        const BAND: usize = 4096;
         let mut out = vec![0f32; n * n_out];
-        for o in 0..n_out {
-            for t in 0..n {
-                out[t * n_out + o] = out_t[o * n + t];
+        let mut out_t = vec![0f32; BAND.min(n_out) * n];
+        for band in (0..n_out).step_by(BAND) {
+            let width = BAND.min(n_out - band);
+            out_t[..width * n].par_chunks_mut(n).enumerate().try_for_each_init(
+                || vec![0f32; n_in],
+                |buf, (i, col)| -> Result<()> {
+                    let o = band + i;
+                    let wr = rows.row(o, buf)?;
+                    let bias = b.map_or(0.0, |b| b[o] as f64);
+                    for (t, c) in col.iter_mut().enumerate() {
+                        *c = (dot_f64(&x.data[t * n_in..(t + 1) * n_in], wr) + bias) as f32;
+                    }
+                    Ok(())
+                },
+            )?;
+            for i in 0..width {
+                for t in 0..n {
+                    out[t * n_out + band + i] = out_t[i * n + t];
+                }
             }
         }
         Ok(Tensor::new(vec![n, n_out], out))

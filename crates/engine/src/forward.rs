@@ -190,8 +190,8 @@ impl<B: Backend> Model<B> {
         self.n_past = n_kv;
 
         // Greedy decoding needs the last row only.
-        let host = be.to_host(&logits)?;
-        Ok(Some(host.data[(n - 1) * cfg.n_vocab..].to_vec()))
+        let mut host = be.into_host(logits)?;
+        Ok(Some(host.data.split_off((n - 1) * cfg.n_vocab)))
     }
 
     /// Prefill `prompt`, then decode `n_decode` steps greedily. Decode step k

@@ -18,4 +18,5 @@ pub mod selftest;
 pub mod session;
 pub mod thresholds;
 pub mod variants;
+pub mod verdict_bench;
 pub mod weights;

@@ -23,7 +23,7 @@ enum Command {
     Run(cmd::run::Args),
     /// Calibrate per-stage thresholds on clean prompts.
     Calibrate(cmd::calibrate::Args),
-    /// Time our engine with all checkpoints captured and with none.
+    /// Time our engine (all checkpoints, none), or whole verdicts cold and warm (--verdict).
     Bench(cmd::bench::Args),
     /// Compare two capture dumps stage by stage: first divergence, largest jump, reports.
     Diff(cmd::diff::Args),
@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         Command::Faults(args) => cmd::faults::run(args),
         Command::Selftest(args) => cmd::selftest::run(args),
     };
+    parity::verdict_bench::print_peak_rss_if_asked();
     match result {
         Ok(code) => code,
         Err(err) => {

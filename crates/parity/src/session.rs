@@ -7,7 +7,7 @@ use crate::ours::{BackendKind, EngineOptions, Mode, OurEngine};
 use engine::fault::FaultSpec;
 use crate::thresholds::{Comparison, Thresholds};
 use anyhow::{bail, Context, Result};
-use capture::{Capture, KvType, Stage, StageId};
+use capture::{Capture, Dims, KvType, Stage, StageId};
 use gguf::{GgufFile, Qwen2Config};
 use llama_ref::{LlamaRef, RefOptions};
 use sha2::{Digest, Sha256};
@@ -36,6 +36,48 @@ pub fn check_context(n_prompt: usize, n_decode: usize, n_ctx_train: usize) -> Re
     }
     if n_prompt + n_decode > n_ctx_train {
         bail!("prompt of {n_prompt} tokens + {n_decode} decode steps exceeds the model's context of {n_ctx_train}");
+    }
+    Ok(())
+}
+
+/// Bytes one capture holds: every stage of `layers` (all when `None`) and
+/// the global stages `globals` admits, over the prefill of `n_prompt`
+/// tokens and `n_decode` single-token steps, at 4 bytes a value.
+pub fn capture_bytes(d: &Dims, n_prompt: usize, n_decode: usize, layers: Option<&[usize]>, globals: &dyn Fn(Stage) -> bool) -> u64 {
+    let n_layers = layers.map_or(d.n_layer, |ls| ls.len()) as u64;
+    let mut values = 0u64;
+    for step in 0..=n_decode {
+        let (n_t, n_kv) = if step == 0 { (n_prompt, n_prompt) } else { (1, n_prompt + step) };
+        for stage in Stage::all() {
+            let n: u64 = stage.layout().shape(d, n_t, n_kv).iter().map(|&x| x as u64).product();
+            if stage.is_global() {
+                values += if globals(stage) { n } else { 0 };
+            } else {
+                values += n * n_layers;
+            }
+        }
+    }
+    values * 4
+}
+
+/// Memory the kernel says a new allocation can have now (`MemAvailable`).
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuse a comparison whose captures cannot fit in memory, before any of
+/// them is allocated, with the figure it would need.
+pub fn check_memory(what: &str, needed: u64, n_prompt: usize, n_decode: usize) -> Result<()> {
+    let Some(available) = available_memory() else { return Ok(()) };
+    if needed > available {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        bail!(
+            "{what} of a {n_prompt}-token prompt with {n_decode} decode steps needs about {:.1} GiB, and {:.1} GiB is available: ask for fewer layers (--layer), fewer decode steps or a shorter prompt",
+            gib(needed),
+            gib(available)
+        );
     }
     Ok(())
 }
@@ -145,6 +187,7 @@ pub struct Pair {
     pub model_sha256: String,
     pub n_layer: usize,
     pub n_ctx_train: usize,
+    dims: Dims,
     pub kv: KvType,
     pub threads: Option<usize>,
 }
@@ -179,6 +222,15 @@ impl Pair {
             model_sha256,
             n_layer: cfg.n_layer,
             n_ctx_train: cfg.n_ctx_train,
+            dims: Dims {
+                n_layer: cfg.n_layer,
+                n_embd: cfg.n_embd,
+                n_head: cfg.n_head,
+                n_head_kv: cfg.n_head_kv,
+                head_dim: cfg.head_dim,
+                n_ff: cfg.n_ff,
+                n_vocab: cfg.n_vocab,
+            },
             kv: eo.kv,
             threads,
         })
@@ -259,6 +311,11 @@ impl Pair {
         let llama = self.llama()?;
         let tokens = llama.tokenize(prompt, chat)?;
         check_context(tokens.len(), n_decode, n_ctx_train)?;
+        // The capture, and its encoding for the cache beside it.
+        let copies = if self.cache.is_some() { 2 } else { 1 };
+        let needed = copies * capture_bytes(&self.dims, tokens.len(), n_decode, opts.layers.as_deref(), &|_| true);
+        check_memory("llama.cpp's capture", needed, tokens.len(), n_decode)?;
+        let llama = self.llama()?;
         let mut reference = llama.run(&tokens, n_decode, &opts)?;
         self.label(&mut reference, prompt, chat);
         if let Some(cache) = &self.cache {
@@ -302,6 +359,12 @@ impl Pair {
     pub fn capture_both(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>) -> Result<(Capture, Capture, Capture)> {
         let ref_layers = layers.as_deref().map(|ls| feeding_layers(ls, self.n_layer));
         let reference = self.reference(prompt, chat, n_decode, ref_layers)?;
+        // Ours, both ways: every global stage teacher-forced, free-running
+        // only the embedding when the pass ends after the layers asked.
+        let (n_prompt, sel) = (reference.tokens.len(), layers.as_deref());
+        let needed = capture_bytes(&self.dims, n_prompt, n_decode, sel, &|_| true)
+            + capture_bytes(&self.dims, n_prompt, n_decode, sel, &|s| sel.is_none() || s == Stage::Embed);
+        check_memory("our engine's captures", needed, n_prompt, n_decode)?;
         let teacher_forced = self.ours(&reference, layers.clone(), true)?;
         let free_running = self.ours(&reference, layers, false)?;
         Ok((teacher_forced, free_running, reference))

@@ -3,10 +3,12 @@
 
 use crate::ours::{BackendKind, EngineOptions, Mode, NumericsArg, OurEngine};
 use crate::session::{check_context, ModelFile};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
+use crate::verdict_bench::{self as vb, median, Case};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -27,16 +29,26 @@ pub struct Args {
     /// Timed repetitions per mode (after one warm-up).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Time whole `parity run` verdicts instead (each a fresh process, cold
+    /// and warm reference cache): a full run and `--layer 0` on `--prompt`
+    /// with `--decode` (default 16) steps, and `--layer 0` on a long prompt.
+    #[arg(long)]
+    pub verdict: bool,
+    /// The prompt of the verdict runs.
+    #[arg(long, default_value = "Write a Rust function that returns the nth Fibonacci number, iteratively, with a doc comment.")]
+    pub prompt: String,
+    /// Words of the long prompt of the verdict runs (0: skip that case).
+    #[arg(long, default_value_t = 3000)]
+    pub long_words: usize,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 pub fn run(args: &Args) -> Result<ExitCode> {
     if args.tokens == 0 || args.repeat == 0 {
         bail!("--tokens and --repeat must be at least 1");
+    }
+    if args.verdict {
+        return verdicts(args);
     }
     let model_file = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
     let (model, gguf, cfg) = (&model_file.path, &model_file.gguf, &model_file.cfg);
@@ -69,5 +81,50 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--verdict`: whole runs, cold and warm; medians and peak RSS.
+fn verdicts(args: &Args) -> Result<ExitCode> {
+    let model = crate::model_path::resolve(args.model.as_deref())?;
+    let model = std::fs::canonicalize(&model).with_context(|| format!("cannot open {}", model.display()))?;
+    let exe = vb::current_exe()?;
+    let decode = if args.decode == 0 { 16 } else { args.decode };
+    let backend = args.backend.name();
+    let mut cases = vec![
+        Case { name: format!("full run, {decode} decode steps"), args: vb::run_args(&model, &args.prompt, decode, None, backend) },
+        Case { name: format!("--layer 0, {decode} decode steps"), args: vb::run_args(&model, &args.prompt, decode, Some(0), backend) },
+    ];
+    if args.long_words > 0 {
+        let prompt = vb::long_prompt(args.long_words);
+        cases.push(Case { name: format!("--layer 0, {}-word prompt", args.long_words), args: vb::run_args(&model, &prompt, 0, Some(0), backend) });
+    }
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut progress = |msg: &str| {
+        if tty {
+            eprint!("\r\x1b[Kbench [{:.0} s] {msg}", started.elapsed().as_secs_f64());
+        } else {
+            eprintln!("bench [{:.0} s] {msg}", started.elapsed().as_secs_f64());
+        }
+    };
+    let mut results = Vec::new();
+    for case in &cases {
+        results.push(vb::measure(&exe, case, args.repeat, &mut progress)?);
+    }
+    if tty {
+        eprintln!();
+    }
+    println!("parity run verdicts on {} ({backend} backend), model {}", vb::machine(), model.display());
+    println!("medians of {} runs each; cold: empty caches (model hashed, llama.cpp captures); warm: reference cache filled", args.repeat);
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header(["case", "cold median s", "warm median s", "peak RSS cold (max)", "peak RSS warm (max)"]);
+    let mib = |s: &[vb::Sample]| format!("{} MiB", s.iter().map(|x| x.peak_rss_kib).max().unwrap_or(0) / 1024);
+    for r in &results {
+        let secs = |s: &[vb::Sample]| format!("{:.2}", median(s.iter().map(|x| x.seconds).collect()));
+        table.add_row([r.name.clone(), secs(&r.cold), secs(&r.warm), mib(&r.cold), mib(&r.warm)]);
+    }
+    println!("{table}");
     Ok(ExitCode::SUCCESS)
 }

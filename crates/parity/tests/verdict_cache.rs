@@ -1,0 +1,129 @@
+//! Verdicts from the reference cache and memory that follows what is
+//! compared: the capture size estimate against real captures, a damaged
+//! cache entry recomputed (never trusted), and `run --layer 0` on a long
+//! prompt within its memory bound.
+
+#[macro_use]
+mod common;
+
+use capture::{Dims, Stage};
+use parity::ours::{EngineOptions, Mode, OurEngine};
+use parity::session::{capture_bytes, ModelFile};
+use parity::verdict_bench::{long_prompt, PEAK_RSS_ENV};
+use std::process::{Command, Output};
+
+fn bytes_of(c: &capture::Capture) -> u64 {
+    c.tensors.values().map(|t| t.tensor.data.len() as u64 * 4).sum()
+}
+
+#[test]
+fn the_memory_estimate_is_the_size_of_the_captures_it_estimates() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    gguf::synth::write_tiny_qwen2(&gguf::synth::SynthSpec::tiny(), &path).unwrap();
+    let model = ModelFile::open(&path).unwrap();
+    let c = &model.cfg;
+    let d = Dims { n_layer: c.n_layer, n_embd: c.n_embd, n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim, n_ff: c.n_ff, n_vocab: c.n_vocab };
+    let mut ours = OurEngine::load(&model.gguf, c, EngineOptions::new(parity::ours::BackendKind::Cpu)).unwrap();
+    let tokens = [1, 2, 3, 4, 5];
+    let full = ours.run(&tokens, 3, None, None, Mode::Observe).unwrap();
+    assert_eq!(bytes_of(&full), capture_bytes(&d, 5, 3, None, &|_| true));
+    // a free-running pass over layer 0 ends there: the embedding is its only global stage
+    let one = ours.run(&tokens, 3, Some(&[7, 8, 9]), Some(vec![0]), Mode::ObserveSelected).unwrap();
+    assert_eq!(one.config.ended_after_layer, Some(0));
+    assert!(one.generated.is_empty(), "no logits, no greedy token");
+    assert_eq!(bytes_of(&one), capture_bytes(&d, 5, 3, Some(&[0]), &|s| s == Stage::Embed));
+}
+
+fn run_with_cache(cache: &std::path::Path, model: &std::path::Path, prompt: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["run", "--model", model.to_str().unwrap(), "--prompt", prompt];
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_parity"))
+        .args(&args)
+        .env("QWEN2_PARITY_REF_CACHE", cache)
+        .env(PEAK_RSS_ENV, "1")
+        .output()
+        .expect("run parity")
+}
+
+fn verdict_line(o: &Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout);
+    out.lines().find(|l| l.starts_with("MATCH") || l.starts_with("DIVERGED")).unwrap_or("").to_string()
+}
+
+fn peak_rss_bytes(o: &Output) -> u64 {
+    let err = String::from_utf8_lossy(&o.stderr);
+    let kib: u64 = err
+        .lines()
+        .find_map(|l| l.strip_prefix("peak RSS (VmHWM): "))
+        .and_then(|v| v.trim_end_matches(" KiB").parse().ok())
+        .expect("peak RSS reported");
+    kib * 1024
+}
+
+#[test]
+fn a_damaged_cache_entry_is_recomputed_and_gives_the_same_verdict() {
+    let model = real_model_or_skip!();
+    let cache = tempfile::tempdir().unwrap();
+    let prompt = "Write a haiku about GPU computing";
+    let args = ["--layer", "3", "--decode", "2"];
+    let first = run_with_cache(cache.path(), &model, prompt, &args);
+    assert_eq!(first.status.code(), Some(0), "{}", String::from_utf8_lossy(&first.stderr));
+    let entries: Vec<_> = std::fs::read_dir(cache.path()).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(entries.len(), 1, "one reference stored: {entries:?}");
+    let entry = &entries[0];
+    let good = std::fs::read(entry).unwrap();
+
+    // warm: the same verdict, llama.cpp not loaded (no model load line)
+    let warm = run_with_cache(cache.path(), &model, prompt, &args);
+    assert_eq!(verdict_line(&warm), verdict_line(&first));
+    assert!(!String::from_utf8_lossy(&warm.stderr).contains("recomputing"));
+
+    for (what, damaged) in [
+        ("a flipped bit", {
+            let mut b = good.clone();
+            let mid = b.len() / 2;
+            b[mid] ^= 0x04;
+            b
+        }),
+        ("a truncated file", good[..good.len() / 3].to_vec()),
+        ("an empty file", Vec::new()),
+    ] {
+        std::fs::write(entry, &damaged).unwrap();
+        let again = run_with_cache(cache.path(), &model, prompt, &args);
+        let err = String::from_utf8_lossy(&again.stderr);
+        assert_eq!(again.status.code(), Some(0), "{what}: {err}");
+        assert!(err.contains("recomputing"), "{what}: the damaged entry must be reported and recomputed: {err}");
+        assert_eq!(verdict_line(&again), verdict_line(&first), "{what}");
+        assert_eq!(std::fs::read(entry).unwrap(), good, "{what}: the recomputed entry is the original, byte for byte");
+    }
+}
+
+#[test]
+fn layer_0_on_a_long_prompt_stays_within_its_memory_bound() {
+    let model = real_model_or_skip!();
+    let cache = tempfile::tempdir().unwrap();
+    let prompt = long_prompt(600);
+    let cold = run_with_cache(cache.path(), &model, &prompt, &["--layer", "0"]);
+    assert_eq!(cold.status.code(), Some(0), "{}", String::from_utf8_lossy(&cold.stderr));
+    let warm = run_with_cache(cache.path(), &model, &prompt, &["--layer", "0"]);
+    assert_eq!(warm.status.code(), Some(0), "{}", String::from_utf8_lossy(&warm.stderr));
+
+    let m = ModelFile::open(&model).unwrap();
+    let c = &m.cfg;
+    let d = Dims { n_layer: c.n_layer, n_embd: c.n_embd, n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim, n_ff: c.n_ff, n_vocab: c.n_vocab };
+    let n_prompt = String::from_utf8_lossy(&warm.stdout)
+        .lines()
+        .find_map(|l| l.rsplit_once(" (").and_then(|(_, t)| t.strip_suffix(" tokens)")).and_then(|n| n.parse::<usize>().ok()))
+        .expect("token count in the header");
+    // What a warm verdict holds: the weights (the file, mapped), the cached
+    // reference (layers 0 and 23: its bytes, then decoded), our two passes
+    // over layer 0, and 200 MB for everything else.
+    let reference = capture_bytes(&d, n_prompt, 0, Some(&[0, 23]), &|_| true);
+    let ours = capture_bytes(&d, n_prompt, 0, Some(&[0]), &|_| true) + capture_bytes(&d, n_prompt, 0, Some(&[0]), &|s| s == Stage::Embed);
+    let bound = m.gguf.file_size() + 2 * reference + ours + (200 << 20);
+    let peak = peak_rss_bytes(&warm);
+    let mib = |b: u64| b >> 20;
+    eprintln!("{n_prompt} tokens: warm peak RSS {} MiB, bound {} MiB; cold peak {} MiB", mib(peak), mib(bound), mib(peak_rss_bytes(&cold)));
+    assert!(peak <= bound, "warm --layer 0 on {n_prompt} tokens peaked at {} MiB, over its bound of {} MiB", mib(peak), mib(bound));
+}
