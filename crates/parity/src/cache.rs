@@ -116,7 +116,7 @@ impl RefCache {
         }
         fs::create_dir_all(&self.dir).with_context(|| format!("cannot create the reference cache {}", self.dir.display()))?;
         let path = self.path_of(key);
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = temporary_name(&path);
         fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
         fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
         self.evict(&path)
@@ -150,6 +150,13 @@ impl RefCache {
         }
         Ok(())
     }
+}
+
+/// A name beside `path` that no other writer (process or thread) uses.
+fn temporary_name(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_extension(format!("tmp{}-{n}", std::process::id()))
 }
 
 /// The cache a verb uses: the environment's, or none under `--no-cache`.
@@ -195,7 +202,7 @@ pub fn model_sha256(path: &Path, fresh: bool) -> Result<String> {
         let stamp = DigestStamp { path: abs, size, modified_ns, sha256: sha256.clone() };
         // Remembering is an optimisation: a read-only cache only costs time.
         if let (Some(dir), Ok(json)) = (stamp_file.parent(), serde_json::to_vec(&stamp)) {
-            let tmp = stamp_file.with_extension(format!("tmp{}", std::process::id()));
+            let tmp = temporary_name(&stamp_file);
             if fs::create_dir_all(dir).is_ok() && fs::write(&tmp, json).is_ok() {
                 let _ = fs::rename(&tmp, &stamp_file);
             }
