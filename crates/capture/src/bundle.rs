@@ -5,12 +5,14 @@
 //!
 //! Layout: `MAGIC`, header length (u64 LE), header JSON, the tensors' f32
 //! values (LE, in header order), CRC-32 of everything before it (u32 LE).
+//! Written and read as a stream: a capture is never held twice.
 
 use crate::dump::{Capture, CaptureConfig, CapturedTensor};
 use crate::stage::{Stage, StageId};
 use crate::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 
 const MAGIC: &[u8; 8] = b"QPBNDL01";
 
@@ -55,6 +57,39 @@ struct Header {
 
 /// Serialize `capture` under `key`.
 pub fn encode_bundle(capture: &Capture, key: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Writing to a Vec cannot fail.
+    let _ = write_bundle(capture, key, &mut out);
+    out
+}
+
+/// Parse a bundle held in memory (see [`read_bundle`]).
+pub fn decode_bundle(bytes: &[u8], key: &str) -> Result<Capture, BundleError> {
+    read_bundle(&mut std::io::Cursor::new(bytes), bytes.len() as u64, key).map_err(|e| match e {
+        ReadError::Bundle(b) => b,
+        ReadError::Io(e) => BundleError::Truncated(e.to_string()),
+    })
+}
+
+/// A writer that keeps the CRC-32 of what passes through it.
+struct Crc<W> {
+    inner: W,
+    hasher: crc32fast::Hasher,
+}
+
+impl<W: Write> Write for Crc<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Stream `capture` under `key` into `w`: no copy of the values is made.
+pub fn write_bundle(capture: &Capture, key: &str, w: &mut impl Write) -> std::io::Result<()> {
     let header = Header {
         key: key.to_string(),
         engine: capture.engine.clone(),
@@ -71,71 +106,95 @@ pub fn encode_bundle(capture: &Capture, key: &str) -> Vec<u8> {
             .collect(),
         unavailable: capture.unavailable.iter().map(|id| (id.step, id.layer, id.stage)).collect(),
     };
-    // A header of plain data always serializes.
-    let json = serde_json::to_vec(&header).unwrap_or_default();
-    let n_values: usize = capture.tensors.values().map(|c| c.tensor.data.len()).sum();
-    let mut out = Vec::with_capacity(MAGIC.len() + 8 + json.len() + 4 * n_values + 4);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
+    let json = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+    let mut out = Crc { inner: w, hasher: crc32fast::Hasher::new() };
+    out.write_all(MAGIC)?;
+    out.write_all(&(json.len() as u64).to_le_bytes())?;
+    out.write_all(&json)?;
+    let mut chunk = Vec::with_capacity(CHUNK_VALUES * 4);
     for c in capture.tensors.values() {
-        for v in &c.tensor.data {
-            out.extend_from_slice(&v.to_le_bytes());
+        for values in c.tensor.data.chunks(CHUNK_VALUES) {
+            chunk.clear();
+            chunk.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            out.write_all(&chunk)?;
         }
     }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
+    let crc = out.hasher.clone().finalize();
+    out.inner.write_all(&crc.to_le_bytes())
 }
 
-/// Parse a bundle, checking (in this order, before any allocation sized by
-/// the file) its length, magic, checksum, header and that it answers `key`.
-pub fn decode_bundle(bytes: &[u8], key: &str) -> Result<Capture, BundleError> {
-    let fixed = MAGIC.len() + 8 + 4;
-    if bytes.len() < fixed {
-        return Err(BundleError::Truncated(format!("{} bytes, a bundle has at least {fixed}", bytes.len())));
+/// Values converted per write or read: bounds the scratch buffer.
+const CHUNK_VALUES: usize = 1 << 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Bundle(#[from] BundleError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Read a bundle of `len` bytes from `r`, checking (before any allocation
+/// sized by the file) its length, magic, header and that it answers `key`;
+/// the values are read straight into their tensors and the checksum is
+/// verified at the end: a capture is returned only if every byte matched.
+pub fn read_bundle(r: &mut impl Read, len: u64, key: &str) -> Result<Capture, ReadError> {
+    let fixed = (MAGIC.len() + 8 + 4) as u64;
+    if len < fixed {
+        return Err(BundleError::Truncated(format!("{len} bytes, a bundle has at least {fixed}")).into());
     }
-    if &bytes[..MAGIC.len()] != MAGIC {
-        return Err(BundleError::Magic);
+    let mut hasher = crc32fast::Hasher::new();
+    let mut head = [0u8; 16];
+    r.read_exact(&mut head)?;
+    hasher.update(&head);
+    if &head[..8] != MAGIC {
+        return Err(BundleError::Magic.into());
     }
-    let (body, crc_bytes) = bytes.split_at(bytes.len() - 4);
-    let stored = u32::from_le_bytes([crc_bytes[0], crc_bytes[1], crc_bytes[2], crc_bytes[3]]);
-    let computed = crc32fast::hash(body);
-    if stored != computed {
-        return Err(BundleError::Checksum { stored, computed });
+    let header_len = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+    let rest = len - fixed;
+    if header_len > rest {
+        return Err(BundleError::Truncated(format!("header of {header_len} bytes in {rest} remaining")).into());
     }
-    let mut len8 = [0u8; 8];
-    len8.copy_from_slice(&body[MAGIC.len()..MAGIC.len() + 8]);
-    let header_len = u64::from_le_bytes(len8);
-    let rest = &body[MAGIC.len() + 8..];
-    let header_len = usize::try_from(header_len).ok().filter(|&n| n <= rest.len()).ok_or_else(|| {
-        BundleError::Truncated(format!("header of {header_len} bytes in {} remaining", rest.len()))
-    })?;
-    let (json, data) = rest.split_at(header_len);
-    let header: Header = serde_json::from_slice(json).map_err(|e| BundleError::Header(e.to_string()))?;
+    let mut json = vec![0u8; header_len as usize];
+    r.read_exact(&mut json)?;
+    hasher.update(&json);
+    let header: Header = serde_json::from_slice(&json).map_err(|e| BundleError::Header(e.to_string()))?;
     if header.key != key {
-        return Err(BundleError::Key { found: header.key, expected: key.to_string() });
+        return Err(BundleError::Key { found: header.key, expected: key.to_string() }.into());
     }
     // Every tensor's size, checked against the bytes present before any is read.
-    let mut total = 0usize;
+    let mut total = 0u64;
     for e in &header.stages {
-        let n = e.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let n = e.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
         total = n
             .and_then(|n| total.checked_add(n))
             .ok_or_else(|| BundleError::Header(format!("shape {:?} overflows", e.shape)))?;
     }
-    if total.checked_mul(4) != Some(data.len()) {
-        return Err(BundleError::Truncated(format!("{} data bytes for {total} values", data.len())));
+    let data_len = rest - header_len;
+    if total.checked_mul(4) != Some(data_len) {
+        return Err(BundleError::Truncated(format!("{data_len} data bytes for {total} values")).into());
     }
     let mut tensors = BTreeMap::new();
-    let mut values = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let mut chunk = vec![0u8; CHUNK_VALUES * 4];
     for e in header.stages {
-        let n = e.shape.iter().product();
-        let tensor = Tensor::new(e.shape, values.by_ref().take(n).collect());
-        let id = StageId { step: e.step, layer: e.layer, stage: e.stage };
-        if tensors.insert(id, CapturedTensor { tensor, provenance: e.provenance }).is_some() {
-            return Err(BundleError::Header(format!("{id} listed twice")));
+        let n: usize = e.shape.iter().product();
+        let mut data = Vec::with_capacity(n);
+        while data.len() < n {
+            let take = (n - data.len()).min(CHUNK_VALUES) * 4;
+            r.read_exact(&mut chunk[..take])?;
+            hasher.update(&chunk[..take]);
+            data.extend(chunk[..take].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
         }
+        let id = StageId { step: e.step, layer: e.layer, stage: e.stage };
+        if tensors.insert(id, CapturedTensor { tensor: Tensor::new(e.shape, data), provenance: e.provenance }).is_some() {
+            return Err(BundleError::Header(format!("{id} listed twice")).into());
+        }
+    }
+    let mut stored = [0u8; 4];
+    r.read_exact(&mut stored)?;
+    let (stored, computed) = (u32::from_le_bytes(stored), hasher.finalize());
+    if stored != computed {
+        return Err(BundleError::Checksum { stored, computed }.into());
     }
     Ok(Capture {
         engine: header.engine,

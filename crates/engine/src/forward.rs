@@ -186,12 +186,24 @@ impl<B: Backend> Model<B> {
         let h = if global == Fault::FinalNormSkipped { x } else { be.rms_norm(&x, Weight::OutputNorm, eps)? };
         let h = checkpoint(be, cps, StageId::global(step, Stage::FinalNorm), h)?;
         let logits = self.rounding.linear(be, &h, Weight::Output, None, read_if(global == Fault::LmHeadTransposed))?;
-        let logits = checkpoint(be, cps, StageId::global(step, Stage::Logits), logits)?;
         self.n_past = n_kv;
 
-        // Greedy decoding needs the last row only.
-        let mut host = be.into_host(logits)?;
-        Ok(Some(host.data.split_off((n - 1) * cfg.n_vocab)))
+        // The logits' checkpoint takes the buffer itself: after it, greedy
+        // decoding reads the last row only (of a replacement, if one is made).
+        let id = StageId::global(step, Stage::Logits);
+        let host = be.into_host(logits)?;
+        let last_row = |t: &capture::Tensor| -> Result<Vec<f32>> {
+            ensure!(t.len() == n * cfg.n_vocab, "logits of shape {:?} for {n} tokens", t.shape);
+            Ok(t.data[(n - 1) * cfg.n_vocab..].to_vec())
+        };
+        let last = last_row(&host)?;
+        if !cps.wants(&id) {
+            return Ok(Some(last));
+        }
+        match cps.visit(&id, host)? {
+            Some(replacement) => Ok(Some(last_row(&replacement)?)),
+            None => Ok(Some(last)),
+        }
     }
 
     /// Prefill `prompt`, then decode `n_decode` steps greedily. Decode step k

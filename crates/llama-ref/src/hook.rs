@@ -389,6 +389,20 @@ unsafe fn read_f32(t: *mut sys::ggml_tensor) -> Result<Vec<f32>, String> {
     }
     // SAFETY: live tensor; ggml_nbytes only reads ne/nb/type.
     let nbytes = unsafe { sys::ggml_nbytes(t) };
+    // SAFETY: live tensor; ggml_is_contiguous only reads ne/nb/type.
+    if tensor.type_ == sys::GGML_TYPE_F32 && unsafe { sys::ggml_is_contiguous(t) } {
+        // Already f32 in logical order: read straight into the result (no
+        // byte copy beside it: the logits node is vocabulary-wide).
+        let total: usize = tensor.ne.iter().map(|&n| n as usize).product();
+        if total * 4 != nbytes {
+            return Err(format!("{nbytes} bytes for {total} f32 values"));
+        }
+        let mut out = vec![0f32; total];
+        // SAFETY: the tensor has a buffer (checked) and is contiguous, so
+        // [0, nbytes) holds its `total` values; `out` has room for nbytes bytes.
+        unsafe { sys::ggml_backend_tensor_get(t, out.as_mut_ptr() as *mut c_void, 0, nbytes) };
+        return Ok(out);
+    }
     let mut bytes = vec![0u8; nbytes];
     // SAFETY: the tensor has a buffer (checked) and [0, nbytes) is exactly
     // the span ggml_backend_tensor_get accepts; `bytes` holds nbytes bytes.

@@ -311,9 +311,12 @@ impl Pair {
         let llama = self.llama()?;
         let tokens = llama.tokenize(prompt, chat)?;
         check_context(tokens.len(), n_decode, n_ctx_train)?;
-        // The capture, and its encoding for the cache beside it.
-        let copies = if self.cache.is_some() { 2 } else { 1 };
-        let needed = copies * capture_bytes(&self.dims, tokens.len(), n_decode, opts.layers.as_deref(), &|_| true);
+        // The capture (the cache streams it to disk: no second copy), plus
+        // llama.cpp's own largest buffers for a prefill in one pass: its
+        // logits output and result node, and a layer's scores and softmax.
+        let (d, n) = (&self.dims, tokens.len() as u64);
+        let llama_working = 4 * (2 * n * d.n_vocab as u64 + 2 * d.n_head as u64 * n * n);
+        let needed = capture_bytes(d, tokens.len(), n_decode, opts.layers.as_deref(), &|_| true) + llama_working;
         check_memory("llama.cpp's capture", needed, tokens.len(), n_decode)?;
         let llama = self.llama()?;
         let mut reference = llama.run(&tokens, n_decode, &opts)?;
