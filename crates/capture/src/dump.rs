@@ -9,7 +9,7 @@ use crate::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// One captured checkpoint and where it came from (for llama.cpp: the ggml
@@ -117,6 +117,12 @@ struct ManifestEntry {
     shape: Vec<usize>,
     file: String,
     provenance: String,
+    /// The file's size and CRC-32 as written (optional for other writers;
+    /// when present, a reader refuses a file that does not match them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crc32: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -150,9 +156,19 @@ fn relative_file(id: &StageId) -> String {
     }
 }
 
-/// Write `capture` under `dir` (created if missing).
+/// Write `capture` under `dir` (created if missing). Nothing half-written
+/// is ever read as a dump: an old manifest is removed before any file is
+/// written, each file is written under a temporary name and renamed, and
+/// the manifest (with each file's size and CRC-32) is written last, the same
+/// way.
 pub fn write_dump(capture: &Capture, dir: &Path) -> Result<(), DumpError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let manifest_path = dir.join("manifest.json");
+    match fs::remove_file(&manifest_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(DumpError::Io { path: manifest_path, source: e }),
+    }
     let mut stages = Vec::with_capacity(capture.tensors.len());
     for (id, captured) in &capture.tensors {
         let file = relative_file(id);
@@ -160,7 +176,8 @@ pub fn write_dump(capture: &Capture, dir: &Path) -> Result<(), DumpError> {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
-        write_npy(&path, &captured.tensor)?;
+        let bytes = npy_bytes(&captured.tensor);
+        write_atomically(&path, &bytes)?;
         stages.push(ManifestEntry {
             step: id.step,
             layer: id.layer,
@@ -168,6 +185,8 @@ pub fn write_dump(capture: &Capture, dir: &Path) -> Result<(), DumpError> {
             shape: captured.tensor.shape.clone(),
             file,
             provenance: captured.provenance.clone(),
+            bytes: Some(bytes.len() as u64),
+            crc32: Some(crc32fast::hash(&bytes)),
         });
     }
     let manifest = Manifest {
@@ -187,11 +206,14 @@ pub fn write_dump(capture: &Capture, dir: &Path) -> Result<(), DumpError> {
             .map(|id| StageRef { step: id.step, layer: id.layer, stage: id.stage })
             .collect(),
     };
-    let path = dir.join("manifest.json");
-    let json = serde_json::to_string_pretty(&manifest).map_err(|e| DumpError::Format { path: path.clone(), msg: e.to_string() })?;
-    fs::write(&path, json).map_err(io_err(&path))
+    let json = serde_json::to_string_pretty(&manifest).map_err(|e| DumpError::Format { path: manifest_path.clone(), msg: e.to_string() })?;
+    write_atomically(&manifest_path, json.as_bytes())
 }
 
+/// `files::write_atomically`, its error naming the path.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DumpError> {
+    crate::files::write_atomically(path, bytes).map_err(io_err(path))
+}
 /// Read a dump written by [`write_dump`] (or by any engine following the format).
 pub fn read_dump(dir: &Path) -> Result<Capture, DumpError> {
     let path = dir.join("manifest.json");
@@ -204,7 +226,16 @@ pub fn read_dump(dir: &Path) -> Result<Capture, DumpError> {
     let mut tensors = BTreeMap::new();
     for entry in manifest.stages {
         let file = dir.join(&entry.file);
-        let tensor = read_npy(&file)?;
+        let mut bytes = Vec::new();
+        fs::File::open(&file).map_err(io_err(&file))?.read_to_end(&mut bytes).map_err(io_err(&file))?;
+        let refuse = |msg: String| DumpError::Format { path: file.clone(), msg };
+        if let Some(n) = entry.bytes.filter(|&n| n != bytes.len() as u64) {
+            return Err(refuse(format!("{} bytes, the manifest records {n}: written by another or an interrupted capture", bytes.len())));
+        }
+        if let Some(crc) = entry.crc32.filter(|&c| c != crc32fast::hash(&bytes)) {
+            return Err(refuse(format!("CRC-32 {:08x}, the manifest records {crc:08x}: the file changed after the capture", crc32fast::hash(&bytes))));
+        }
+        let tensor = parse_npy(&bytes, &file)?;
         if tensor.shape != entry.shape {
             return Err(DumpError::Format {
                 path: file,
@@ -231,8 +262,13 @@ pub fn read_dump(dir: &Path) -> Result<Capture, DumpError> {
     })
 }
 
-/// numpy format 1.0, dtype `<f4`, C order.
+/// numpy format 1.0, dtype `<f4`, C order (written atomically).
 pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<(), DumpError> {
+    write_atomically(path, &npy_bytes(tensor))
+}
+
+/// The `.npy` encoding of `tensor`: numpy format 1.0, dtype `<f4`, C order.
+fn npy_bytes(tensor: &Tensor) -> Vec<u8> {
     let shape = match tensor.shape.len() {
         1 => format!("({},)", tensor.shape[0]),
         _ => format!("({})", tensor.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
@@ -250,15 +286,19 @@ pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<(), DumpError> {
     for v in &tensor.data {
         bytes.extend_from_slice(&v.to_le_bytes());
     }
-    let mut f = fs::File::create(path).map_err(io_err(path))?;
-    f.write_all(&bytes).map_err(io_err(path))
+    bytes
 }
 
 /// Read a `<f4` C-order `.npy` (version 1.0 or 2.0).
 pub fn read_npy(path: &Path) -> Result<Tensor, DumpError> {
-    let bad = |msg: &str| DumpError::Format { path: path.to_path_buf(), msg: msg.to_string() };
     let mut bytes = Vec::new();
     fs::File::open(path).map_err(io_err(path))?.read_to_end(&mut bytes).map_err(io_err(path))?;
+    parse_npy(&bytes, path)
+}
+
+/// Parse the bytes of a `.npy` read from `path` (named in errors).
+fn parse_npy(bytes: &[u8], path: &Path) -> Result<Tensor, DumpError> {
+    let bad = |msg: &str| DumpError::Format { path: path.to_path_buf(), msg: msg.to_string() };
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file"));
     }
@@ -307,6 +347,45 @@ mod tests {
         let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
         assert_eq!((10 + header_len) % 64, 0);
         assert_eq!(read_npy(&path).unwrap(), t);
+    }
+
+    fn two_stage_capture(value: f32) -> Capture {
+        let mut capture = Capture { engine: "test".into(), tokens: vec![1, 2], generated: vec![5], ..Default::default() };
+        for (i, id) in [StageId::global(0, Stage::Embed), StageId::layer(0, 0, Stage::AttnNorm)].iter().enumerate() {
+            capture.tensors.insert(*id, CapturedTensor { tensor: Tensor::new(vec![1, 2], vec![value + i as f32, 0.5]), provenance: "p".into() });
+        }
+        capture
+    }
+
+    #[test]
+    fn a_file_changed_or_cut_after_the_capture_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dump(&two_stage_capture(1.0), dir.path()).unwrap();
+        let file = dir.path().join("step0/layer00/attn_norm.npy");
+        let good = fs::read(&file).unwrap();
+        fs::write(&file, &good[..good.len() - 4]).unwrap();
+        let err = read_dump(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("the manifest records"), "{err}");
+        let mut changed = good.clone();
+        let last = changed.len() - 1;
+        changed[last] ^= 0x40;
+        fs::write(&file, &changed).unwrap();
+        let err = read_dump(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("CRC-32"), "{err}");
+    }
+
+    #[test]
+    fn an_interrupted_capture_over_an_old_dump_leaves_no_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        write_dump(&two_stage_capture(1.0), dir.path()).unwrap();
+        assert!(read_dump(dir.path()).is_ok());
+        // The second capture fails part-way: one of its files cannot be written.
+        let blocker = dir.path().join("step0/layer00/attn_norm.npy");
+        fs::remove_file(&blocker).unwrap();
+        fs::create_dir(&blocker).unwrap();
+        assert!(write_dump(&two_stage_capture(2.0), dir.path()).is_err());
+        assert!(!dir.path().join("manifest.json").exists(), "the old manifest must not describe the new files");
+        assert!(read_dump(dir.path()).is_err());
     }
 
     #[test]

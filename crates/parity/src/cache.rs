@@ -11,9 +11,10 @@
 //! trusted. The cache is bounded in bytes; the least recently used entries
 //! go first.
 
+use capture::files::temporary_name;
 use crate::model_path::cache_dir;
 use anyhow::{Context, Result};
-use capture::{decode_bundle, encode_bundle, Capture};
+use capture::{read_bundle, write_bundle, Capture};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -89,8 +90,9 @@ impl RefCache {
     /// returned, so the caller recomputes it.
     pub fn load(&self, key: &RefKey) -> Option<Capture> {
         let path = self.path_of(key);
-        let bytes = fs::read(&path).ok()?;
-        match decode_bundle(&bytes, &key.canonical()) {
+        let file = fs::File::open(&path).ok()?;
+        let len = file.metadata().ok()?.len();
+        match read_bundle(&mut std::io::BufReader::new(file), len, &key.canonical()) {
             Ok(capture) => {
                 // Mark it used: eviction goes by modification time.
                 if let Ok(f) = fs::File::options().append(true).open(&path) {
@@ -110,14 +112,21 @@ impl RefCache {
     /// then evict least recently used entries down to the bound. An entry
     /// larger than the whole bound is not stored.
     pub fn store(&self, key: &RefKey, capture: &Capture) -> Result<()> {
-        let bytes = encode_bundle(capture, &key.canonical());
-        if bytes.len() as u64 > self.max_bytes {
+        if bundle_size(capture) > self.max_bytes {
             return Ok(());
         }
         fs::create_dir_all(&self.dir).with_context(|| format!("cannot create the reference cache {}", self.dir.display()))?;
         let path = self.path_of(key);
         let tmp = temporary_name(&path);
-        fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        let written = fs::File::create(&tmp).and_then(|f| {
+            let mut w = std::io::BufWriter::new(f);
+            write_bundle(capture, &key.canonical(), &mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()
+        });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e).with_context(|| format!("cannot write {}", tmp.display()));
+        }
         fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
         self.evict(&path)
     }
@@ -152,11 +161,9 @@ impl RefCache {
     }
 }
 
-/// A name beside `path` that no other writer (process or thread) uses.
-fn temporary_name(path: &Path) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    path.with_extension(format!("tmp{}-{n}", std::process::id()))
+/// The values' share of a bundle (the header and framing are small).
+fn bundle_size(capture: &Capture) -> u64 {
+    capture.tensors.values().map(|c| c.tensor.data.len() as u64 * 4).sum()
 }
 
 /// The cache a verb uses: the environment's, or none under `--no-cache`.
@@ -281,7 +288,7 @@ mod tests {
     fn eviction_keeps_the_most_recently_used_within_the_bound() {
         let dir = tempfile::tempdir().unwrap();
         // a bound that holds two entries and not three
-        let entry = encode_bundle(&capture(1000), &key("a").canonical()).len() as u64;
+        let entry = capture::encode_bundle(&capture(1000), &key("a").canonical()).len() as u64;
         let cache = RefCache::new(dir.path().to_path_buf(), entry * 5 / 2);
         let old = SystemTime::now() - std::time::Duration::from_secs(100);
         cache.store(&key("a"), &capture(1000)).unwrap();

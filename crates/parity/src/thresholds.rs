@@ -256,7 +256,7 @@ impl Thresholds {
         }
         let json = serde_json::to_string_pretty(self)
             .map_err(|e| ThresholdsError::Format { path: path.to_path_buf(), msg: e.to_string() })?;
-        std::fs::write(path, json + "\n").map_err(|source| ThresholdsError::Io { path: path.to_path_buf(), source })
+        capture::files::write_atomically(path, (json + "\n").as_bytes()).map_err(|source| ThresholdsError::Io { path: path.to_path_buf(), source })
     }
 }
 

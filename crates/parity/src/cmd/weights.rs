@@ -42,7 +42,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     );
     if let Some(json) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
-        std::fs::write(json, text).with_context(|| format!("cannot write {}", json.display()))?;
+        capture::files::write_atomically(json, text.as_bytes()).with_context(|| format!("cannot write {}", json.display()))?;
     }
     Ok(if report.tensors_mismatched == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -285,13 +285,13 @@ pub fn write_reports(
     use anyhow::Context;
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&render_json(report)).context("serializing the JSON report")?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        capture::files::write_atomically(path, (text + "\n").as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = markdown {
-        std::fs::write(path, render_markdown(report)).with_context(|| format!("writing {}", path.display()))?;
+        capture::files::write_atomically(path, render_markdown(report).as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = html {
-        std::fs::write(path, render_html(report)).with_context(|| format!("writing {}", path.display()))?;
+        capture::files::write_atomically(path, render_html(report).as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
