@@ -21,6 +21,8 @@ enum Command {
     Capture(cmd::capture::Args),
     /// Run llama.cpp and our engine on one prompt; name the first divergence.
     Run(cmd::run::Args),
+    /// Gate every prompt of a set (CI): summary table, JUnit XML, shards; exit 1 on any divergence.
+    Gate(cmd::gate::Args),
     /// Calibrate per-stage thresholds on clean prompts.
     Calibrate(cmd::calibrate::Args),
     /// Time our engine (all checkpoints, none), or whole verdicts cold and warm (--verdict).
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
         Command::Weights(args) => cmd::weights::run(args),
         Command::Capture(args) => cmd::capture::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::Gate(args) => cmd::gate::run(args),
         Command::Calibrate(args) => cmd::calibrate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Diff(args) => cmd::diff::run(args),

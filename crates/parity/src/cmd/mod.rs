@@ -7,6 +7,7 @@ pub mod calibrate;
 pub mod capture;
 pub mod diff;
 pub mod faults;
+pub mod gate;
 pub mod inspect;
 pub mod run;
 pub mod selftest;

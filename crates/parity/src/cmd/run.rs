@@ -2,12 +2,13 @@
 //! compared stage by stage; names the first divergence. Exit 0 when every
 //! stage is within its threshold, 1 when one diverges, 2 on bad input.
 
-use crate::diff::{DiffReport, FreeRunningSummary, Verdict};
+use crate::diff::Verdict;
+use crate::verdict::{judge, Gates};
 use crate::layers::select_layers;
 use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::report::{render_terminal, write_reports};
 use crate::cache::reference_cache;
-use crate::session::{compare, resolve_thresholds, ModelFile, Pair};
+use crate::session::{resolve_thresholds, ModelFile, Pair};
 use crate::thresholds::{Comparison, Thresholds};
 use anyhow::{bail, Context, Result};
 use engine::fault::{Fault, FaultSpec};
@@ -130,18 +131,12 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         VerdictArg::FreeRunning => Comparison::FreeRunning,
     };
     let req = pair.gate_request(args.threshold, args.thresholds.as_deref(), float_reference);
-    let tf_gates = resolve_thresholds(&req, Comparison::TeacherForced, verdict)?;
-    let fr_gates = resolve_thresholds(&req, Comparison::FreeRunning, verdict)?;
-
-    let (teacher_forced, free_running, reference) = pair.capture_both(&args.prompt, args.chat, args.decode, layers.clone())?;
-    let tf = compare(&teacher_forced, &reference, &tf_gates, layers.as_deref());
-    let fr = compare(&free_running, &reference, &fr_gates, layers.as_deref());
-    let mut report = match verdict {
-        Comparison::TeacherForced => DiffReport { free_running: Some(FreeRunningSummary::of(&fr, free_running.config.ended_after_layer)), ..tf },
-        Comparison::FreeRunning => fr,
+    let gates = Gates {
+        teacher_forced: resolve_thresholds(&req, Comparison::TeacherForced, verdict)?,
+        free_running: resolve_thresholds(&req, Comparison::FreeRunning, verdict)?,
+        verdict,
     };
-    let under_test = if verdict == Comparison::TeacherForced { &teacher_forced } else { &free_running };
-    report.diagnosis = crate::diagnosis::diagnose(Some(&mut pair), &reference, under_test, &report)?;
+    let report = judge(&mut pair, &args.prompt, args.chat, args.decode, layers.clone(), &gates, true)?;
 
     write_reports(&report, args.json.as_deref(), args.markdown.as_deref(), args.html.as_deref())?;
     if args.fault.fault != Fault::None {

@@ -1,0 +1,35 @@
+//! One prompt's verdict, as `run` and `gate` give it: the reference once,
+//! our engine teacher-forced and free-running, both compared, the verdict's
+//! comparison reported with the other's summary beside it, and the
+//! diagnosis of a divergence.
+
+use crate::diff::{DiffReport, FreeRunningSummary};
+use crate::session::{compare, Pair};
+use crate::thresholds::{Comparison, Thresholds};
+use anyhow::Result;
+
+/// The gates of both comparisons and which one gives the verdict.
+pub struct Gates {
+    pub teacher_forced: Thresholds,
+    pub free_running: Thresholds,
+    pub verdict: Comparison,
+}
+
+/// Judge one prompt on `pair`. `diagnose`: name the bug behind a
+/// divergence (replays our engine; costs seconds, only when it diverges).
+pub fn judge(pair: &mut Pair, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, gates: &Gates, diagnose: bool) -> Result<DiffReport> {
+    let (teacher_forced, free_running, reference) = pair.capture_both(prompt, chat, n_decode, layers.clone())?;
+    let tf = compare(&teacher_forced, &reference, &gates.teacher_forced, layers.as_deref());
+    let fr = compare(&free_running, &reference, &gates.free_running, layers.as_deref());
+    let mut report = match gates.verdict {
+        Comparison::TeacherForced => {
+            DiffReport { free_running: Some(FreeRunningSummary::of(&fr, free_running.config.ended_after_layer)), ..tf }
+        }
+        Comparison::FreeRunning => fr,
+    };
+    if diagnose {
+        let under_test = if gates.verdict == Comparison::TeacherForced { &teacher_forced } else { &free_running };
+        report.diagnosis = crate::diagnosis::diagnose(Some(pair), &reference, under_test, &report)?;
+    }
+    Ok(report)
+}
