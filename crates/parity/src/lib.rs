@@ -9,6 +9,7 @@ pub mod diagnosis;
 pub mod diff;
 pub mod fixtures;
 pub mod gate;
+pub mod generate;
 pub mod layers;
 pub mod metrics;
 pub mod model_path;

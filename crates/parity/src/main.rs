@@ -23,6 +23,8 @@ enum Command {
     Run(cmd::run::Args),
     /// Gate every prompt of a set (CI): summary table, JUnit XML, shards; exit 1 on any divergence.
     Gate(cmd::gate::Args),
+    /// Both engines generate greedily; the texts side by side and the first token where they part.
+    Generate(cmd::generate::Args),
     /// Calibrate per-stage thresholds on clean prompts.
     Calibrate(cmd::calibrate::Args),
     /// Time our engine (all checkpoints, none), or whole verdicts cold and warm (--verdict).
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         Command::Capture(args) => cmd::capture::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Gate(args) => cmd::gate::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
         Command::Calibrate(args) => cmd::calibrate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Diff(args) => cmd::diff::run(args),

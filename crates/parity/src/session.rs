@@ -271,6 +271,11 @@ impl Pair {
         self.engine.fault
     }
 
+    /// The text of one token (llama.cpp's vocabulary).
+    pub fn token_piece(&mut self, token: i32) -> Result<String> {
+        Ok(self.llama()?.token_piece(token))
+    }
+
     /// llama.cpp, loaded now if no reference has needed it yet.
     fn llama(&mut self) -> Result<&LlamaRef> {
         if self.llama.is_none() {

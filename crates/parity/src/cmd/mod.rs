@@ -8,6 +8,7 @@ pub mod capture;
 pub mod diff;
 pub mod faults;
 pub mod gate;
+pub mod generate;
 pub mod inspect;
 pub mod run;
 pub mod selftest;

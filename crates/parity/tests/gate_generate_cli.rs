@@ -1,6 +1,7 @@
-//! `parity gate` on the real model: the holdout set matches (exit 0), a
-//! seeded fault fails every prompt (exit 1) with JUnit failures naming the
-//! stage, shards cover the set exactly once, bad input exits 2.
+//! `parity gate` and `parity generate` on the real model. gate: the holdout
+//! set matches (exit 0), a seeded fault fails every prompt (exit 1) with
+//! JUnit failures naming the stage, shards cover the set exactly once, bad
+//! input exits 2. generate: both texts, and a parting judged near tie or bug.
 
 #[macro_use]
 mod common;
@@ -61,7 +62,7 @@ fn a_seeded_fault_fails_every_prompt_with_its_stage_in_junit() {
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert_eq!(attr(&xml, "testsuite", "failures"), n_prompts().to_string());
     assert_eq!(xml.matches("<failure ").count(), n_prompts());
-    assert!(attr(&xml, "failure", "message").contains("layer 0 q_rope"), "{xml}");
+    assert!(attr(&xml, "failure", "message").contains("prefill, layer 0, q_rope"), "{xml}");
 
     // --fail-fast stops at the first
     let o = parity(&["gate", "--model", model.to_str().unwrap(), "--prompts", &holdout(), "--layers", "0", "--fault", "rope-adjacent", "--fail-fast"]);
@@ -109,4 +110,25 @@ fn bad_gate_input_exits_2_with_one_line() {
         // clap adds a "For more information" line after its own one-line error.
         assert!(err.lines().next().unwrap_or("").contains(needle), "{args:?}: the first line names it: {err}");
     }
+}
+
+#[test]
+fn generate_shows_both_texts_and_judges_where_they_part() {
+    let model = real_model_or_skip!();
+    let m = model.to_str().unwrap();
+    let haiku = "Write a haiku about GPU computing";
+    // Clean: the same text, or a parting that the teacher-forced comparison calls a near tie.
+    let o = parity(&["generate", "--model", m, "--prompt", haiku, "--chat", "-n", "12"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("--- llama.cpp (12 tokens) ---") && out.contains("--- ours (cpu, 12 tokens) ---"), "{out}");
+    assert!(out.contains("SAME: both engines generated the same 12 tokens") || out.contains("NEAR TIE"), "{out}");
+    // A bug: the parting is a real divergence, its op named, exit 1.
+    let o = parity(&["generate", "--model", m, "--prompt", haiku, "--chat", "-n", "8", "--fault", "rope-adjacent@3"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("first difference: generated token"), "{out}");
+    assert!(out.contains("FIRST DIVERGENCE: prefill, layer 3, q_rope"), "{out}");
+    assert!(out.contains("reproduce: parity run --prompt"), "{out}");
+    assert!(out.lines().filter(|l| l.contains("top-5:")).count() == 2, "both sides' top-5: {out}");
 }
