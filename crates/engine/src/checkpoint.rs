@@ -79,7 +79,7 @@ impl Recorder {
         Recorder { filter, provenance: provenance.into(), tensors: BTreeMap::new(), end_after: None }
     }
 
-    /// Whether any stage of `layer` in `step` is recorded.
+    /// Whether the stages of `layer` are recorded.
     fn wants_layer(&self, layer: usize) -> bool {
         self.filter.layers.as_ref().is_none_or(|ls| ls.contains(&layer))
     }
