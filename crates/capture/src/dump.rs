@@ -99,14 +99,14 @@ impl Capture {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DumpError + '_ {
-    move |source| DumpError::Io { path: path.to_path_buf(), source }
+    move |err| DumpError::Io { path: path.to_path_buf(), err }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -167,7 +167,7 @@ pub fn write_dump(capture: &Capture, dir: &Path) -> Result<(), DumpError> {
     match fs::remove_file(&manifest_path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(DumpError::Io { path: manifest_path, source: e }),
+        Err(e) => return Err(DumpError::Io { path: manifest_path, err: e }),
     }
     let mut stages = Vec::with_capacity(capture.tensors.len());
     for (id, captured) in &capture.tensors {
@@ -217,6 +217,12 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), DumpError> {
 /// Read a dump written by [`write_dump`] (or by any engine following the format).
 pub fn read_dump(dir: &Path) -> Result<Capture, DumpError> {
     let path = dir.join("manifest.json");
+    if !path.exists() && dir.is_dir() {
+        return Err(DumpError::Format {
+            path,
+            msg: "missing: not a dump, or a capture that did not finish (the manifest is written last); capture again".into(),
+        });
+    }
     let text = fs::read_to_string(&path).map_err(io_err(&path))?;
     let manifest: Manifest =
         serde_json::from_str(&text).map_err(|e| DumpError::Format { path: path.clone(), msg: e.to_string() })?;

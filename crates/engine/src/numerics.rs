@@ -101,7 +101,11 @@ impl Rounding {
     pub fn new(numerics: Numerics, kv_type: KvType, weight_types: &HashMap<Weight, GgmlType>) -> Result<Rounding> {
         let mut vec_dot = HashMap::new();
         for (&w, &ty) in weight_types {
-            let vdt = vec_dot_type(ty).ok_or_else(|| anyhow!("weight {w:?}: ggml type {} has no CPU matmul rounding we emulate", ty.name()))?;
+            let vdt = vec_dot_type(ty).ok_or_else(|| anyhow!(
+                "unsupported quant type: {} is {}, which this tool cannot dequantize or round like ggml (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2_K to Q6_K)",
+                w.gguf_name(false),
+                ty.name()
+            ))?;
             vec_dot.insert(w, vdt);
         }
         Ok(Rounding { numerics, kv_type, vec_dot, mins: HashMap::new() })

@@ -164,6 +164,24 @@ pub enum GgufError {
         file_size: u64,
     },
 
+    #[error("{}: {what} count {count} cannot be right: entries of at least {min_bytes} bytes each would take over a pebibyte (the file has {file_size} bytes)", .path.display())]
+    CountTooLarge {
+        path: PathBuf,
+        what: &'static str,
+        count: u64,
+        min_bytes: u64,
+        file_size: u64,
+    },
+
+    #[error("{}: tensors '{first}' and '{second}' overlap: '{second}' starts at data offset {second_start}, before '{first}' ends at {first_end}", .path.display())]
+    Overlap {
+        path: PathBuf,
+        first: String,
+        second: String,
+        first_end: u64,
+        second_start: u64,
+    },
+
     #[error("{}: tensor '{tensor}' data offset {offset} is not a multiple of the alignment {alignment}", .path.display())]
     Misaligned {
         path: PathBuf,

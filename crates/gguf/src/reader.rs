@@ -506,6 +506,15 @@ impl GgufFile {
         // ---- metadata
         c.section = Section::Metadata;
         const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+        // A count no file could hold (over a pebibyte of entries) is refused
+        // at once; a plausible one that the file is too short for is
+        // reported where the entries run out (a truncated file).
+        const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
+        for (what, count, min_bytes) in [("metadata", n_kv, MIN_KV_BYTES), ("tensor", n_tensors, MIN_TENSOR_INFO_BYTES)] {
+            if count.checked_mul(min_bytes).is_none_or(|b| b > 1 << 50) {
+                return Err(GgufError::CountTooLarge { path: path.clone(), what, count, min_bytes, file_size });
+            }
+        }
         let cap = n_kv.min(c.remaining() as u64 / MIN_KV_BYTES) as usize;
         let mut metadata: Vec<(String, MetadataValue)> = Vec::with_capacity(cap);
         let mut key_index: HashMap<String, usize> = HashMap::with_capacity(cap);
@@ -550,7 +559,6 @@ impl GgufFile {
 
         // ---- tensor infos
         c.section = Section::TensorInfo;
-        const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
         let cap = n_tensors.min(c.remaining() as u64 / MIN_TENSOR_INFO_BYTES) as usize;
         let mut tensors: Vec<TensorInfo> = Vec::with_capacity(cap);
         let mut tensor_index: HashMap<String, usize> = HashMap::with_capacity(cap);
@@ -689,6 +697,19 @@ impl GgufFile {
                 }
             }
             t.offset = data_offset + rel;
+        }
+        // No two tensors share bytes (gguf.cpp itself requires each tensor
+        // to start where the previous one's padded data ends).
+        let mut spans: Vec<(u64, u64, &str)> = tensors.iter().filter(|t| t.n_bytes > 0).map(|t| (t.offset, t.offset + t.n_bytes, t.name.as_str())).collect();
+        spans.sort_unstable();
+        if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(GgufError::Overlap {
+                path: path.clone(),
+                first: w[0].2.to_string(),
+                second: w[1].2.to_string(),
+                first_end: w[0].1 - data_offset,
+                second_start: w[1].0 - data_offset,
+            });
         }
 
         Ok(GgufFile {

@@ -71,3 +71,56 @@ macro_rules! real_model_or_skip {
         }
     };
 }
+
+/// splitmix64 (the sequence of `engine::checkpoint::splitmix64`, which this
+/// crate sits below): a fixed pseudo-random sequence for reproducible mutations.
+pub fn next(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One mutation of `base`, biased to the header and tensor table where the
+/// parser reads sizes (the data section is only bounds-checked).
+pub fn mutate(base: &[u8], header_len: usize, state: &mut u64) -> Vec<u8> {
+    let mut b = base.to_vec();
+    let pos = |s: &mut u64, len: usize| if next(s) % 4 == 0 { (next(s) as usize) % len } else { (next(s) as usize) % header_len.min(len) };
+    for _ in 0..1 + next(state) % 4 {
+        match next(state) % 6 {
+            0 => {
+                let p = pos(state, b.len());
+                b[p] ^= 1 << (next(state) % 8);
+            }
+            1 => {
+                let p = pos(state, b.len().saturating_sub(8));
+                let v: u64 = [0, 1, u64::MAX, 1 << 60, 1 << 32, 1 << 31, 0xFFFF_FFFF, next(state)][(next(state) % 8) as usize];
+                b[p..p + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            2 => {
+                let p = pos(state, b.len().saturating_sub(4));
+                let v: u32 = [0, 1, u32::MAX, 4, 16, 31, 1 << 31, next(state) as u32][(next(state) % 8) as usize];
+                b[p..p + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            3 => {
+                let cut = pos(state, b.len());
+                b.truncate(cut);
+            }
+            4 => {
+                let p = pos(state, b.len());
+                let n = (next(state) as usize % 64).min(b.len() - p);
+                let chunk = b[p..p + n].to_vec();
+                b.splice(p..p, chunk);
+            }
+            _ => {
+                let p = pos(state, b.len());
+                b[p] = next(state) as u8;
+            }
+        }
+        if b.len() < 8 {
+            break;
+        }
+    }
+    b
+}

@@ -5,6 +5,7 @@
 use std::process::{Command, Output};
 
 /// The real model's path, or return from the test after recording the skip.
+#[allow(unused_macros)]
 macro_rules! real_model_or_skip {
     () => {
         testkit::real_model_or_skip!()
