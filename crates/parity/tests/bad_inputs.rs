@@ -138,6 +138,7 @@ fn cases(dir: &Path) -> Vec<Case> {
     // Dumps.
     let good = dump(dir, &m, "good", "hello tiny model");
     let other = dump(dir, &m, "other-prompt", "a different prompt");
+    let other_model_dump = dump(dir, &wide.display().to_string(), "other-model", "hello tiny model");
     let variant = |name: &str, change: &dyn Fn(&Path)| -> String {
         let d = dir.join(name);
         copy_dir(&good, &d);
@@ -200,6 +201,7 @@ fn cases(dir: &Path) -> Vec<Case> {
         Case { what: "diff: .npy changed after the capture", args: diff(&changed_npy, &g), exit: 2, needle: "CRC-32" },
         Case { what: "diff: shape mismatch with the manifest", args: diff(&shape, &g), exit: 2, needle: "but the manifest says" },
         Case { what: "diff: dumps of different prompts", args: diff(&other.display().to_string(), &g), exit: 2, needle: "different" },
+        Case { what: "diff: dumps of different models", args: diff(&other_model_dump.display().to_string(), &g), exit: 2, needle: "different models" },
         Case { what: "diff: NaN in a dump (never passes)", args: diff(&nan, &g), exit: 1, needle: "NaN/Inf values" },
     ]);
     out
