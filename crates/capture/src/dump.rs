@@ -156,19 +156,28 @@ fn relative_file(id: &StageId) -> String {
     }
 }
 
+/// Make `dir` (created if missing) no longer a dump: its manifest, if any,
+/// is removed. A capture calls this before it starts, so that one stopped
+/// part-way (an error, SIGINT) leaves nothing a reader takes for a dump,
+/// neither its own files nor the old dump they were replacing.
+pub fn retire_dump(dir: &Path) -> Result<(), DumpError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let manifest_path = dir.join("manifest.json");
+    match fs::remove_file(&manifest_path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DumpError::Io { path: manifest_path, err: e }),
+    }
+}
+
 /// Write `capture` under `dir` (created if missing). Nothing half-written
 /// is ever read as a dump: an old manifest is removed before any file is
 /// written, each file is written under a temporary name and renamed, and
 /// the manifest (with each file's size and CRC-32) is written last, the same
 /// way.
 pub fn write_dump(capture: &Capture, dir: &Path) -> Result<(), DumpError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    retire_dump(dir)?;
     let manifest_path = dir.join("manifest.json");
-    match fs::remove_file(&manifest_path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(DumpError::Io { path: manifest_path, err: e }),
-    }
     let mut stages = Vec::with_capacity(capture.tensors.len());
     for (id, captured) in &capture.tensors {
         let file = relative_file(id);

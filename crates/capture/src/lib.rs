@@ -11,7 +11,7 @@ pub mod stage;
 pub mod tensor;
 
 pub use bundle::{decode_bundle, encode_bundle, read_bundle, write_bundle, BundleError};
-pub use dump::{read_dump, read_npy, write_dump, write_npy, Capture, CaptureConfig, CapturedTensor, DumpError};
+pub use dump::{read_dump, read_npy, retire_dump, write_dump, write_npy, Capture, CaptureConfig, CapturedTensor, DumpError};
 pub use kv::KvType;
 pub use stage::{causal_keys, Dims, Family, Input, Layout, Stage, StageId, StageInfo, CATALOGUE};
 pub use tensor::{argmax, Tensor};

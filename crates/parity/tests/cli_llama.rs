@@ -174,3 +174,42 @@ fn weights_on_a_synthetic_f16_model_and_bad_inputs() {
     let o = parity(&["weights", "--model", odd.to_str().unwrap()]);
     assert_usage_error(&o, "tensor blk.0.odd.weight: ggml type IQ4_NL is not supported");
 }
+
+/// `capture --out DIR` over an existing dump, interrupted (SIGINT) while it
+/// runs: the process stops within a second with the signal's status, and
+/// `diff` refuses what is left (neither the new files nor the old dump
+/// they were replacing pass for a dump).
+#[test]
+fn an_interrupted_capture_leaves_nothing_diff_accepts() {
+    use std::os::unix::process::ExitStatusExt;
+    let model = real_model_or_skip!();
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("dump");
+    let first = parity(&["capture", "--engine", "llama", "--model", m, "--prompt", "Write a haiku about GPU computing", "--out", out.to_str().unwrap()]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert_eq!(parity(&["diff", out.to_str().unwrap(), out.to_str().unwrap()]).status.code(), Some(0), "the first dump is whole");
+
+    // A long prompt: the capture runs for many seconds on any machine.
+    let long = parity::verdict_bench::long_prompt(1500);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parity"))
+        .args(["capture", "--engine", "llama", "--model", m, "--prompt", &long, "--decode", "4", "--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(child.try_wait().unwrap().is_none(), "the capture must still be running when interrupted");
+    let sent = std::time::Instant::now();
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    let took = sent.elapsed();
+    assert!(took.as_secs_f64() < 1.0, "stopped {took:?} after SIGINT");
+    assert_eq!(status.signal(), Some(2), "killed by SIGINT (a shell reports exit 130): {status:?}");
+
+    let o = parity(&["diff", out.to_str().unwrap(), out.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("a capture that did not finish"), "{err}");
+}

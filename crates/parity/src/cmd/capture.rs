@@ -3,7 +3,7 @@
 
 use crate::layers::select_layers;
 use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
-use crate::session::{check_context, sha256_file, ModelFile};
+use crate::session::{check_context, ModelFile};
 use anyhow::{bail, Context, Result};
 use capture::write_dump;
 use llama_ref::{KvType, LlamaRef, RefOptions};
@@ -68,6 +68,13 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     }
 }
 
+/// Once the inputs are checked and before the run: from here until the new
+/// dump is complete, `--out` is no dump at all (an interrupted capture
+/// leaves nothing `diff` accepts, not even the dump it was replacing).
+fn retire(out: &std::path::Path) -> Result<()> {
+    capture::retire_dump(out).with_context(|| format!("preparing {}", out.display()))
+}
+
 fn run_llama(args: &Args) -> Result<ExitCode> {
     if args.backend == BackendKind::Cuda {
         bail!("--backend cuda applies to --engine ours: llama.cpp runs on the CPU here");
@@ -80,7 +87,7 @@ fn run_llama(args: &Args) -> Result<ExitCode> {
     let layers = select_layers(args.layer, args.layers.as_deref(), llama.n_layer())?;
     let tokens = llama.tokenize(&args.prompt, args.chat)?;
     check_context(tokens.len(), args.decode, llama.n_ctx_train())?;
-    let sha = sha256_file(&model)?;
+    let sha = crate::cache::model_sha256(&model, false)?;
 
     let mut opts = RefOptions {
         kv_type: args.kv.into(),
@@ -92,6 +99,7 @@ fn run_llama(args: &Args) -> Result<ExitCode> {
     if let Some(t) = args.threads {
         opts.threads = t;
     }
+    retire(&args.out)?;
     let mut capture = llama.run(&tokens, args.decode, &opts)?;
     capture.prompt = args.prompt.clone();
     capture.chat = args.chat;
@@ -121,11 +129,12 @@ fn run_ours(args: &Args) -> Result<ExitCode> {
     let llama = LlamaRef::load(model)?;
     let tokens = llama.tokenize(&args.prompt, args.chat)?;
     check_context(tokens.len(), args.decode, cfg.n_ctx_train)?;
-    let sha = sha256_file(model)?;
+    let sha = crate::cache::model_sha256(model, false)?;
     let backend = args.backend;
     let kv = KvType::from(args.kv);
     let eo = EngineOptions { kv, numerics: args.numerics.into(), max_ctx: tokens.len() + args.decode, ..EngineOptions::new(backend) };
     let mut engine = crate::ours::OurEngine::load(&model_file.gguf, cfg, eo)?;
+    retire(&args.out)?;
     let mut capture = engine.run(&tokens, args.decode, None, layers, crate::ours::Mode::Observe)?;
     capture.prompt = args.prompt.clone();
     capture.chat = args.chat;
