@@ -201,6 +201,12 @@ fn cases(dir: &Path) -> Vec<Case> {
         Case { what: "diff: .npy changed after the capture", args: diff(&changed_npy, &g), exit: 2, needle: "CRC-32" },
         Case { what: "diff: shape mismatch with the manifest", args: diff(&shape, &g), exit: 2, needle: "but the manifest says" },
         Case { what: "diff: dumps of different prompts", args: diff(&other.display().to_string(), &g), exit: 2, needle: "different" },
+        Case {
+            what: "capture: --out over an existing dump (replaced, never mixed)",
+            args: s(&["capture", "--engine", "ours", "--model", &m, "--prompt", "hello tiny model", "--out", &other.display().to_string()]),
+            exit: 0,
+            needle: "stages written",
+        },
         Case { what: "diff: dumps of different models", args: diff(&other_model_dump.display().to_string(), &g), exit: 2, needle: "different models" },
         Case { what: "diff: NaN in a dump (never passes)", args: diff(&nan, &g), exit: 1, needle: "NaN/Inf values" },
     ]);

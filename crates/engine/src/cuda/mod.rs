@@ -315,7 +315,13 @@ impl CudaBackend {
         let n: usize = shape.iter().product();
         ensure!(n > 0, "empty tensor of shape {shape:?}");
         // SAFETY: every kernel that receives a fresh buffer writes all of it.
-        let data = unsafe { self.stream.alloc::<f32>(n) }.with_context(|| format!("allocating {n} floats on the GPU"))?;
+        let data = unsafe { self.stream.alloc::<f32>(n) }.with_context(|| {
+            format!(
+                "allocating a [{}] tensor ({:.2} GiB) on the GPU failed (out of GPU memory?): ask for a shorter prompt, fewer decode steps, or --backend cpu",
+                shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
+                n as f64 * 4.0 / (1u64 << 30) as f64
+            )
+        })?;
         Ok(CudaBuf { data, shape })
     }
 
