@@ -40,6 +40,19 @@ pub fn check_context(n_prompt: usize, n_decode: usize, n_ctx_train: usize) -> Re
     Ok(())
 }
 
+/// The capture dimensions of a model's config.
+pub fn dims_of(cfg: &Qwen2Config) -> Dims {
+    Dims {
+        n_layer: cfg.n_layer,
+        n_embd: cfg.n_embd,
+        n_head: cfg.n_head,
+        n_head_kv: cfg.n_head_kv,
+        head_dim: cfg.head_dim,
+        n_ff: cfg.n_ff,
+        n_vocab: cfg.n_vocab,
+    }
+}
+
 /// Bytes one capture holds: every stage of `layers` (all when `None`) and
 /// the global stages `globals` admits, over the prefill of `n_prompt`
 /// tokens and `n_decode` single-token steps, at 4 bytes a value.
@@ -222,15 +235,7 @@ impl Pair {
             model_sha256,
             n_layer: cfg.n_layer,
             n_ctx_train: cfg.n_ctx_train,
-            dims: Dims {
-                n_layer: cfg.n_layer,
-                n_embd: cfg.n_embd,
-                n_head: cfg.n_head,
-                n_head_kv: cfg.n_head_kv,
-                head_dim: cfg.head_dim,
-                n_ff: cfg.n_ff,
-                n_vocab: cfg.n_vocab,
-            },
+            dims: dims_of(cfg),
             kv: eo.kv,
             threads,
         })

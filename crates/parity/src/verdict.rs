@@ -4,7 +4,7 @@
 //! diagnosis of a divergence.
 
 use crate::diff::{DiffReport, FreeRunningSummary};
-use crate::session::{compare, Pair};
+use crate::session::{compare, resolve_thresholds, GateRequest, Pair};
 use crate::thresholds::{Comparison, Thresholds};
 use anyhow::Result;
 
@@ -13,6 +13,18 @@ pub struct Gates {
     pub teacher_forced: Thresholds,
     pub free_running: Thresholds,
     pub verdict: Comparison,
+}
+
+impl Gates {
+    /// Both comparisons' thresholds for `req` (see `resolve_thresholds`),
+    /// `verdict` the one a `--threshold X` applies to.
+    pub fn resolve(req: &GateRequest, verdict: Comparison) -> Result<Gates> {
+        Ok(Gates {
+            teacher_forced: resolve_thresholds(req, Comparison::TeacherForced, verdict)?,
+            free_running: resolve_thresholds(req, Comparison::FreeRunning, verdict)?,
+            verdict,
+        })
+    }
 }
 
 /// Judge one prompt on `pair`. `diagnose`: name the bug behind a

@@ -6,9 +6,9 @@
 #[macro_use]
 mod common;
 
-use capture::{Dims, Stage};
+use capture::Stage;
 use parity::ours::{EngineOptions, Mode, OurEngine};
-use parity::session::{capture_bytes, ModelFile};
+use parity::session::{capture_bytes, dims_of, ModelFile};
 use parity::verdict_bench::{long_prompt, PEAK_RSS_ENV};
 use std::process::{Command, Output};
 
@@ -23,7 +23,7 @@ fn the_memory_estimate_is_the_size_of_the_captures_it_estimates() {
     gguf::synth::write_tiny_qwen2(&gguf::synth::SynthSpec::tiny(), &path).unwrap();
     let model = ModelFile::open(&path).unwrap();
     let c = &model.cfg;
-    let d = Dims { n_layer: c.n_layer, n_embd: c.n_embd, n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim, n_ff: c.n_ff, n_vocab: c.n_vocab };
+    let d = dims_of(c);
     let mut ours = OurEngine::load(&model.gguf, c, EngineOptions::new(parity::ours::BackendKind::Cpu)).unwrap();
     let tokens = [1, 2, 3, 4, 5];
     let full = ours.run(&tokens, 3, None, None, Mode::Observe).unwrap();
@@ -111,7 +111,7 @@ fn layer_0_on_a_long_prompt_stays_within_its_memory_bound() {
 
     let m = ModelFile::open(&model).unwrap();
     let c = &m.cfg;
-    let d = Dims { n_layer: c.n_layer, n_embd: c.n_embd, n_head: c.n_head, n_head_kv: c.n_head_kv, head_dim: c.head_dim, n_ff: c.n_ff, n_vocab: c.n_vocab };
+    let d = dims_of(c);
     let n_prompt = String::from_utf8_lossy(&warm.stdout)
         .lines()
         .find_map(|l| l.rsplit_once(" (").and_then(|(_, t)| t.strip_suffix(" tokens)")).and_then(|n| n.parse::<usize>().ok()))

@@ -1,16 +1,13 @@
 //! `parity gate`: every prompt of a set against its gates on one model load.
 //! Exit 0 all match, 1 any divergence, 2 bad input.
 
-use crate::cache::reference_cache;
 use crate::gate::{junit_xml, select, summary_json, summary_markdown, summary_table, Judged, Shard};
 use crate::layers::select_layers;
-use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::prompts::read_prompts;
-use crate::session::{resolve_thresholds, ModelFile, Pair};
 use crate::thresholds::{Comparison, Thresholds};
+use super::EngineArgs;
 use crate::verdict::{judge, Gates};
 use anyhow::{Context, Result};
-use engine::fault::FaultSpec;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -21,41 +18,26 @@ pub struct Args {
     /// Prompt set: one prompt per line, `# ` comments, `chat: ` prefix.
     #[arg(long)]
     pub prompts: PathBuf,
-    /// GGUF model (default: the cached reference model).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Greedy decode steps after each prefill.
     #[arg(long, default_value_t = 0)]
     pub decode: usize,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub backend: BackendKind,
     /// Compare these layers only: N, A..=B, or a list (default: all).
     #[arg(long)]
     pub layers: Option<String>,
-    /// How our engine rounds activations (as `run`).
-    #[arg(long, value_enum, default_value = "ggml")]
-    pub numerics: NumericsArg,
-    /// KV cache element type of both engines.
-    #[arg(long, value_enum, default_value = "f16")]
-    pub kv: Kv,
     /// A calibrated thresholds file (default: the built-in gates).
     #[arg(long, conflicts_with = "threshold")]
     pub thresholds: Option<PathBuf>,
     /// One max-abs threshold for every teacher-forced stage.
     #[arg(long)]
     pub threshold: Option<f64>,
-    /// Seed a fault into our engine (to check that the gate fails).
-    #[arg(long, default_value = "none", value_parser = FaultSpec::parse)]
-    pub fault: FaultSpec,
     /// Gate only the I-th of N deterministic shards (round-robin by line).
     #[arg(long, value_parser = Shard::parse)]
     pub shard: Option<Shard>,
     /// Stop at the first diverging prompt.
     #[arg(long)]
     pub fail_fast: bool,
-    /// Compute llama.cpp's captures afresh (no reference cache).
-    #[arg(long)]
-    pub no_cache: bool,
     /// Write JUnit XML here (one test case per prompt).
     #[arg(long)]
     pub junit: Option<PathBuf>,
@@ -73,19 +55,14 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
 
 pub fn run(args: &Args) -> Result<ExitCode> {
     let prompts = select(read_prompts(&args.prompts)?, args.shard)?;
-    let model = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
+    let model = args.engine.open_model()?;
     let layers = select_layers(None, args.layers.as_deref(), model.cfg.n_layer)?;
     if let Some(path) = &args.thresholds {
         Thresholds::load(path).context("reading --thresholds")?;
     }
-    let eo = EngineOptions { kv: args.kv.into(), numerics: args.numerics.into(), fault: args.fault, ..EngineOptions::new(args.backend) };
-    let mut pair = Pair::load_with_cache(&model, eo, None, reference_cache(args.no_cache))?;
+    let mut pair = args.engine.load_pair(&model)?;
     let req = pair.gate_request(args.threshold, args.thresholds.as_deref(), false);
-    let gates = Gates {
-        teacher_forced: resolve_thresholds(&req, Comparison::TeacherForced, Comparison::TeacherForced)?,
-        free_running: resolve_thresholds(&req, Comparison::FreeRunning, Comparison::TeacherForced)?,
-        verdict: Comparison::TeacherForced,
-    };
+    let gates = Gates::resolve(&req, Comparison::TeacherForced)?;
 
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();

@@ -3,16 +3,13 @@
 //! Exit 0 when they agree for n tokens or part on a near tie, 1 on a real
 //! divergence, 2 on bad input.
 
-use crate::cache::reference_cache;
 use crate::generate::generate_both;
-use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::report::{sci, verdict_lines};
-use crate::session::{resolve_thresholds, ModelFile, Pair};
 use crate::thresholds::Comparison;
+use super::EngineArgs;
+use crate::session::Pair;
 use crate::verdict::{judge, Gates};
 use anyhow::{bail, Result};
-use engine::fault::FaultSpec;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(clap::Args, Debug)]
@@ -26,23 +23,8 @@ pub struct Args {
     /// Tokens to generate (the prefill's pick is the first).
     #[arg(short = 'n', long = "tokens", default_value_t = 64)]
     pub n: usize,
-    /// GGUF model (default: the cached reference model).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub backend: BackendKind,
-    /// How our engine rounds activations (as `run`).
-    #[arg(long, value_enum, default_value = "ggml")]
-    pub numerics: NumericsArg,
-    /// KV cache element type of both engines.
-    #[arg(long, value_enum, default_value = "f16")]
-    pub kv: Kv,
-    /// Seed a fault into our engine.
-    #[arg(long, default_value = "none", value_parser = FaultSpec::parse)]
-    pub fault: FaultSpec,
-    /// Compute llama.cpp's generation afresh (no reference cache).
-    #[arg(long)]
-    pub no_cache: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 /// A token's text, quoted so that spaces and newlines show.
@@ -62,16 +44,15 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.n == 0 {
         bail!("-n must be at least 1");
     }
-    let model = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
-    let eo = EngineOptions { kv: args.kv.into(), numerics: args.numerics.into(), fault: args.fault, ..EngineOptions::new(args.backend) };
-    let mut pair = Pair::load_with_cache(&model, eo, None, reference_cache(args.no_cache))?;
+    let model = args.engine.open_model()?;
+    let mut pair = args.engine.load_pair(&model)?;
     let g = generate_both(&mut pair, &args.prompt, args.chat, args.n)?;
 
     let agreed = g.parting.as_ref().map_or(g.ours.len(), |p| p.step);
     println!("prompt: {:?} ({} tokens){}", args.prompt, g.prompt_tokens, if args.chat { ", chat template" } else { "" });
     println!("--- llama.cpp ({} tokens) ---", g.reference.len());
     println!("{}", text(&mut pair, &g.reference)?);
-    println!("--- ours ({}, {} tokens) ---", args.backend.name(), g.ours.len());
+    println!("--- ours ({}, {} tokens) ---", args.engine.backend.name(), g.ours.len());
     println!("{}", text(&mut pair, &g.ours)?);
     println!("---");
     let Some(p) = &g.parting else {
@@ -89,11 +70,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 
     // Near tie or bug: judge the prompt teacher-forced up to that step.
     let req = pair.gate_request(None, None, false);
-    let gates = Gates {
-        teacher_forced: resolve_thresholds(&req, Comparison::TeacherForced, Comparison::TeacherForced)?,
-        free_running: resolve_thresholds(&req, Comparison::FreeRunning, Comparison::TeacherForced)?,
-        verdict: Comparison::TeacherForced,
-    };
+    let gates = Gates::resolve(&req, Comparison::TeacherForced)?;
     let report = judge(&mut pair, &args.prompt, args.chat, p.step, None, &gates, true)?;
     let chat = if args.chat { " --chat" } else { "" };
     let reproduce = format!("parity run --prompt {:?}{chat} --decode {}", args.prompt, p.step);

@@ -8,7 +8,7 @@ use crate::layers::select_layers;
 use crate::ours::{BackendKind, EngineOptions, Kv, NumericsArg};
 use crate::report::{render_terminal, write_reports};
 use crate::cache::reference_cache;
-use crate::session::{resolve_thresholds, ModelFile, Pair};
+use crate::session::{ModelFile, Pair};
 use crate::thresholds::{Comparison, Thresholds};
 use anyhow::{bail, Context, Result};
 use engine::fault::{Fault, FaultSpec};
@@ -131,11 +131,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         VerdictArg::FreeRunning => Comparison::FreeRunning,
     };
     let req = pair.gate_request(args.threshold, args.thresholds.as_deref(), float_reference);
-    let gates = Gates {
-        teacher_forced: resolve_thresholds(&req, Comparison::TeacherForced, verdict)?,
-        free_running: resolve_thresholds(&req, Comparison::FreeRunning, verdict)?,
-        verdict,
-    };
+    let gates = Gates::resolve(&req, verdict)?;
     let report = judge(&mut pair, &args.prompt, args.chat, args.decode, layers.clone(), &gates, true)?;
 
     write_reports(&report, args.json.as_deref(), args.markdown.as_deref(), args.html.as_deref())?;

@@ -9,7 +9,8 @@ use crate::prompts::read_prompts;
 use crate::report::sci;
 use crate::selftest::{default_prompts, draw_layers, run_prompt, summarize, Outcome};
 use crate::cache::reference_cache;
-use crate::session::{resolve_thresholds, ModelFile, Pair};
+use crate::session::{ModelFile, Pair};
+use crate::verdict::Gates;
 use crate::thresholds::Comparison;
 use anyhow::{bail, Context, Result};
 use comfy_table::Table;
@@ -71,8 +72,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     eprintln!("selftest: seed {seed} ({} faults, {} prompts, backend {})", specs.len(), prompts.len(), args.backend.name());
     let mut pair = Pair::load_with_cache(&model, EngineOptions::new(args.backend), None, reference_cache(args.no_cache))?;
     let req = pair.gate_request(None, None, false);
-    let tf_gates = resolve_thresholds(&req, Comparison::TeacherForced, Comparison::TeacherForced)?;
-    let fr_gates = resolve_thresholds(&req, Comparison::FreeRunning, Comparison::TeacherForced)?;
+    let gates = Gates::resolve(&req, Comparison::TeacherForced)?;
 
     let tty = std::io::stderr().is_terminal();
     let started = std::time::Instant::now();
@@ -90,7 +90,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let mut outcomes: Vec<Outcome> = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
         let reference = pair.reference(&prompt.text, prompt.chat, args.decode, None)?;
-        outcomes.extend(run_prompt(&mut pair, &reference, i, &specs, &tf_gates, &fr_gates, &mut progress)?);
+        outcomes.extend(run_prompt(&mut pair, &reference, i, &specs, &gates.teacher_forced, &gates.free_running, &mut progress)?);
     }
     if tty {
         eprintln!();
