@@ -216,6 +216,11 @@ impl Pair {
     /// it has them (none: every reference is computed, and the model hashed
     /// afresh).
     pub fn load_with_cache(model: &ModelFile, eo: EngineOptions, threads: Option<usize>, cache: Option<RefCache>) -> Result<Pair> {
+        let n_layer = model.cfg.n_layer;
+        // A fault at a layer the model lacks would never act: every verb refuses it.
+        if let Some(l) = eo.fault.layer.filter(|&l| l >= n_layer) {
+            bail!("--fault {}: layer {l} out of range: the model has {n_layer} layers (0..={})", eo.fault, n_layer - 1);
+        }
         let backend = eo.backend;
         if threads == Some(0) {
             bail!("--threads must be at least 1");

@@ -129,6 +129,7 @@ fn cases(dir: &Path) -> Vec<Case> {
         Case { what: "run: unknown fault", args: run(&["--fault", "nope"]), exit: 2, needle: "unknown fault" },
         Case { what: "run: unwritable report path", args: run(&["--json", "/nonexistent-dir/report.json"]), exit: 2, needle: "/nonexistent-dir/report.json" },
         Case { what: "gate: shard 0/3", args: s(&["gate", "--model", &m, "--prompts", &bad_json, "--shard", "0/3"]), exit: 2, needle: "expected I/N" },
+        Case { what: "gate: --fault at a layer the model lacks", args: s(&["gate", "--model", &m, "--prompts", &bad_json, "--fault", "rope-adjacent@5"]), exit: 2, needle: "layer 5 out of range" },
         Case { what: "generate: -n 0", args: s(&["generate", "--model", &m, "--prompt", "hi", "-n", "0"]), exit: 2, needle: "-n must be at least 1" },
     ]);
     if parity::ours::cuda_available().is_err() {

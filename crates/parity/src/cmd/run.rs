@@ -10,7 +10,7 @@ use crate::report::{render_terminal, write_reports};
 use crate::cache::reference_cache;
 use crate::session::{ModelFile, Pair};
 use crate::thresholds::{Comparison, Thresholds};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use engine::fault::{Fault, FaultSpec};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -109,9 +109,6 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         model_path = crate::variants::variant(&model_path, "f32")?;
     }
     let model = ModelFile::open(&model_path)?;
-    if let Some(l) = args.fault.layer.filter(|&l| l >= model.cfg.n_layer) {
-        bail!("--fault {}: layer {l} out of range: the model has {} layers (0..={})", args.fault, model.cfg.n_layer, model.cfg.n_layer - 1);
-    }
     let layers = select_layers(args.layer, args.layers.as_deref(), model.cfg.n_layer)?;
     // Validate the cheap things before the expensive loads.
     if let Some(path) = &args.thresholds {
