@@ -3,6 +3,7 @@
 //! each must be named exactly (step, layer, stage) by the teacher-forced
 //! comparison, equivalent variants and clean runs must match.
 
+use crate::diagnosis::{diagnose, Tools, NAMED_BY_PATTERNS};
 use crate::diff::{DiffReport, Verdict};
 use crate::prompts::Prompt;
 use crate::session::{compare, Pair};
@@ -36,8 +37,14 @@ pub struct Outcome {
     pub free_running_agrees: bool,
     /// Why the fault was seeded where it was (subtle faults).
     pub note: String,
-    /// The top hypothesis of the diagnosis that holds ("-" when none does).
+    /// The bugs the diagnosis names ("-" when no hypothesis holds).
     pub diagnosis: String,
+    /// The bugs the pattern tests alone name, as for a dump of another
+    /// engine without `--model` ("-" when none holds).
+    pub patterns: String,
+    /// Whether the pattern tests alone name this fault; `None` when its bug
+    /// class has no pattern test (`NAMED_BY_PATTERNS`).
+    pub named_by_patterns: Option<bool>,
     /// It names this fault.
     pub diagnosed: bool,
 }
@@ -56,6 +63,10 @@ pub struct Summary {
     pub free_running_agree: usize,
     /// Faults whose top diagnosis names the fault.
     pub diagnosed: usize,
+    /// Faults whose bug class has a pattern test, and those of them the
+    /// pattern tests alone name.
+    pub pattern_faults: usize,
+    pub named_by_patterns: usize,
     pub passed: bool,
 }
 
@@ -119,6 +130,7 @@ pub fn run_prompt(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Outcome>> {
     let mut out = Vec::new();
+    let model = pair.open_model()?;
     let runs: Vec<FaultSpec> = std::iter::once(FaultSpec::NONE).chain(specs.iter().copied()).collect();
     for (k, spec) in runs.iter().enumerate() {
         progress(&format!("prompt {}: {}/{} {}", prompt_index + 1, k + 1, runs.len(), spec));
@@ -126,15 +138,13 @@ pub fn run_prompt(
         let tf_capture = pair.ours(reference, None, true)?;
         let tf = compare(&tf_capture, reference, tf_gates, None);
         // The replays leave our engine with `spec` again.
-        let diagnosis = crate::diagnosis::diagnose(Some(&mut *pair), reference, &tf_capture, &tf)?;
-        // The hypotheses that hold with the best figure: several bug models
-        // can reproduce a stage exactly (kv-offset and kv-len-short leave
-        // the same hole in decode's scores), a tie the diagnosis reports.
-        let tied: Vec<String> = diagnosis.as_ref().map_or(Vec::new(), |d| {
-            let best = d.best().map(|h| h.figure);
-            d.hypotheses.iter().filter(|h| h.holds && Some(h.figure) == best).map(|h| h.claim.split(':').next().unwrap_or_default().to_string()).collect()
-        });
-        let diagnosed = tied.iter().any(|name| name == spec.fault.name());
+        let diagnosis = diagnose(Tools { pair: Some(&mut *pair), weights: Some(&model.gguf) }, reference, &tf_capture, &tf)?;
+        let named = diagnosis.as_ref().map_or(Vec::new(), |d| d.named());
+        let diagnosed = named.contains(&spec.fault.name());
+        // The pattern tests alone, as a dump of another engine gets them.
+        let by_patterns = diagnose(Tools { pair: None, weights: Some(&model.gguf) }, reference, &tf_capture, &tf)?;
+        let pattern_named = by_patterns.as_ref().map_or(Vec::new(), |d| d.named());
+        let has_pattern = NAMED_BY_PATTERNS.contains(&spec.fault.name());
         let fr = compare(&pair.ours(reference, None, false)?, reference, fr_gates, None);
         let expected = expected_at(spec);
         let (found, found_id, margin) = describe(&tf);
@@ -171,8 +181,10 @@ pub fn run_prompt(
             free_running_jump: fr_jump,
             free_running_agrees: fr_agrees,
             note,
-            diagnosis: if tied.is_empty() { "-".to_string() } else { tied.join(" = ") },
+            diagnosis: if named.is_empty() { "-".to_string() } else { named.join(" = ") },
             diagnosed,
+            patterns: if pattern_named.is_empty() { "-".to_string() } else { pattern_named.join(" = ") },
+            named_by_patterns: has_pattern.then(|| pattern_named.contains(&spec.fault.name())),
         });
     }
     pair.set_fault(FaultSpec::NONE)?;
@@ -203,6 +215,8 @@ pub fn summarize(outcomes: &[Outcome], seed: u64, min_margin: f64) -> Summary {
         clean_clean,
         free_running_agree: faults.iter().filter(|o| o.free_running_agrees).count(),
         diagnosed: faults.iter().filter(|o| o.diagnosed).count(),
+        pattern_faults: faults.iter().filter(|o| o.named_by_patterns.is_some()).count(),
+        named_by_patterns: faults.iter().filter(|o| o.named_by_patterns == Some(true)).count(),
         passed: exact == faults.len() && equivalent_clean == equivalent.len() && clean_clean == clean.len(),
     }
 }

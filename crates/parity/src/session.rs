@@ -276,6 +276,12 @@ impl Pair {
         }
     }
 
+    /// The model file again (a second mapping of the same file), for reading
+    /// weights beside the engine's own copy.
+    pub fn open_model(&self) -> Result<ModelFile> {
+        ModelFile::open(&self.model_path)
+    }
+
     /// The fault our engine carries now.
     pub fn fault(&self) -> FaultSpec {
         self.engine.fault

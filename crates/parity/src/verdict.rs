@@ -41,7 +41,11 @@ pub fn judge(pair: &mut Pair, prompt: &str, chat: bool, n_decode: usize, layers:
     };
     if diagnose {
         let under_test = if gates.verdict == Comparison::TeacherForced { &teacher_forced } else { &free_running };
-        report.diagnosis = crate::diagnosis::diagnose(Some(pair), &reference, under_test, &report)?;
+        if report.first_divergence.is_some() {
+            let model = pair.open_model()?;
+            let tools = crate::diagnosis::Tools { pair: Some(pair), weights: Some(&model.gguf) };
+            report.diagnosis = crate::diagnosis::diagnose(tools, &reference, under_test, &report)?;
+        }
     }
     Ok(report)
 }

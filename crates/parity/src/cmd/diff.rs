@@ -75,7 +75,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let layers = select_layers(args.layer, args.layers.as_deref(), n_layer)?;
     let mut report = compare(&ours, &reference, &thresholds, layers.as_deref());
     // Pattern tests only: no engine is loaded to replay bug models on.
-    report.diagnosis = crate::diagnosis::diagnose(None, &reference, &ours, &report)?;
+    report.diagnosis = crate::diagnosis::diagnose(crate::diagnosis::Tools::default(), &reference, &ours, &report)?;
     if report.rows.is_empty() && report.missing.is_empty() && report.shape_mismatch.is_empty() {
         bail!("nothing to compare: no checkpoint is present in either dump{}", if layers.is_some() { " for the selected layers" } else { "" });
     }

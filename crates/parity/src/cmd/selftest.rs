@@ -99,7 +99,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    table.set_header(vec!["prompt", "fault", "layer", "expected", "found (teacher-forced)", "margin", "exact", "diagnosis", "free-running (largest jump)", "jump"]);
+    table.set_header(vec!["prompt", "fault", "layer", "expected", "found (teacher-forced)", "margin", "exact", "diagnosis", "patterns alone", "free-running (largest jump)", "jump"]);
     for o in &outcomes {
         table.add_row(vec![
             o.prompt.to_string(),
@@ -110,6 +110,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             o.margin.map_or("-".into(), sci),
             if o.exact { if o.confined { "yes" } else { "yes (spreads)" } } else { "NO" }.to_string(),
             format!("{}{}", o.diagnosis, if o.diagnosed || o.expected == "no divergence" { "" } else { " (wrong)" }),
+            format!("{}{}", o.patterns, if o.named_by_patterns == Some(false) { " (wrong)" } else { "" }),
             format!("{}{}", o.free_running_found, if o.free_running_agrees { "" } else { " (differs)" }),
             o.free_running_jump.map_or("-".into(), sci),
         ]);
@@ -119,13 +120,15 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         println!("note: {}: {}", o.fault, o.note);
     }
     println!(
-        "selftest (seed {seed}): {}/{} faults named exactly teacher-forced (margin >= {}; smallest {}), {}/{} diagnosed as that bug, {}/{} equivalent variants clean, {}/{} clean runs clean; free-running largest jump at the fault's stage for {}/{}: {}",
+        "selftest (seed {seed}): {}/{} faults named exactly teacher-forced (margin >= {}; smallest {}), {}/{} diagnosed as that bug ({}/{} of those with a pattern test named by the patterns alone), {}/{} equivalent variants clean, {}/{} clean runs clean; free-running largest jump at the fault's stage for {}/{}: {}",
         summary.exact,
         summary.faults,
         args.min_margin,
         summary.min_margin.map_or("-".into(), sci),
         summary.diagnosed,
         summary.faults,
+        summary.named_by_patterns,
+        summary.pattern_faults,
         summary.equivalent_clean,
         summary.equivalent,
         summary.clean_clean,
