@@ -4,7 +4,10 @@
 
 use crate::diff::{check_comparable, Verdict};
 use crate::report::{render_terminal, write_reports};
+use crate::diagnosis::{diagnose, Tools};
 use crate::layers::select_layers;
+use crate::ours::{BackendKind, EngineOptions};
+use crate::session::{ModelFile, Pair};
 use crate::session::{backend_of, compare, resolve_thresholds, GateRequest};
 use crate::thresholds::Comparison;
 use anyhow::{bail, Context};
@@ -40,6 +43,11 @@ pub struct Args {
     /// Write the self-contained HTML report here.
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
+    /// The GGUF both dumps ran: the diagnosis then also replays every bug
+    /// model of the fault catalogue with our engine on the reference dump's
+    /// input at the divergent stage, and names the weights a pattern equals.
+    #[arg(long, value_name = "GGUF")]
+    pub model: Option<PathBuf>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -74,8 +82,17 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let layers = select_layers(args.layer, args.layers.as_deref(), n_layer)?;
     let mut report = compare(&ours, &reference, &thresholds, layers.as_deref());
-    // Pattern tests only: no engine is loaded to replay bug models on.
-    report.diagnosis = crate::diagnosis::diagnose(crate::diagnosis::Tools::default(), &reference, &ours, &report)?;
+    if report.first_divergence.is_some() {
+        report.diagnosis = match &args.model {
+            // Pattern tests only: no engine to replay bug models on.
+            None => diagnose(Tools::default(), &reference, &ours, &report)?,
+            Some(path) => {
+                let model = ModelFile::open(path)?;
+                let mut pair = replay_engine(&model, &reference)?;
+                diagnose(Tools { pair: Some(&mut pair), weights: Some(&model.gguf) }, &reference, &ours, &report)?
+            }
+        };
+    }
     if report.rows.is_empty() && report.missing.is_empty() && report.shape_mismatch.is_empty() {
         bail!("nothing to compare: no checkpoint is present in either dump{}", if layers.is_some() { " for the selected layers" } else { "" });
     }
@@ -86,4 +103,21 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         Verdict::Match => ExitCode::SUCCESS,
         Verdict::Diverged => ExitCode::from(1),
     })
+}
+
+/// Our engine on `model`, as the reference dump ran it (its KV type), for
+/// the diagnosis's replays; refused when the dump is of another model.
+fn replay_engine(model: &ModelFile, reference: &capture::Capture) -> anyhow::Result<Pair> {
+    let kv = capture::KvType::parse(&reference.config.kv_type).unwrap_or(capture::KvType::F16);
+    let eo = EngineOptions { kv, ..EngineOptions::new(BackendKind::Cpu) };
+    let pair = Pair::load_with_cache(model, eo, None, Some(crate::cache::RefCache::from_env()))?;
+    if !reference.model_sha256.is_empty() && !reference.model_sha256.eq_ignore_ascii_case(&pair.model_sha256) {
+        bail!(
+            "--model {}: sha256 {} but the dumps are of model {}",
+            model.path.display(),
+            pair.model_sha256,
+            reference.model_sha256
+        );
+    }
+    Ok(pair)
 }
