@@ -172,7 +172,7 @@ inline std::string npy_bytes(const float* data, const std::vector<std::size_t>& 
 
 // Write through a temporary name beside `path`, then rename over it.
 inline void write_atomically(const std::filesystem::path& path, const std::string& bytes) {
-    static std::mt19937_64 names{std::random_device{}()};  // no two writers share a temporary name
+    thread_local std::mt19937_64 names{std::random_device{}()};  // no two writers share a temporary name
     std::filesystem::path tmp = path;
     tmp += ".tmp" + std::to_string(names());
     {
@@ -302,6 +302,7 @@ public:
         std::string file = "step" + std::to_string(step) + "/";
         if (layer) file += (*layer < 10 ? "layer0" : "layer") + std::to_string(*layer) + "/";
         file += stage + ".npy";
+        std::string provenance_json = detail::json_string(provenance, "provenance");  // refused before any file is written
         std::string bytes = detail::npy_bytes(data, shape, count);
         std::filesystem::path path = dir_ / file;
         std::error_code ec;
@@ -310,8 +311,8 @@ public:
         detail::write_atomically(path, bytes);
         entries_.push_back("{\"step\": " + std::to_string(step) + ", \"layer\": " + detail::json_layer(layer) +
                            ", \"stage\": \"" + stage + "\", \"shape\": " + detail::json_list(shape) + ", \"file\": \"" + file +
-                           "\", \"provenance\": " + detail::json_string(provenance, "provenance") +
-                           ", \"bytes\": " + std::to_string(bytes.size()) + ", \"crc32\": " + std::to_string(crc32(bytes)) + "}");
+                           "\", \"provenance\": " + provenance_json + ", \"bytes\": " + std::to_string(bytes.size()) +
+                           ", \"crc32\": " + std::to_string(crc32(bytes)) + "}");
         seen_.insert(key);
         note_step_and_layer(step, layer);
     }

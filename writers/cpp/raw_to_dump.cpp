@@ -18,6 +18,7 @@
 #include "qwen2_parity_dump.hpp"
 
 #include <iostream>
+#include <iterator>
 
 namespace {
 
