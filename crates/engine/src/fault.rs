@@ -277,6 +277,34 @@ impl Fault {
         self == Fault::Q50HighBit
     }
 
+    /// The stages whose output the bug model changes directly (its first
+    /// divergence is the first of them that the forward pass reaches): what
+    /// the diagnosis replays at a divergent stage. A foreign engine may carry
+    /// the bug in only one of them (a K bias dropped, Q's kept).
+    pub fn changes(self) -> &'static [Stage] {
+        use Stage::*;
+        match self {
+            Fault::None | Fault::GqaRatioForm | Fault::KRoundedTwice => &[],
+            Fault::EmbedTransposed => &[Embed],
+            Fault::RmsEps => &[AttnNorm, FfnNorm],
+            Fault::NormWeightSwapped => &[AttnNorm],
+            Fault::NoQkvBias => &[QProj, KProj, VProj],
+            Fault::QProjTransposed => &[QProj],
+            Fault::RopeAdjacent | Fault::RopeBase | Fault::RopePosOffset | Fault::RopeDecodePos => &[QRope, KRope],
+            Fault::GqaModulo => &[AttnScores, AttnCtx],
+            Fault::KvOffset | Fault::KvLenShort => &[AttnScores, AttnProbs, AttnCtx],
+            Fault::NoAttnScale | Fault::MaskMissing | Fault::MaskOffByOne => &[AttnProbs],
+            Fault::OProjTransposed => &[AttnOut],
+            Fault::ResidualDropped => &[AttnResidual],
+            Fault::SwigluSwapped | Fault::WrongActivation => &[FfnAct],
+            Fault::FfnDownTransposed => &[FfnDown],
+            Fault::ResidualWrongInput => &[LayerOut],
+            Fault::FinalNormSkipped => &[FinalNorm],
+            Fault::LmHeadTransposed => &[Logits],
+            Fault::Q50HighBit => &[QProj, KProj, VProj, AttnOut, FfnGate, FfnUp, FfnDown],
+        }
+    }
+
     pub fn all() -> impl Iterator<Item = Fault> {
         FAULTS.iter().map(|f| f.fault)
     }
@@ -327,6 +355,16 @@ impl fmt::Display for Fault {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_fault_changes_the_stage_it_is_first_seen_at() {
+        for info in FAULTS.iter() {
+            match info.expect {
+                Some(Expect::At(_, stage)) => assert!(info.fault.changes().contains(&stage), "{}: {stage} not in its changes()", info.name),
+                _ => assert!(info.fault.changes().is_empty(), "{} changes nothing", info.name),
+            }
+        }
+    }
 
     #[test]
     fn catalogue_is_indexed_by_fault() {

@@ -17,11 +17,8 @@ pub(super) fn replay(
     eut: &Tensor,
     criterion: f64,
 ) -> anyhow::Result<Vec<Hypothesis>> {
-    use engine::fault::{Expect, FaultSpec, Scope, FAULTS};
-    let candidates = FAULTS.iter().filter(|f| {
-        matches!(f.expect, Some(Expect::At(_, stage)) if stage == at.stage)
-            && (f.scope == Scope::Global) == at.layer.is_none()
-    });
+    use engine::fault::{FaultSpec, Scope, FAULTS};
+    let candidates = FAULTS.iter().filter(|f| f.fault.changes().contains(&at.stage) && (f.scope == Scope::Global) == at.layer.is_none());
     let mut out = Vec::new();
     let under_test = pair.fault();
     for info in candidates {
