@@ -74,6 +74,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let layers = select_layers(args.layer, args.layers.as_deref(), n_layer)?;
     let mut report = compare(&ours, &reference, &thresholds, layers.as_deref());
+    crate::drilldown::attach(&mut report, &ours, &reference);
+    report.configuration.push(("dumps".into(), format!("ours {}, reference {}", args.ours.display(), args.reference.display())));
     // Pattern tests only: no engine is loaded to replay bug models on.
     report.diagnosis = crate::diagnosis::diagnose(None, &reference, &ours, &report)?;
     if report.rows.is_empty() && report.missing.is_empty() && report.shape_mismatch.is_empty() {
