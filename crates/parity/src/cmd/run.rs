@@ -145,14 +145,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 
 /// What this invocation chose, for the reports' configuration section.
 fn invocation(args: &Args, model_path: &std::path::Path, layers: Option<&[usize]>) -> Vec<(String, String)> {
-    let reference = match args.reference {
-        ReferenceArg::Llama => "llama.cpp on the GGUF (production numerics)",
-        ReferenceArg::LlamaF32 => "llama.cpp on an F32 copy of the GGUF (float reference)",
+    let reference_model = match args.reference {
+        ReferenceArg::Llama => "the GGUF itself (production numerics)",
+        ReferenceArg::LlamaF32 => "an F32 copy of the GGUF (a float reference)",
     };
     vec![
         ("model file".into(), model_path.display().to_string()),
         ("backend (ours)".into(), flag_value(&args.backend)),
-        ("reference".into(), reference.into()),
+        ("llama.cpp ran on".into(), reference_model.into()),
         ("llama.cpp build".into(), llama_ref::LLAMA_CPP_BUILD.into()),
         ("layers compared".into(), layers.map_or("all".to_string(), |l| format!("{l:?}"))),
         ("verdict from".into(), if args.isolate { "teacher-forced".into() } else { flag_value(&args.verdict) }),
