@@ -181,18 +181,18 @@ pub fn drilldown_html(r: &DiffReport, d: &Drilldown, open: bool) -> String {
             if row.pass { "pass" } else { "FAIL" }
         )
     });
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<details class=\"drill\" id=\"{}\"{}><summary><b>{}</b> — {}{}</summary>\n",
+        "<details class=\"drill\" id=\"{}\"{}><summary><b>{}</b> — {}{}</summary>",
         drill_anchor(&d.id),
         if open { " open" } else { "" },
         esc(&d.id.to_string()),
         esc(&d.why),
         esc(&gate)
     );
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<p>{} elements compared of shape [{}] ({}){}.</p>\n",
+        "<p>{} elements compared of shape [{}] ({}){}.</p>",
         d.compared,
         d.shape.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "),
         esc(&d.axes.join(", ")),
