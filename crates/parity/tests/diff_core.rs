@@ -576,6 +576,28 @@ fn drilldown_covers_the_first_divergence_and_its_inputs() {
 }
 
 #[test]
+fn drilldown_keeps_nan_honest() {
+    // v_proj diverges first; ffn_up holds a NaN: infinitely over its gate.
+    let reference = synthetic("llama.cpp");
+    let mut ours = synthetic("ours-cpu");
+    map(&mut ours, StageId::layer(0, 1, Stage::VProj), |i, v| if i == 2 { v + 0.3 } else { v });
+    map(&mut ours, StageId::layer(0, 1, Stage::FfnUp), |i, v| if i == 1 { f32::NAN } else { v });
+    let mut r = diff_captures(&ours, &reference, &Thresholds::uniform(1e-3), None);
+    parity::drilldown::attach(&mut r, &ours, &reference);
+    let nan = r.drilldowns.iter().find(|d| d.id == StageId::layer(0, 1, Stage::FfnUp)).expect("the NaN stage is drilled");
+    assert_eq!(nan.why, "over its gate");
+    assert!(nan.worst[0].ours.is_nan() && nan.worst[0].abs_diff.is_infinite());
+    let v = render_json(&r);
+    let d = v["drilldowns"].as_array().unwrap().iter().find(|d| d["stage"] == "ffn_up").unwrap();
+    assert_eq!((d["worst"][0]["ours"].as_str(), d["worst"][0]["abs_diff"].as_str()), (Some("nan"), Some("inf")));
+    assert_eq!(d["per_token"][0]["rel_l2"], "inf");
+    let html = render_html(&r);
+    assert!(html.contains("<td class=\"fail\">inf (NaN/Inf)</td>"));
+    assert!(html.contains("NaN/Inf: 1 elements"), "its own histogram bin");
+    assert!(html.contains(">∞</text>"), "a full bar, never a small one");
+}
+
+#[test]
 fn html_marks_the_first_divergence_and_draws_the_drilldown() {
     let r = drilled_report();
     let html = render_html(&r);
