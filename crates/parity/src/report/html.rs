@@ -1,7 +1,10 @@
-//! Self-contained HTML report: inline SVG heatmaps of log10(max-abs /
+//! Self-contained HTML report, the place an investigation happens: the
+//! verdict linked to the first divergent cell of the heatmap, the first
+//! divergence with its diagnosis beside it, the drill-down of a few stages
+//! (`html_drilldown`), per step an inline SVG heatmap of log10(error /
 //! threshold) over layers × stages, line charts of max-abs per layer for
-//! each stage family, and the Markdown report's tables. No scripts, no
-//! external resources.
+//! each stage family and the Markdown report's tables, then the run's
+//! configuration. No scripts, no external resources.
 
 use super::html_drilldown::{drill_anchor, drilldown_html};
 use super::markdown::step_grid;
