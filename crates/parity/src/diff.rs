@@ -98,6 +98,13 @@ pub struct DiffReport {
     pub free_running: Option<FreeRunningSummary>,
     /// Which bug it is, at the first divergence (filled by the verbs).
     pub diagnosis: Option<crate::diagnosis::Diagnosis>,
+    /// A few stages in detail (filled by the verbs that hold the captures:
+    /// `drilldown::attach`).
+    pub drilldowns: Vec<crate::drilldown::Drilldown>,
+    /// The run's configuration beyond the fields above, as (name, value) in
+    /// the order reports list it: from the captures here, then what the
+    /// verb adds (model path, fault, the llama.cpp build, ...).
+    pub configuration: Vec<(String, String)>,
 }
 
 /// The free-running comparison beside a teacher-forced verdict: how the
@@ -180,6 +187,16 @@ impl DiffReport {
         }
         let gate = self.logits_kl_max?;
         self.logits.iter().find(|(_, m)| m.kl_max.is_nan() || m.kl_max > gate).map(|(s, m)| FirstProblem::LogitsKl(*s, m.kl_max))
+    }
+
+    /// The checkpoint of [`DiffReport::first_problem`] (the logits of its
+    /// step for a KL divergence).
+    pub fn first_problem_id(&self) -> Option<StageId> {
+        Some(match self.first_problem()? {
+            FirstProblem::Row(i) => self.rows[i].id,
+            FirstProblem::Missing(id, _) | FirstProblem::ShapeMismatch(id, _) => id,
+            FirstProblem::LogitsKl(step, _) => StageId::global(step, Stage::Logits),
+        })
     }
 
     pub fn n_failed(&self) -> usize {
@@ -386,5 +403,35 @@ pub fn diff_captures(
         numerics: ours.config.numerics.clone(),
         free_running: None,
         diagnosis: None,
+        drilldowns: Vec::new(),
+        configuration: capture_configuration(ours, reference),
     }
+}
+
+/// What the two captures record about how they were made, for the reports'
+/// configuration section.
+fn capture_configuration(ours: &Capture, reference: &Capture) -> Vec<(String, String)> {
+    let (a, b) = (&ours.config, &reference.config);
+    let both = |x: String, y: String| if x == y { x } else { format!("ours {x}, reference {y}") };
+    let mut out = vec![(
+        "architecture".to_string(),
+        format!(
+            "{} layers, hidden {}, {} heads ({} KV), head dim {}, FFN {}, vocab {}",
+            b.n_layer, b.n_embd, b.n_head, b.n_head_kv, b.head_dim, b.n_ff, b.n_vocab
+        ),
+    )];
+    out.push(("flash attention".into(), both(on_off(a.flash_attn), on_off(b.flash_attn))));
+    out.push(("chat template".into(), both(on_off(ours.chat), on_off(reference.chat))));
+    out.push(("decode steps".into(), both(a.n_decode.to_string(), b.n_decode.to_string())));
+    let layers = |c: &capture::CaptureConfig| if c.layers.is_empty() { "all".to_string() } else { format!("{:?}", c.layers) };
+    out.push(("layers captured".into(), both(layers(a), layers(b))));
+    out.push(("reference threads".into(), b.threads.to_string()));
+    if !reference.generated.is_empty() {
+        out.push(("generated tokens (reference, greedy)".into(), format!("{:?}", reference.generated)));
+    }
+    out
+}
+
+fn on_off(x: bool) -> String {
+    if x { "on" } else { "off" }.to_string()
 }

@@ -7,6 +7,7 @@ pub mod calibration;
 pub mod cmd;
 pub mod diagnosis;
 pub mod diff;
+pub mod drilldown;
 pub mod fixtures;
 pub mod gate;
 pub mod generate;

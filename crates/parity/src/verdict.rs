@@ -1,7 +1,7 @@
 //! One prompt's verdict, as `run` and `gate` give it: the reference once,
 //! our engine teacher-forced and free-running, both compared, the verdict's
-//! comparison reported with the other's summary beside it, and the
-//! diagnosis of a divergence.
+//! comparison reported with the other's summary beside it, its drill-down
+//! and the diagnosis of a divergence.
 
 use crate::diff::{DiffReport, FreeRunningSummary};
 use crate::session::{compare, resolve_thresholds, GateRequest, Pair};
@@ -39,8 +39,9 @@ pub fn judge(pair: &mut Pair, prompt: &str, chat: bool, n_decode: usize, layers:
         }
         Comparison::FreeRunning => fr,
     };
+    let under_test = if gates.verdict == Comparison::TeacherForced { &teacher_forced } else { &free_running };
+    crate::drilldown::attach(&mut report, under_test, &reference);
     if diagnose {
-        let under_test = if gates.verdict == Comparison::TeacherForced { &teacher_forced } else { &free_running };
         if report.first_divergence.is_some() {
             let model = pair.open_model()?;
             let tools = crate::diagnosis::Tools { pair: Some(pair), weights: Some(&model.gguf) };

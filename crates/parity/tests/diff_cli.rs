@@ -142,7 +142,14 @@ fn perturbed_stage_diverges_with_exit_1_and_is_named() {
     assert_eq!(v["first_divergence"]["layer"], 2);
     assert_eq!(v["first_divergence"]["stage"], "k_rope");
     assert!(std::fs::read_to_string(&md).unwrap().contains("FIRST DIVERGENCE: decode 1, layer 2, k_rope"));
-    assert!(std::fs::read_to_string(&html).unwrap().contains("<svg"));
+    // `diff` holds both dumps: it drills into the first divergence.
+    let drill = &v["drilldowns"][0];
+    assert_eq!((drill["step"].as_u64(), drill["layer"].as_u64(), drill["stage"].as_str()), (Some(1), Some(2), Some("k_rope")));
+    assert_eq!(drill["worst"][0]["coords"], "token 1, head 0, dim 1");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("<svg"));
+    assert!(page.contains(r#"data-step="1" data-layer="2" data-stage="k_rope" id="first-divergence-cell""#));
+    assert!(page.contains("id=\"drill-1-2-k_rope\""));
 
     // The same with a layer filter that excludes it: match.
     let out = d.run(&["--threshold", "1e-3", "--layers", "0..=1"]);

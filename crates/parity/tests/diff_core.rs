@@ -528,10 +528,96 @@ fn html_is_self_contained_with_svg() {
     assert!(html.contains("FIRST DIVERGENCE: prefill, layer 1, v_proj"));
     assert!(html.contains("hello &lt;world&gt; &amp;"), "prompt is escaped");
     assert!(!html.contains("<world>"));
-    for external in ["<script", "<link", "src=", "href="] {
+    for external in ["<script", "<link", "src=", "url("] {
         assert!(!html.contains(external), "self-contained: {external}");
     }
+    // Links only within the page.
+    assert_eq!(html.matches("href=\"").count(), html.matches("href=\"#").count());
     assert!(html.trim_end().ends_with("</html>"));
+}
+
+/// The diverged report with its drill-down, as `parity diff` and `run` make it.
+fn drilled_report() -> parity::diff::DiffReport {
+    let reference = synthetic("llama.cpp");
+    let mut ours = synthetic("ours-cpu");
+    // k_rope of layer 1, token 2 only: off by 0.3 in one element.
+    map(&mut ours, StageId::layer(0, 1, Stage::KRope), |i, v| if i == 2 * HEAD_DIM + 1 { v + 0.3 } else { v });
+    let mut r = diff_captures(&ours, &reference, &Thresholds::uniform(1e-3), None);
+    parity::drilldown::attach(&mut r, &ours, &reference);
+    r
+}
+
+#[test]
+fn drilldown_covers_the_first_divergence_and_its_inputs() {
+    let r = drilled_report();
+    let chosen: Vec<(StageId, &str)> = r.drilldowns.iter().map(|d| (d.id, d.why.as_str())).collect();
+    assert_eq!(chosen[0], (StageId::layer(0, 1, Stage::KRope), "first divergence"));
+    assert_eq!(chosen[1], (StageId::layer(0, 1, Stage::KProj), "input of the first divergence"));
+    assert!(chosen.len() <= parity::drilldown::MAX_STAGES);
+    let first = &r.drilldowns[0];
+    assert_eq!(first.worst[0].coords, "token 2, head 0, dim 1");
+    assert_eq!((first.worst[0].position, first.worst[0].token_id), (Some(2), Some(3)), "prompt tokens [1, 2, 3]");
+    let tokens: Vec<bool> = first.per_token.iter().map(|g| g.max_abs > 0.0).collect();
+    assert_eq!(tokens, vec![false, false, true], "only token 2");
+
+    let v = render_json(&r);
+    let d = &v["drilldowns"][0];
+    assert_eq!((d["stage"].as_str(), d["layer"].as_u64(), d["why"].as_str()), (Some("k_rope"), Some(1), Some("first divergence")));
+    assert_eq!(d["worst"][0]["coords"], "token 2, head 0, dim 1");
+    assert_eq!(d["per_head"].as_array().unwrap().len(), KV_HEADS);
+    assert_eq!(d["histogram"].as_array().unwrap().iter().map(|b| b["count"].as_u64().unwrap()).sum::<u64>(), (T * KV_HEADS * HEAD_DIM) as u64);
+
+    // A match still drills into the stages nearest their gates, each once.
+    let c = synthetic("x");
+    let mut m = diff_captures(&c, &c, &Thresholds::uniform(1e-6), None);
+    parity::drilldown::attach(&mut m, &c, &c);
+    assert_eq!(m.drilldowns.len(), parity::drilldown::NEAREST_GATE);
+    assert!(m.drilldowns.iter().all(|d| d.why == "nearest its gate"));
+}
+
+#[test]
+fn drilldown_keeps_nan_honest() {
+    // v_proj diverges first; ffn_up holds a NaN: infinitely over its gate.
+    let reference = synthetic("llama.cpp");
+    let mut ours = synthetic("ours-cpu");
+    map(&mut ours, StageId::layer(0, 1, Stage::VProj), |i, v| if i == 2 { v + 0.3 } else { v });
+    map(&mut ours, StageId::layer(0, 1, Stage::FfnUp), |i, v| if i == 1 { f32::NAN } else { v });
+    let mut r = diff_captures(&ours, &reference, &Thresholds::uniform(1e-3), None);
+    parity::drilldown::attach(&mut r, &ours, &reference);
+    let nan = r.drilldowns.iter().find(|d| d.id == StageId::layer(0, 1, Stage::FfnUp)).expect("the NaN stage is drilled");
+    assert_eq!(nan.why, "over its gate");
+    assert!(nan.worst[0].ours.is_nan() && nan.worst[0].abs_diff.is_infinite());
+    let v = render_json(&r);
+    let d = v["drilldowns"].as_array().unwrap().iter().find(|d| d["stage"] == "ffn_up").unwrap();
+    assert_eq!((d["worst"][0]["ours"].as_str(), d["worst"][0]["abs_diff"].as_str()), (Some("nan"), Some("inf")));
+    assert_eq!(d["per_token"][0]["rel_l2"], "inf");
+    let html = render_html(&r);
+    assert!(html.contains("<td class=\"fail\">inf (NaN/Inf)</td>"));
+    assert!(html.contains("NaN/Inf: 1 elements"), "its own histogram bin");
+    assert!(html.contains(">∞</text>"), "a full bar, never a small one");
+}
+
+#[test]
+fn html_marks_the_first_divergence_and_draws_the_drilldown() {
+    let r = drilled_report();
+    let html = render_html(&r);
+    // One heatmap cell per (layer, stage) and per global stage.
+    assert_eq!(html.matches("class=\"cell\"").count(), N_LAYER * Stage::PER_LAYER.len() + Stage::GLOBAL.len());
+    assert_eq!(html.matches("data-first-divergence=\"true\"").count(), 1);
+    assert!(html.contains(r#"data-step="0" data-layer="1" data-stage="k_rope" id="first-divergence-cell""#));
+    assert!(html.contains("href=\"#first-divergence-cell\""), "the verdict links to the cell");
+    assert!(html.contains("id=\"drill-0-1-k_rope\" open"));
+    assert!(html.contains("href=\"#drill-0-1-k_rope\""), "the cell links to its drill-down");
+    assert!(html.contains("rel-L2 per head"));
+    assert!(html.contains("<td>token 2, head 0, dim 1</td>"));
+    assert!(html.contains("id=\"configuration\""));
+    // One step: no table of contents.
+    assert!(!html.contains("class=\"toc\""));
+
+    let c = synthetic("x");
+    let m = render_html(&diff_captures(&c, &c, &Thresholds::uniform(1e-6), None));
+    assert!(!m.contains("data-first-divergence"));
+    assert!(!m.contains("first-divergence-cell"));
 }
 
 #[test]

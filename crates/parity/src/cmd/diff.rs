@@ -82,6 +82,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     };
     let layers = select_layers(args.layer, args.layers.as_deref(), n_layer)?;
     let mut report = compare(&ours, &reference, &thresholds, layers.as_deref());
+    crate::drilldown::attach(&mut report, &ours, &reference);
+    report.configuration.push(("dumps".into(), format!("ours {}, reference {}", args.ours.display(), args.reference.display())));
     if report.first_divergence.is_some() {
         report.diagnosis = match &args.model {
             // Pattern tests only: no engine to replay bug models on.
@@ -89,6 +91,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             Some(path) => {
                 let model = ModelFile::open(path)?;
                 let mut pair = replay_engine(&model, &reference)?;
+                report.configuration.push(("replay model".into(), path.display().to_string()));
                 diagnose(Tools { pair: Some(&mut pair), weights: Some(&model.gguf) }, &reference, &ours, &report)?
             }
         };

@@ -129,7 +129,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     };
     let req = pair.gate_request(args.threshold, args.thresholds.as_deref(), float_reference);
     let gates = Gates::resolve(&req, verdict)?;
-    let report = judge(&mut pair, &args.prompt, args.chat, args.decode, layers.clone(), &gates, true)?;
+    let mut report = judge(&mut pair, &args.prompt, args.chat, args.decode, layers.clone(), &gates, true)?;
+    report.configuration.extend(invocation(args, &model_path, layers.as_deref()));
 
     write_reports(&report, args.json.as_deref(), args.markdown.as_deref(), args.html.as_deref())?;
     if args.fault.fault != Fault::None {
@@ -140,4 +141,27 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         Verdict::Match => ExitCode::SUCCESS,
         Verdict::Diverged => ExitCode::from(1),
     })
+}
+
+/// What this invocation chose, for the reports' configuration section.
+fn invocation(args: &Args, model_path: &std::path::Path, layers: Option<&[usize]>) -> Vec<(String, String)> {
+    let reference_model = match args.reference {
+        ReferenceArg::Llama => "the GGUF itself (production numerics)",
+        ReferenceArg::LlamaF32 => "an F32 copy of the GGUF (a float reference)",
+    };
+    vec![
+        ("model file".into(), model_path.display().to_string()),
+        ("backend (ours)".into(), flag_value(&args.backend)),
+        ("llama.cpp ran on".into(), reference_model.into()),
+        ("llama.cpp build".into(), llama_ref::LLAMA_CPP_BUILD.into()),
+        ("layers compared".into(), layers.map_or("all".to_string(), |l| format!("{l:?}"))),
+        ("verdict from".into(), if args.isolate { "teacher-forced".into() } else { flag_value(&args.verdict) }),
+        ("seeded fault".into(), args.fault.to_string()),
+        ("reference cache".into(), if args.no_cache { "off (--no-cache)" } else { "on" }.into()),
+    ]
+}
+
+/// A value as it is spelled on the command line ("teacher-forced").
+fn flag_value(v: &impl clap::ValueEnum) -> String {
+    v.to_possible_value().map_or_else(String::new, |p| p.get_name().to_string())
 }

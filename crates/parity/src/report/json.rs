@@ -3,6 +3,7 @@
 
 use super::verdict_lines;
 use crate::diff::{DiffReport, FirstProblem, StageRow, Verdict};
+use crate::drilldown::{Drilldown, GroupError};
 use capture::stage::StageId;
 use serde_json::{json, Value};
 
@@ -67,6 +68,38 @@ fn stage_json(row: &StageRow) -> Value {
     Value::Object(o)
 }
 
+fn group_json(g: &GroupError) -> Value {
+    json!({
+        "index": g.index, "position": g.position, "token_id": g.token_id,
+        "max_abs": num(g.max_abs), "rel_l2": num(g.rel_l2), "non_finite": g.non_finite,
+    })
+}
+
+fn drilldown_json(d: &Drilldown) -> Value {
+    let mut o = id_fields(&d.id);
+    o.insert("why".into(), json!(d.why));
+    o.insert("shape".into(), json!(d.shape));
+    o.insert("axes".into(), json!(d.axes));
+    o.insert("compared".into(), json!(d.compared));
+    o.insert(
+        "worst".into(),
+        d.worst
+            .iter()
+            .map(|e| {
+                json!({
+                    "index": e.index, "coords": e.coords, "token": e.token, "position": e.position,
+                    "token_id": e.token_id, "ours": num(e.ours as f64), "reference": num(e.reference as f64),
+                    "abs_diff": num(e.abs_diff),
+                })
+            })
+            .collect(),
+    );
+    o.insert("histogram".into(), d.histogram.iter().map(|b| json!({ "abs_diff": b.label, "count": b.count })).collect());
+    o.insert("per_token".into(), d.per_token.iter().map(group_json).collect());
+    o.insert("per_head".into(), d.per_head.iter().map(group_json).collect());
+    Value::Object(o)
+}
+
 pub fn render_json(r: &DiffReport) -> Value {
     let first_divergence = match r.first_problem() {
         None => Value::Null,
@@ -128,13 +161,17 @@ pub fn render_json(r: &DiffReport) -> Value {
         "comparison": r.comparison,
         "diagnosis": r.diagnosis.as_ref().map_or(Value::Null, |d| json!({
             "at": Value::Object(id_fields(&d.at)),
+            "names": d.named(),
             "evidence": d.evidence,
             "attribution": d.attribution,
             "hypotheses": d.hypotheses.iter().map(|h| json!({
                 "claim": h.claim, "test": h.test, "figure": num(h.figure), "holds": h.holds,
+                "kind": h.kind, "explains": h.explains,
             })).collect::<Vec<_>>(),
         })),
         "numerics": r.numerics,
+        "configuration": r.configuration.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "drilldowns": r.drilldowns.iter().map(drilldown_json).collect::<Vec<_>>(),
         "free_running": r.free_running.as_ref().map_or(Value::Null, |fr| json!({
             "thresholds_source": fr.thresholds_source,
             "ended_after_layer": fr.ended_after_layer,

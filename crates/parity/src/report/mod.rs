@@ -2,6 +2,7 @@
 //! self-contained HTML page with inline SVG pictures.
 
 pub mod html;
+mod html_drilldown;
 pub mod json;
 pub mod markdown;
 pub mod table;
