@@ -911,7 +911,9 @@ pub fn evidence(s: &Subject) -> String {
     let bad: Vec<usize> = (0..rows).filter(|&t| per_row[t] > s.gate).collect();
     let Some(&first_bad) = bad.first() else { return "no row over the gate".into() };
     let worst = (0..rows).max_by(|&a, &b| per_row[a].total_cmp(&per_row[b])).unwrap_or(0);
-    let row_name = |r: usize| coords(s.at.stage, &s.ours.shape, r * width).rsplit_once(", ").map_or(String::new(), |(head, _)| head.to_string());
+    // A row is a token, or (attention) a head and a query.
+    let row_axes = if s.at.stage.layout() == Layout::Attention { 2 } else { 1 };
+    let row_name = |r: usize| coords(s.at.stage, &s.ours.shape, r * width).split(", ").take(row_axes).collect::<Vec<_>>().join(", ");
     let mut parts = vec![format!(
         "{} of {rows} rows over the gate, first {}, worst {} (rel-L2 {:.1e})",
         bad.len(),
