@@ -278,8 +278,12 @@ fn selftest_names_every_fault_of_the_catalogue() {
     assert!(s["equivalent"].as_u64().unwrap() >= 2);
     assert_eq!(s["equivalent_clean"], s["equivalent"]);
     assert!(s["min_margin"].as_f64().unwrap() >= 10.0);
-    // The diagnosis names the bug (ties count: two bug models can leave the same tensor).
-    assert!(s["diagnosed"].as_u64().unwrap() >= 15, "{s}");
+    // The diagnosis names every bug (ties count: two bug models can leave
+    // the same tensor), and the pattern tests alone name every bug whose
+    // class they test, as for a foreign dump without a model.
+    assert_eq!(s["diagnosed"], s["faults"], "{s}");
+    assert!(s["pattern_faults"].as_u64().unwrap() >= 15, "{s}");
+    assert_eq!(s["named_by_patterns"], s["pattern_faults"], "{s}");
     // Every layer fault sits at the layer the seed drew, and was found there.
     for o in v["outcomes"].as_array().unwrap() {
         if let Some(l) = o["layer"].as_u64() {
