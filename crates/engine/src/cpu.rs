@@ -33,9 +33,16 @@ impl CpuBackend {
     /// their encoding, vectors (and weights a fault changes at load)
     /// dequantized to f32. A tied LM head is token_embd, held once.
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions) -> Result<Self> {
+        Self::load_observed(gguf, cfg, opts, &mut |_, _| {})
+    }
+
+    /// [`CpuBackend::load`], calling `on_weight(done, total)` after each
+    /// weight: the caller shows progress (this crate never prints).
+    pub fn load_observed(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions, on_weight: &mut dyn FnMut(usize, usize)) -> Result<Self> {
         let all = Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer);
-        let mut weights = HashMap::with_capacity(all.len());
-        for w in all {
+        let total = all.len();
+        let mut weights = HashMap::with_capacity(total);
+        for (done, w) in all.into_iter().enumerate() {
             let shape = w.shape(cfg);
             let name = w.gguf_name(cfg.tied_output);
             let info = gguf.tensor(&name).with_context(|| format!("{}: tensor {name} is missing", gguf.path().display()))?;
@@ -49,6 +56,7 @@ impl CpuBackend {
                 StoredWeight::Float(w.dequantize_for(gguf, cfg, opts.dequant_bug)?)
             };
             weights.insert(w, stored);
+            on_weight(done + 1, total);
         }
         Self::from_stored(cfg.clone(), weights, opts)
     }

@@ -290,6 +290,19 @@ impl LlamaRef {
     /// steps, capturing every stage of the catalogue for the layers asked.
     /// The caller fills `prompt`, `chat` and `model_sha256`.
     pub fn run(&self, tokens: &[i32], n_decode: usize, opts: &RefOptions) -> Result<Capture, LlamaError> {
+        self.run_observed(tokens, n_decode, opts, &mut |_, _| {})
+    }
+
+    /// [`LlamaRef::run`], calling `on_step(done, total)` after each forward
+    /// pass (the prefill, then each decode step), so that the caller can
+    /// show progress.
+    pub fn run_observed(
+        &self,
+        tokens: &[i32],
+        n_decode: usize,
+        opts: &RefOptions,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Capture, LlamaError> {
         let d = self.dims;
         if tokens.is_empty() {
             return Err(LlamaError::Input("empty prompt: no tokens to prefill".into()));
@@ -388,6 +401,7 @@ impl LlamaRef {
             if opts.capture {
                 self.check_step(hook.get(), step, &layers, opts.flash_attn, &mut unavailable)?;
             }
+            on_step(step + 1, n_decode + 1);
         }
         drop(ctx);
 

@@ -101,7 +101,7 @@ impl RefCache {
                 Some(capture)
             }
             Err(e) => {
-                eprintln!("reference cache: {}: {e}; recomputing", path.display());
+                crate::progress::note(&format!("reference cache: {}: {e}; recomputing", path.display()));
                 let _ = fs::remove_file(&path);
                 None
             }

@@ -2,6 +2,7 @@
 //! largest error per stage and layer times a safety factor, and the refusal
 //! to write a gate that cannot fail.
 
+use crate::progress::{Milestones, Progress, Unit};
 use crate::prompts::Prompt;
 use crate::report::sci;
 use crate::session::{compare, Pair};
@@ -46,6 +47,7 @@ pub fn run_calibration(pair: &mut Pair, prompts: &[Prompt], o: &CalibrationOptio
     let observe_all = Thresholds { metric: o.metric, ..Thresholds::uniform(f64::MAX) };
     let mut observed = Vec::new();
     let mut kl: Vec<(f64, usize, usize)> = Vec::new();
+    let mut progress = Progress::new("calibrate", prompts.len() as u64, Unit::Items("prompts"), Milestones::EveryItem);
     for (i, prompt) in prompts.iter().enumerate() {
         let teacher_forced = o.comparison == Comparison::TeacherForced;
         let (ours, reference) = pair.capture(&prompt.text, prompt.chat, o.decode, None, teacher_forced)?;
@@ -68,14 +70,10 @@ pub fn run_calibration(pair: &mut Pair, prompts: &[Prompt], o: &CalibrationOptio
         }
         let top1: usize = report.logits.iter().map(|(_, m)| m.top1_agree).sum();
         let rows: usize = report.logits.iter().map(|(_, m)| m.rows).sum();
-        eprintln!(
-            "calibrate: prompt {}/{} ({} tokens): logits top-1 {top1}/{rows}, KL max {}",
-            i + 1,
-            prompts.len(),
-            ours.tokens.len(),
-            sci(report.logits.iter().map(|(_, m)| m.kl_max).fold(0.0, f64::max))
-        );
+        let prompt_kl = sci(report.logits.iter().map(|(_, m)| m.kl_max).fold(0.0, f64::max));
+        progress.advance(&format!("prompt {} ({} tokens): logits top-1 {top1}/{rows}, KL max {prompt_kl}", i + 1, ours.tokens.len()));
     }
+    progress.finish(&format!("{} prompts observed", prompts.len()));
     let values: Vec<(StageId, f64)> = observed.iter().map(|ob| (ob.id, ob.value)).collect();
     let mut thresholds = calibrate(&values, o.safety_factor, o.floor, pair.n_layer);
     thresholds.metric = o.metric;

@@ -15,6 +15,7 @@ pub mod layers;
 pub mod metrics;
 pub mod model_path;
 pub mod ours;
+pub mod progress;
 pub mod prompts;
 pub mod report;
 pub mod selftest;

@@ -113,21 +113,22 @@ impl OurEngine {
         let dequant_bug = fault.fault.at_load().then_some(fault.layer);
         let opts = BackendOptions { kv_type, max_ctx: eo.max_ctx.min(cfg.n_ctx_train.max(1)), dequant_bug };
         let rounding = Rounding::from_gguf(eo.numerics, kv_type, gguf, cfg)?;
-        let started = Instant::now();
+        let mut progress = crate::progress::Progress::new(format!("ours-{}", backend.name()), 0, crate::progress::Unit::Items("weights"), crate::progress::Milestones::EveryTenth);
+        let mut on_weight = |done: usize, total: usize| progress.set(done as u64, total as u64, "");
         let model = match backend {
             BackendKind::Cpu => {
-                let be = CpuBackend::load(gguf, cfg, opts).context("loading the model on the CPU backend")?;
+                let be = CpuBackend::load_observed(gguf, cfg, opts, &mut on_weight).context("loading the model on the CPU backend")?;
                 Loaded::Cpu(Model::new(be, cfg.clone(), fault).with_rounding(rounding))
             }
             BackendKind::Cuda => {
                 // Probe before cudarc touches the driver: it panics where libcuda is missing.
                 cuda_available().map_err(anyhow::Error::msg)?;
-                let be = CudaBackend::load(gguf, cfg, opts).context("loading the model on the CUDA backend")?;
-                eprintln!("ours-cuda: device {}", be.device_name());
+                let be = CudaBackend::load_observed(gguf, cfg, opts, &mut on_weight).context("loading the model on the CUDA backend")?;
+                crate::progress::note(&format!("ours-cuda: device {}", be.device_name()));
                 Loaded::Cuda(Model::new(be, cfg.clone(), fault).with_rounding(rounding))
             }
         };
-        eprintln!("ours-{}: weights loaded in {:.1} s", backend.name(), started.elapsed().as_secs_f64());
+        progress.finish("weights loaded");
         Ok(OurEngine { model, kv_type })
     }
 
@@ -203,11 +204,11 @@ fn drive<B: Backend>(
             (generated, iso.recorder.tensors)
         }
     };
-    eprintln!(
+    crate::progress::note(&format!(
         "{engine_name}: {} prompt tokens + {n_decode} decode steps in {:.1} s",
         tokens.len(),
         started.elapsed().as_secs_f64()
-    );
+    ));
     let cfg = &model.cfg;
     Ok(Capture {
         engine: engine_name,

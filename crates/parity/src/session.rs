@@ -11,7 +11,8 @@ use capture::{Capture, Dims, KvType, Stage, StageId};
 use gguf::{GgufFile, Qwen2Config};
 use llama_ref::{LlamaRef, RefOptions};
 use sha2::{Digest, Sha256};
-use std::io::{IsTerminal, Read, Write};
+use crate::progress::{Milestones, Progress, Unit};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 /// A GGUF opened once and checked as a Qwen2 model.
@@ -95,14 +96,14 @@ pub fn check_memory(what: &str, needed: u64, n_prompt: usize, n_decode: usize) -
     Ok(())
 }
 
-/// sha256 of a file, streamed; progress on stderr when it is a terminal.
+/// sha256 of a file, streamed; progress on stderr.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let tty = std::io::stderr().is_terminal();
+    let mut progress = Progress::new(format!("sha256 {}", path.display()), total, Unit::Bytes, Milestones::EveryTenth);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let (mut done, mut last_pct) = (0u64, u64::MAX);
+    let mut done = 0u64;
     loop {
         let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
@@ -110,18 +111,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
         done += n as u64;
-        if tty && total > 0 {
-            let pct = done * 100 / total;
-            if pct != last_pct {
-                eprint!("\rsha256 {}: {pct}%", path.display());
-                let _ = std::io::stderr().flush();
-                last_pct = pct;
-            }
-        }
+        progress.set(done, total, "");
     }
-    if tty {
-        eprintln!();
-    }
+    progress.finish("hashed");
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -340,12 +332,12 @@ impl Pair {
         let needed = capture_bytes(d, tokens.len(), n_decode, opts.layers.as_deref(), &|_| true) + llama_working;
         check_memory("llama.cpp's capture", needed, tokens.len(), n_decode)?;
         let llama = self.llama()?;
-        let mut reference = llama.run(&tokens, n_decode, &opts)?;
+        let mut reference = crate::progress::llama_capture(llama, &tokens, n_decode, &opts)?;
         self.label(&mut reference, prompt, chat);
         if let Some(cache) = &self.cache {
             // A cache that cannot be written costs time, not the verdict.
             if let Err(e) = cache.store(&key, &reference) {
-                eprintln!("reference cache: {e:#}");
+                crate::progress::note(&format!("reference cache: {e:#}"));
             }
         }
         Ok(reference)

@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use gguf::{GgmlType, GgufFile, GgufWriter, MetadataValue};
-use std::io::{IsTerminal, Write};
+use crate::progress::{Milestones, Progress, Unit};
 use std::path::{Path, PathBuf};
 
 /// The variants `parity variant --type` makes, by name: (name, type
@@ -25,15 +25,6 @@ pub const VARIANTS: &[(&str, Option<GgmlType>)] = &[
 pub fn variant_path(model: &Path, name: &str) -> PathBuf {
     let stem = model.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
     model.with_file_name(format!("{stem}.{name}.gguf"))
-}
-
-fn progress(tty: bool, msg: &str) {
-    if tty {
-        eprint!("\r\x1b[K{msg}");
-        let _ = std::io::stderr().flush();
-    } else {
-        eprintln!("{msg}");
-    }
 }
 
 /// The variant `name` of `model`: made (and cached) when missing, else the
@@ -74,17 +65,15 @@ pub fn write_f32_copy(model: &Path, out: &Path) -> Result<()> {
         let value = if key == "general.file_type" { MetadataValue::U32(0) } else { value.clone() };
         w.add(key.clone(), value);
     }
-    let tty = std::io::stderr().is_terminal();
-    let n = src.tensors().len();
+    let n = src.tensors().len() as u64;
+    let mut progress = Progress::new("f32 copy", n, Unit::Items("tensors"), Milestones::EveryTenth);
     for (i, t) in src.tensors().iter().enumerate() {
-        progress(tty, &format!("f32 copy: [{}/{n}] {} ({})", i + 1, t.name, t.ggml_type.name()));
+        progress.set(i as u64, n, &format!("{} ({})", t.name, t.ggml_type.name()));
         let values = src.dequantize(&t.name).with_context(|| format!("dequantizing {}", t.name))?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         w.add_tensor(t.name.clone(), t.dims.clone(), GgmlType::F32, bytes)?;
     }
-    if tty {
-        eprintln!();
-    }
+    progress.finish(&format!("{n} tensors upcast"));
     eprintln!("f32 copy: writing {}", out.display());
     w.write(out)?;
     Ok(())

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use crate::progress::{Milestones, Progress, Unit};
 use std::path::Path;
 
 #[derive(Default, serde::Serialize)]
@@ -53,18 +53,13 @@ pub fn check(path: &Path) -> Result<Report> {
             bail!("tensor {}: ggml type {} is not supported", t.name, t.ggml_type.name());
         }
     }
-    let tty = std::io::stderr().is_terminal();
+    let mut progress = Progress::new("weights", tensors.len() as u64, Unit::Items("tensors"), Milestones::EveryTenth);
     let mut by_type: BTreeMap<String, TypeStats> = BTreeMap::new();
     let mut mismatched_tensors = Vec::new();
     let mut elements_checked = 0u64;
     for (i, t) in tensors.iter().enumerate() {
         let ty = t.ggml_type;
-        if tty {
-            eprint!("\r\x1b[K[{}/{}] {} ({})", i + 1, tensors.len(), t.name, ty.name());
-            let _ = std::io::stderr().flush();
-        } else if i % 50 == 0 || i + 1 == tensors.len() {
-            eprintln!("[{}/{}] {} ({})", i + 1, tensors.len(), t.name, ty.name());
-        }
+        progress.set(i as u64, tensors.len() as u64, &format!("{} ({})", t.name, ty.name()));
         let n = usize::try_from(t.n_elements).context("tensor too large for this machine")?;
         let bytes = file.tensor_data(t);
         let ours = gguf::dequant::dequantize(ty, bytes, n).with_context(|| format!("tensor {}: our dequantization", t.name))?;
@@ -83,9 +78,7 @@ pub fn check(path: &Path) -> Result<Report> {
         }
         elements_checked += t.n_elements;
     }
-    if tty {
-        eprintln!();
-    }
+    progress.finish(&format!("{} tensors dequantized both ways", tensors.len()));
 
     let report = Report {
         model: path.display().to_string(),

@@ -149,6 +149,32 @@ fn weights_match_ggml_bit_for_bit_on_the_real_model() {
     assert!(stdout.contains("Q4_K"), "{stdout}");
 }
 
+/// stderr piped (as in CI): plain progress lines, never a carriage return
+/// or a cursor escape, and nothing of the progress on stdout.
+#[test]
+fn weights_with_stderr_piped_prints_plain_progress_lines() {
+    let model = real_model_or_skip!();
+    let o = parity(&["weights", "--model", model.to_str().unwrap()]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(!stderr.contains('\r') && !stderr.contains('\x1b'), "{stderr:?}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.first(), Some(&"weights: started, 291 tensors"), "{stderr}");
+    let done = lines.last().copied().unwrap_or("");
+    assert!(done.starts_with("weights: 291 tensors dequantized both ways in ") && done.ends_with(" s"), "{stderr}");
+    // Milestones (printed once the task has run a second) count up in tenths.
+    let mut last = 0;
+    for line in &lines[1..lines.len() - 1] {
+        let rest = line.strip_prefix("weights [").unwrap_or_else(|| panic!("not a progress line: {line}"));
+        let (done, _) = rest.split_once("/291] ").unwrap_or_else(|| panic!("no count: {line}"));
+        let done: usize = done.parse().unwrap_or_else(|_| panic!("bad count: {line}"));
+        assert!(done > last && done < 291, "{stderr}");
+        last = done;
+    }
+    assert!(lines.len() <= 11, "at most one line per tenth: {stderr}");
+    assert!(!stdout.contains("weights ["), "progress on stdout: {stdout}");
+}
+
 #[test]
 fn weights_on_a_synthetic_f16_model_and_bad_inputs() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,6 +2,9 @@
 //! set matches (exit 0), a seeded fault fails every prompt (exit 1) with
 //! JUnit failures naming the stage, shards cover the set exactly once, bad
 //! input exits 2. generate: both texts, and a parting judged near tie or bug.
+//! The JUnit XML is validated against fixtures/junit/junit-10.xsd with
+//! xmllint; without xmllint that check records a skip, or fails under
+//! `PARITY_REQUIRE_XMLLINT=1` (CI sets it after `scripts/install-deps`).
 
 #[macro_use]
 mod common;
@@ -29,6 +32,36 @@ fn attr(xml: &str, tag: &str, name: &str) -> String {
     value[..value.find('"').unwrap()].to_string()
 }
 
+/// xmllint's verdict on `xml` against the JUnit schema: `Some(errors)` when
+/// invalid, `Some("")` when valid, `None` (a skip recorded) without xmllint.
+fn junit_schema_errors(xml: &std::path::Path) -> Option<String> {
+    let schema = fixtures_dir().unwrap().join("junit/junit-10.xsd");
+    let out = match std::process::Command::new("xmllint").arg("--noout").arg("--schema").arg(&schema).arg(xml).output() {
+        Ok(out) => out,
+        Err(e) => {
+            if std::env::var_os("PARITY_REQUIRE_XMLLINT").is_some_and(|v| v == "1") {
+                panic!("PARITY_REQUIRE_XMLLINT=1 but xmllint cannot run ({e}): run scripts/install-deps");
+            }
+            testkit::skip("xmllint not installed: JUnit schema check not run");
+            return None;
+        }
+    };
+    let errors = String::from_utf8_lossy(&out.stderr).into_owned();
+    Some(if out.status.success() { String::new() } else { errors })
+}
+
+/// The gate's JUnit file is valid against the schema; and the check is real:
+/// the same file with a `<testcase>` stripped of its required name is not.
+fn assert_valid_junit(junit: &std::path::Path) {
+    let Some(errors) = junit_schema_errors(junit) else { return };
+    assert_eq!(errors, "", "{} is not valid JUnit XML:\n{errors}", junit.display());
+    let xml = std::fs::read_to_string(junit).unwrap();
+    let nameless = junit.with_extension("nameless.xml");
+    std::fs::write(&nameless, xml.replacen("<testcase classname=\"parity.gate\" name=", "<testcase classname=\"parity.gate\" title=", 1)).unwrap();
+    let errors = junit_schema_errors(&nameless).unwrap();
+    assert!(errors.contains("name"), "a testcase without a name passed the schema: {errors:?}");
+}
+
 #[test]
 fn the_holdout_set_passes_and_writes_junit() {
     let model = real_model_or_skip!();
@@ -45,6 +78,7 @@ fn the_holdout_set_passes_and_writes_junit() {
     assert_eq!(xml.matches("<testcase ").count(), n_prompts());
     assert_eq!(xml.matches("</testcase>").count(), n_prompts());
     assert!(!xml.contains("<failure"));
+    assert_valid_junit(&junit);
 }
 
 #[test]
@@ -63,6 +97,7 @@ fn a_seeded_fault_fails_every_prompt_with_its_stage_in_junit() {
     assert_eq!(attr(&xml, "testsuite", "failures"), n_prompts().to_string());
     assert_eq!(xml.matches("<failure ").count(), n_prompts());
     assert!(attr(&xml, "failure", "message").contains("prefill, layer 0, q_rope"), "{xml}");
+    assert_valid_junit(&junit);
 
     // --fail-fast stops at the first
     let o = parity(&["gate", "--model", model.to_str().unwrap(), "--prompts", &holdout(), "--layers", "0", "--fault", "rope-adjacent", "--fail-fast"]);

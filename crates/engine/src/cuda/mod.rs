@@ -213,10 +213,18 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
 impl CudaBackend {
     /// Dequantize every weight of `gguf` on the host and upload it as f32.
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions) -> Result<Self> {
+        Self::load_observed(gguf, cfg, opts, &mut |_, _| {})
+    }
+
+    /// [`CudaBackend::load`], calling `on_weight(done, total)` after each
+    /// group of weights is uploaded: the caller shows progress (this crate
+    /// never prints).
+    pub fn load_observed(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions, on_weight: &mut dyn FnMut(usize, usize)) -> Result<Self> {
         use rayon::prelude::*;
         let mut backend = Self::empty(cfg.clone(), opts)?;
         // A tied LM head is token_embd: stored once, resolved by `weight`.
         let all = Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer);
+        let mut done = 0;
         // Dequantize a layer's worth of tensors in parallel, upload, go on:
         // host memory stays at a few layers' f32, not the whole model's.
         for group in all.chunks(12) {
@@ -225,6 +233,8 @@ impl CudaBackend {
             for (w, d) in data {
                 backend.upload_weight(w, &d.data).with_context(|| format!("uploading {}", w.gguf_name(cfg.tied_output)))?;
             }
+            done += group.len();
+            on_weight(done, all.len());
         }
         Ok(backend)
     }

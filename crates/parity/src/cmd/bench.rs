@@ -4,7 +4,7 @@
 use crate::ours::{BackendKind, EngineOptions, Mode, NumericsArg, OurEngine};
 use crate::session::{check_context, ModelFile};
 use anyhow::{bail, Context, Result};
-use std::io::IsTerminal;
+use crate::progress::{Milestones, Progress, Unit};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -99,22 +99,18 @@ fn verdicts(args: &Args) -> Result<ExitCode> {
         let prompt = vb::long_prompt(args.long_words);
         cases.push(Case { name: format!("--layer 0, {}-word prompt", args.long_words), args: vb::run_args(&model, &prompt, 0, Some(0), backend) });
     }
-    let tty = std::io::stderr().is_terminal();
-    let started = Instant::now();
-    let mut progress = |msg: &str| {
-        if tty {
-            eprint!("\r\x1b[Kbench [{:.0} s] {msg}", started.elapsed().as_secs_f64());
-        } else {
-            eprintln!("bench [{:.0} s] {msg}", started.elapsed().as_secs_f64());
-        }
-    };
+    // vb::measure names each run (cold runs, the cache fill, warm runs) as it starts it.
+    let runs = cases.len() * (2 * args.repeat + 1);
+    let mut progress = Progress::new("bench", runs as u64, Unit::Items("runs"), Milestones::EveryItem);
+    let mut runs_done = 0;
     let mut results = Vec::new();
     for case in &cases {
-        results.push(vb::measure(&exe, case, args.repeat, &mut progress)?);
+        results.push(vb::measure(&exe, case, args.repeat, &mut |starting: &str| {
+            progress.set(runs_done, runs as u64, starting);
+            runs_done += 1;
+        })?);
     }
-    if tty {
-        eprintln!();
-    }
+    progress.finish(&format!("{runs} runs"));
     println!("parity run verdicts on {} ({backend} backend), model {}", vb::machine(), model.display());
     println!("medians of {} runs each; cold: empty caches (model hashed, llama.cpp captures); warm: reference cache filled", args.repeat);
     let mut table = comfy_table::Table::new();

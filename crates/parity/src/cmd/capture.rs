@@ -100,7 +100,7 @@ fn run_llama(args: &Args) -> Result<ExitCode> {
         opts.threads = t;
     }
     retire(&args.out)?;
-    let mut capture = llama.run(&tokens, args.decode, &opts)?;
+    let mut capture = crate::progress::llama_capture(&llama, &tokens, args.decode, &opts)?;
     capture.prompt = args.prompt.clone();
     capture.chat = args.chat;
     capture.model_sha256 = sha;

@@ -8,7 +8,7 @@ use crate::thresholds::{Comparison, Thresholds};
 use super::EngineArgs;
 use crate::verdict::{judge, Gates};
 use anyhow::{Context, Result};
-use std::io::IsTerminal;
+use crate::progress::{Milestones, Progress, Unit};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -64,32 +64,24 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let req = pair.gate_request(args.threshold, args.thresholds.as_deref(), false);
     let gates = Gates::resolve(&req, Comparison::TeacherForced)?;
 
-    let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
     let total = prompts.len();
+    let mut progress = Progress::new("gate", total as u64, Unit::Items("prompts"), Milestones::EveryItem);
     let mut results: Vec<Judged> = Vec::with_capacity(total);
     for (done, (position, prompt)) in prompts.into_iter().enumerate() {
         let t = Instant::now();
         let report = judge(&mut pair, &prompt.text, prompt.chat, args.decode, layers.clone(), &gates, true)
             .with_context(|| format!("prompt #{} of {}", position + 1, args.prompts.display()))?;
         let judged = Judged { position, prompt, report, seconds: t.elapsed().as_secs_f64() };
-        let eta = started.elapsed().as_secs_f64() / (done + 1) as f64 * (total - done - 1) as f64;
         let status = if judged.diverged() { "DIVERGED" } else { "match" };
-        let line = format!("gate [{}/{total}] {}: {status} (ETA {eta:.0} s)", done + 1, judged.label());
-        if tty {
-            eprint!("\r\x1b[K{line}");
-        } else {
-            eprintln!("{line}");
-        }
+        progress.set(done as u64 + 1, total as u64, &format!("{}: {status}", judged.label()));
         let stop = judged.diverged() && args.fail_fast;
         results.push(judged);
         if stop {
             break;
         }
     }
-    if tty {
-        eprintln!();
-    }
+    progress.finish(&format!("{} of {total} prompts judged", results.len()));
 
     let suite = format!("parity gate {}", args.prompts.display());
     if let Some(path) = &args.junit {

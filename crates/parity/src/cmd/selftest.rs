@@ -15,7 +15,7 @@ use crate::thresholds::Comparison;
 use anyhow::{bail, Context, Result};
 use comfy_table::Table;
 use engine::fault::Fault;
-use std::io::IsTerminal;
+use crate::progress::{Milestones, Progress, Unit};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -74,27 +74,20 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let req = pair.gate_request(None, None, false);
     let gates = Gates::resolve(&req, Comparison::TeacherForced)?;
 
-    let tty = std::io::stderr().is_terminal();
-    let started = std::time::Instant::now();
-    let total = prompts.len() * (specs.len() + 1);
-    let mut done = 0usize;
-    let mut progress = |msg: &str| {
-        done += 1;
-        let eta = started.elapsed().as_secs_f64() / done as f64 * (total - done + 1) as f64;
-        if tty {
-            eprint!("\r\x1b[Kselftest [{done}/{total}] {msg} (ETA {eta:.0} s)");
-        } else {
-            eprintln!("selftest [{done}/{total}] {msg}");
-        }
+    // run_prompt names each run (the clean one, then one per fault) as it starts it.
+    let total = (prompts.len() * (specs.len() + 1)) as u64;
+    let mut progress = Progress::new("selftest", total, Unit::Items("runs"), Milestones::EveryItem);
+    let mut runs_done = 0;
+    let mut on_run = |starting: &str| {
+        progress.set(runs_done, total, starting);
+        runs_done += 1;
     };
     let mut outcomes: Vec<Outcome> = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
         let reference = pair.reference(&prompt.text, prompt.chat, args.decode, None)?;
-        outcomes.extend(run_prompt(&mut pair, &reference, i, &specs, &gates.teacher_forced, &gates.free_running, &mut progress)?);
+        outcomes.extend(run_prompt(&mut pair, &reference, i, &specs, &gates.teacher_forced, &gates.free_running, &mut on_run)?);
     }
-    if tty {
-        eprintln!();
-    }
+    progress.finish(&format!("{total} runs"));
     let summary = summarize(&outcomes, seed, args.min_margin);
 
     let mut table = Table::new();
