@@ -195,6 +195,10 @@ pub struct Pair {
     dims: Dims,
     pub kv: KvType,
     pub threads: Option<usize>,
+    /// `--reference oracle`: our CPU engine in the engine under test's
+    /// numerics and KV type is the reference, in place of llama.cpp (which
+    /// then only tokenizes).
+    oracle: Option<OurEngine>,
 }
 
 impl Pair {
@@ -235,7 +239,39 @@ impl Pair {
             dims: dims_of(cfg),
             kv: eo.kv,
             threads,
+            oracle: None,
         })
+    }
+
+    /// Make our CPU engine, in the same numerics and KV type and without
+    /// the fault, the reference of every later comparison (`--reference
+    /// oracle`): the engine under test (CUDA) is then judged against the
+    /// oracle it was written from, with llama.cpp's rounding out of the
+    /// picture.
+    pub fn use_oracle_reference(&mut self, model: &ModelFile) -> Result<()> {
+        let eo = EngineOptions {
+            kv: self.kv,
+            numerics: self.ours.numerics(),
+            fault: FaultSpec::NONE,
+            max_ctx: self.engine.max_ctx,
+            backend: BackendKind::Cpu,
+        };
+        self.oracle = Some(OurEngine::load(&model.gguf, &model.cfg, eo).context("loading the CPU oracle (--reference oracle)")?);
+        Ok(())
+    }
+
+    /// The CPU oracle's capture on one prompt: greedy on its own logits.
+    fn oracle_reference(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>) -> Result<Capture> {
+        let n_ctx_train = self.n_ctx_train;
+        let tokens = self.llama()?.tokenize(prompt, chat)?;
+        check_context(tokens.len(), n_decode, n_ctx_train)?;
+        let needed = capture_bytes(&self.dims, tokens.len(), n_decode, layers.as_deref(), &|_| true);
+        check_memory("the oracle's capture", needed, tokens.len(), n_decode)?;
+        let oracle = self.oracle.as_mut().expect("called with an oracle");
+        let mut reference = oracle.run(&tokens, n_decode, None, layers, Mode::Observe)?;
+        reference.engine = format!("oracle ({})", reference.engine);
+        self.label(&mut reference, prompt, chat);
+        Ok(reference)
     }
 
     /// Seed `fault` (or none) into our engine: in place for faults in the
@@ -301,6 +337,9 @@ impl Pair {
             ls.dedup();
             ls
         });
+        if self.oracle.is_some() {
+            return self.oracle_reference(prompt, chat, n_decode, layers);
+        }
         let mut opts = RefOptions { kv_type: self.kv, layers, ..RefOptions::default() };
         if let Some(t) = self.threads {
             opts.threads = t;

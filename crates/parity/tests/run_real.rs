@@ -330,3 +330,27 @@ fn q8_0_variant_of_the_real_model_matches() {
     assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
     assert!(out.contains("MATCH"), "{out}");
 }
+
+/// `--reference oracle`: our CPU engine in the same numerics is the
+/// reference. The CPU backend against itself is exact (every stage 0), and
+/// a seeded fault is named at its layer and stage as against llama.cpp.
+#[test]
+fn the_cpu_oracle_as_the_reference() {
+    let model = real_model_or_skip!();
+    let m = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("oracle.json");
+    let o = parity(&["run", "--model", m, "--prompt", HAIKU, "--decode", "2", "--reference", "oracle", "--json", json.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("reference: oracle (ours-cpu)"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let stages = v["stages"].as_array().unwrap();
+    assert!(stages.len() > 1000, "{}", stages.len());
+    assert!(stages.iter().all(|s| s["max_abs"].as_f64() == Some(0.0)), "the CPU backend differs from itself");
+    let o = parity(&["run", "--model", m, "--prompt", HAIKU, "--decode", "2", "--reference", "oracle", "--fault", "gqa-modulo@5"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("FIRST DIVERGENCE: prefill, layer 5, attn_scores"), "{out}");
+    assert!(out.contains("diagnosis: gqa-modulo"), "{out}");
+}

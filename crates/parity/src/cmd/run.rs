@@ -50,7 +50,9 @@ pub struct Args {
     /// The reference: llama.cpp on this GGUF (production numerics), or
     /// llama.cpp on an F32 copy of it (written with our bit-exact
     /// dequantization, cached beside the model) with an f32 KV cache: a
-    /// float reference for engines that keep activations in float.
+    /// float reference for engines that keep activations in float; or
+    /// `oracle`: our CPU engine in the same numerics and KV type (judges the
+    /// CUDA backend against the oracle it was written from).
     #[arg(long, value_enum, default_value = "llama")]
     pub reference: ReferenceArg,
     /// A calibrated thresholds file, for the comparison it records (default:
@@ -94,6 +96,7 @@ pub struct Args {
 pub enum ReferenceArg {
     Llama,
     LlamaF32,
+    Oracle,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -122,6 +125,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         ..EngineOptions::new(args.backend)
     };
     let mut pair = Pair::load_with_cache(&model, eo, args.threads, reference_cache(args.no_cache))?;
+    if args.reference == ReferenceArg::Oracle {
+        pair.use_oracle_reference(&model)?;
+    }
     let verdict = match args.verdict {
         _ if args.isolate => Comparison::TeacherForced,
         VerdictArg::TeacherForced => Comparison::TeacherForced,
@@ -148,6 +154,7 @@ fn invocation(args: &Args, model_path: &std::path::Path, layers: Option<&[usize]
     let reference_model = match args.reference {
         ReferenceArg::Llama => "the GGUF itself (production numerics)",
         ReferenceArg::LlamaF32 => "an F32 copy of the GGUF (a float reference)",
+        ReferenceArg::Oracle => "nothing but the tokenizer: the reference is our CPU oracle (--reference oracle)",
     };
     vec![
         ("model file".into(), model_path.display().to_string()),
