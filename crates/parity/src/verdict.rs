@@ -41,12 +41,10 @@ pub fn judge(pair: &mut Pair, prompt: &str, chat: bool, n_decode: usize, layers:
     };
     let under_test = if gates.verdict == Comparison::TeacherForced { &teacher_forced } else { &free_running };
     crate::drilldown::attach(&mut report, under_test, &reference);
-    if diagnose {
-        if report.first_divergence.is_some() {
-            let model = pair.open_model()?;
-            let tools = crate::diagnosis::Tools { pair: Some(pair), weights: Some(&model.gguf) };
-            report.diagnosis = crate::diagnosis::diagnose(tools, &reference, under_test, &report)?;
-        }
+    if diagnose && report.first_divergence.is_some() {
+        let model = pair.open_model()?;
+        let tools = crate::diagnosis::Tools { pair: Some(pair), weights: Some(&model.gguf) };
+        report.diagnosis = crate::diagnosis::diagnose(tools, &reference, under_test, &report)?;
     }
     Ok(report)
 }

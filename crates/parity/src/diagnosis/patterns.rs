@@ -815,11 +815,14 @@ fn rearranged(s: &Subject) -> Option<Hypothesis> {
     ))
 }
 
+/// One head's values of a tensor, in a fixed order.
+type HeadBlock = dyn Fn(&[f32], usize) -> Vec<f32>;
+
 /// Ours' heads are the reference's in another order: each of our head
 /// blocks matched to its best reference head.
 fn head_permutation(s: &Subject) -> Option<Hypothesis> {
     let layout = s.at.stage.layout();
-    let (n_heads, block_of): (usize, Box<dyn Fn(&[f32], usize) -> Vec<f32>>) = match layout {
+    let (n_heads, block_of): (usize, Box<HeadBlock>) = match layout {
         Layout::QHeads | Layout::KvHeads => {
             let [_, n_h, hd] = s.ours.shape[..] else { return None };
             (n_h, Box::new(move |x: &[f32], h| x.chunks(hd).skip(h).step_by(n_h).flatten().copied().collect()))
