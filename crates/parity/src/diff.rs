@@ -169,7 +169,7 @@ impl DiffReport {
     pub fn first_problem(&self) -> Option<FirstProblem> {
         let mut best: Option<(StageId, FirstProblem)> = None;
         let mut consider = |id: StageId, p: FirstProblem| {
-            if best.as_ref().map_or(true, |(b, _)| id < *b) {
+            if best.as_ref().is_none_or(|(b, _)| id < *b) {
                 best = Some((id, p));
             }
         };
@@ -293,7 +293,7 @@ pub fn diff_captures(
     thresholds: &Thresholds,
     filter: Option<&dyn Fn(&StageId) -> bool>,
 ) -> DiffReport {
-    let keep = |id: &StageId| filter.map_or(true, |f| f(id));
+    let keep = |id: &StageId| filter.is_none_or(|f| f(id));
     let n_layer = layer_count(ours, reference);
     let unavailable_ours: BTreeSet<StageId> = ours.unavailable.iter().copied().collect();
     let unavailable_ref: BTreeSet<StageId> = reference.unavailable.iter().copied().collect();
@@ -316,7 +316,7 @@ pub fn diff_captures(
                         GateMetric::RowRelL2 => metrics.row_rel_l2_max,
                     };
                     // NaN never passes: `value <= t` is false for NaN too.
-                    let pass = metrics.non_finite == 0 && threshold.map_or(true, |t| value <= t);
+                    let pass = metrics.non_finite == 0 && threshold.is_none_or(|t| value <= t);
                     if id.stage == Stage::Logits {
                         if let Ok(m) = compare_logits(&a.tensor, &b.tensor) {
                             logits.push((id.step, m));
@@ -363,14 +363,14 @@ pub fn diff_captures(
     let mut largest_jump: Option<usize> = None;
     for (i, row) in rows.iter().enumerate() {
         if let Some(j) = row.jump {
-            if largest_jump.map_or(true, |b| j > rows[b].jump.unwrap_or(f64::NEG_INFINITY)) {
+            if largest_jump.is_none_or(|b| j > rows[b].jump.unwrap_or(f64::NEG_INFINITY)) {
                 largest_jump = Some(i);
             }
         }
     }
 
     let logits_kl_max = thresholds.logits_kl_max;
-    let kl_ok = logits_kl_max.map_or(true, |gate| logits.iter().all(|(_, m)| m.kl_max <= gate));
+    let kl_ok = logits_kl_max.is_none_or(|gate| logits.iter().all(|(_, m)| m.kl_max <= gate));
     let verdict = if first_divergence.is_none() && missing.is_empty() && shape_mismatch.is_empty() && kl_ok {
         Verdict::Match
     } else {

@@ -45,7 +45,7 @@ pub fn check(path: &Path) -> Result<Report> {
     if !path.is_file() {
         bail!("model file not found: {}", path.display());
     }
-    let file = gguf::GgufFile::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = gguf::GgufFile::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let tensors = file.tensors();
     // refuse up front: a type neither side can dequantize is an input error
     for t in tensors {

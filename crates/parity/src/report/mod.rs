@@ -268,7 +268,7 @@ pub fn worst_of(r: &DiffReport, index: &Index, ids: impl Iterator<Item = StageId
     for id in ids {
         if let Cell::Row(i) = index.get(&id) {
             let key = r.rows[i].ratio().unwrap_or(if r.rows[i].metrics.non_finite > 0 { f64::INFINITY } else { 0.0 });
-            if best.map_or(true, |(_, b)| key > b) {
+            if best.is_none_or(|(_, b)| key > b) {
                 best = Some((i, key));
             }
         }
