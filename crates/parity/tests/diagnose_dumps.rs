@@ -71,6 +71,20 @@ fn hand_made_bugs_in_a_foreign_dump_are_named() {
     let diagnosis = line(&out, "diagnosis:");
     assert!(diagnosis.starts_with("diagnosis: no-qkv-bias"), "{diagnosis}");
     assert!(diagnosis.contains("equal to -blk.1.attn_k.bias"), "{diagnosis}");
+    // The Markdown and JSON reports carry the ranked hypotheses.
+    let (md, json) = (dir.path().join("no-bias.md"), dir.path().join("no-bias.json"));
+    let o = parity(&[
+        "diff", no_bias.to_str().unwrap(), llama_dir.to_str().unwrap(), "--threshold", "1", "--model", model.to_str().unwrap(),
+        "--markdown", md.to_str().unwrap(), "--json", json.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let md = std::fs::read_to_string(&md).unwrap();
+    assert!(md.contains("## Diagnosis: prefill, layer 1, k_proj") && md.contains("Names: **no-qkv-bias**"), "{md}");
+    assert!(md.contains("| 1 | replay | no-qkv-bias:"), "{md}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["diagnosis"]["names"], serde_json::json!(["no-qkv-bias"]));
+    let top = &v["diagnosis"]["hypotheses"][0];
+    assert_eq!((top["kind"].as_str(), top["holds"].as_bool()), (Some("replay"), Some(true)), "{top}");
 
     // The heads of attn_ctx at layer 2 in reverse order.
     let reversed = dir.path().join("heads");

@@ -806,6 +806,9 @@ fn rearranged(s: &Subject) -> Option<Hypothesis> {
     if let Some(h) = head_permutation(s) {
         return Some(h);
     }
+    if let Some(h) = channel_permutation(s) {
+        return Some(h);
+    }
     Some(hypothesis(
         "the same values as the reference in another order (no transpose or head order found)".into(),
         "rel-L2 of the sorted values",
@@ -848,6 +851,37 @@ fn head_permutation(s: &Subject) -> Option<Hypothesis> {
         hypothesis(
             format!("the heads are in another order ({} of {n_heads} moved): {}", moved.len(), moved.iter().take(4).cloned().collect::<Vec<_>>().join("; ")),
             "worst rel-L2 of our head blocks against their best-matching reference heads",
+            worst,
+            true,
+            &[],
+        )
+    })
+}
+
+/// Ours' channels (columns of a row) are the reference's in another order:
+/// each of our columns matched, over the tokens, to its best reference
+/// column. Needs a few rows for the columns to be told apart.
+fn channel_permutation(s: &Subject) -> Option<Hypothesis> {
+    let (width, rows) = (s.width(), s.rows());
+    if rows < 3 || s.at.stage.layout() == Layout::Attention || width > 8192 {
+        return None;
+    }
+    let column = |x: &[f32], c: usize| -> Vec<f32> { (0..rows).map(|t| x[t * width + c]).collect() };
+    let columns: Vec<Vec<f32>> = (0..width).map(|c| column(&s.reference.data, c)).collect();
+    let mut map = Vec::with_capacity(width);
+    let mut worst = 0f64;
+    for c in 0..width {
+        let mine = column(&s.ours.data, c);
+        let (fit, from) = columns.iter().enumerate().map(|(j, col)| (rel_l2(&mine, col), j)).min_by(|a, b| a.0.total_cmp(&b.0))?;
+        worst = worst.max(fit);
+        map.push(from);
+    }
+    let moved: Vec<usize> = (0..width).filter(|&c| map[c] != c).collect();
+    (s.explains(worst) && !moved.is_empty()).then(|| {
+        let examples: Vec<String> = moved.iter().take(4).map(|&c| format!("our channel {c} = reference channel {}", map[c])).collect();
+        hypothesis(
+            format!("the channels are in another order ({} of {width} moved): {}", moved.len(), examples.join("; ")),
+            "worst rel-L2 of our columns against their best-matching reference columns",
             worst,
             true,
             &[],

@@ -261,6 +261,18 @@ fn a_transpose_and_a_head_permutation_are_seen_as_layouts() {
 }
 
 #[test]
+fn a_channel_permutation_is_mapped() {
+    let r = hidden(21);
+    // The two halves of every row swapped (a rotate-half written as a copy).
+    let mut o = r.clone();
+    for row in o.data.chunks_mut(N_EMBD) {
+        row.rotate_left(N_EMBD / 2);
+    }
+    let d = diagnose_pair(&[], l0(Stage::AttnOut), o, r);
+    assert!(d.hypotheses.iter().any(|h| h.holds && h.claim.contains("32 of 32 moved): our channel 0 = reference channel 16")), "{:?}", d.hypotheses);
+}
+
+#[test]
 fn nan_is_reported_where_it_first_appears_and_evidence_names_the_head() {
     let r = Tensor::new(vec![N_TOK, N_HEAD, HEAD_DIM], values(N_TOK * N_EMBD, 19));
     let mut o = r.clone();

@@ -110,6 +110,9 @@ pub fn render_markdown(r: &DiffReport) -> String {
             out.push_str(&format!("| {k} | {v} |\n"));
         }
         out.push_str(&format!("\nLook at: {}\n\n", row.id.stage.what_to_check()));
+        if let Some(d) = r.diagnosis.as_ref().filter(|d| d.at == row.id) {
+            out.push_str(&diagnosis_markdown(d));
+        }
     }
 
     for step in index.steps() {
@@ -146,6 +149,36 @@ pub fn render_markdown(r: &DiffReport) -> String {
     }
     if !r.unavailable.is_empty() {
         out.push_str(&format!("{} checkpoints are not observable in this configuration (unavailable).\n", r.unavailable.len()));
+    }
+    out
+}
+
+/// The diagnosis's ranked hypotheses as a table, with the evidence.
+fn diagnosis_markdown(d: &crate::diagnosis::Diagnosis) -> String {
+    let named = d.named();
+    let mut out = format!(
+        "## Diagnosis: {}\n\n{}\n\n| # | kind | claim | names | test | figure | holds |\n|---|---|---|---|---|---|---|\n",
+        d.at,
+        if named.is_empty() { "No bug model or pattern explains it.".to_string() } else { format!("Names: **{}**.", named.join(" = ")) }
+    );
+    for (k, h) in d.hypotheses.iter().enumerate() {
+        let kind = match h.kind {
+            crate::diagnosis::Kind::Replay => "replay",
+            crate::diagnosis::Kind::Pattern => "pattern",
+        };
+        out.push_str(&format!(
+            "| {} | {kind} | {} | {} | {} | {} | {} |\n",
+            k + 1,
+            md_escape(&h.claim),
+            h.explains.join(", "),
+            md_escape(&h.test),
+            sci(h.figure),
+            if h.holds { "**yes**" } else { "no" }
+        ));
+    }
+    out.push_str(&format!("\nEvidence: {}\n\n", md_escape(&d.evidence)));
+    if let Some(a) = &d.attribution {
+        out.push_str(&format!("{}\n\n", md_escape(a)));
     }
     out
 }
