@@ -132,6 +132,15 @@ impl OurEngine {
         Ok(OurEngine { model, kv_type })
     }
 
+    /// Bytes of weights held on the GPU (None on the CPU backend, whose
+    /// matrices are views of the mapped file).
+    pub fn device_weight_bytes(&self) -> Option<usize> {
+        match &self.model {
+            Loaded::Cpu(_) => None,
+            Loaded::Cuda(model) => Some(model.backend.weight_bytes()),
+        }
+    }
+
     /// The numerics mode the engine rounds in now (its rounding holds it).
     pub fn numerics(&self) -> Numerics {
         match &self.model {

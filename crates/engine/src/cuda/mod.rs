@@ -9,18 +9,20 @@
 //! - **Kernels** are CUDA C in `kernels/*.cu`, embedded with `include_str!`
 //!   and compiled by NVRTC once per process (the PTX is cached in a
 //!   `OnceLock`); each backend loads the cached PTX into its own context.
-//! - **Weights** are dequantized on the host at load (with `gguf`'s
-//!   dequantizer, the one the CPU oracle and the weight-level check against
-//!   ggml use) and kept on the GPU as f32 in GGUF's `[out, in]` row-major
-//!   layout. This is the simplest correct form: every quant type the GGUF
-//!   reader knows works without a dequantizing kernel per type, the matmuls
-//!   see exactly the weights the CPU oracle sees, so CUDA vs CPU differs only
-//!   by f32 summation order, and the cost is memory: Qwen2.5-0.5B is about
-//!   0.5 G parameters x 4 bytes = 2 GB (the untied LM head included), a few
-//!   per cent of an 80 GB H100. A tied LM head is stored once.
-//! - **Linear** is cuBLAS sgemm (see [`CudaBackend::linear`] for the transpose
-//!   flags) plus a bias kernel; cuBLAS's default math mode for sgemm keeps
-//!   f32 (no TF32).
+//! - **Weights** stay on the GPU as the GGUF stores them: each matrix's
+//!   ggml blocks, uploaded byte for byte (`kernels/quant.cu` reads every type
+//!   the host dequantizer knows, F32/F16/BF16, Q4_0..Q8_0, Q2_K..Q6_K, to the
+//!   same f32 values bit for bit). Vectors (norms, biases) are f32. Weights
+//!   built from f32 tensors ([`CudaBackend::from_weights`], the op tests)
+//!   stay f32. A tied LM head is stored once.
+//! - **Linear** on a quantized matrix: for at most [`GEMV_MAX_TOKENS`] rows
+//!   (decode) a GEMV kernel that reads the blocks themselves; otherwise
+//!   (prefill, or the transposed-read fault) the matrix is dequantized on the
+//!   GPU into a scratch buffer and multiplied by cuBLAS sgemm (see
+//!   [`CudaBackend::linear`] for the transpose flags), plus a bias kernel;
+//!   cuBLAS's default math mode for sgemm keeps f32 (no TF32). Both see the
+//!   CPU oracle's weights exactly, so CUDA vs CPU differs only by f32
+//!   summation order.
 //! - **KV cache** per layer `[max_ctx, n_head_kv, head_dim]` on the GPU, f16
 //!   (raw 16-bit words, round-to-nearest-even on store, as ggml's f32->f16) or
 //!   f32 per [`BackendOptions::kv_type`]. GQA is an index map inside the
@@ -28,6 +30,10 @@
 //! - **Checkpoints**: ops only launch kernels; [`Backend::to_host`] is the one
 //!   device-to-host copy and is synchronous (the stream is synchronized and
 //!   any asynchronous kernel error surfaces there, with context).
+//! - **Profile**: with `QWEN2_PARITY_CUDA_PROFILE=1` every op synchronizes
+//!   the stream after it and adds its wall time to a per-op table that is
+//!   printed to stderr when the backend is dropped (slower, for finding
+//!   where time goes; off by default).
 
 use crate::arch::ArchSpec;
 use crate::backend::{Backend, BackendOptions, Weight};
@@ -38,16 +44,19 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
-use gguf::{GgufFile, Qwen2Config};
-use std::collections::HashMap;
+use gguf::{GgmlType, GgufFile, Qwen2Config};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 /// The one message every "no GPU here" path starts with.
 pub const NO_DEVICE: &str = "no CUDA device: use --backend cpu";
 
 /// Kernel sources, embedded in the binary: (file name, source).
-const SOURCES: [(&str, &str); 4] = [
+const SOURCES: [(&str, &str); 5] = [
     ("elementwise.cu", include_str!("../../../../kernels/elementwise.cu")),
+    ("quant.cu", include_str!("../../../../kernels/quant.cu")),
     ("norm.cu", include_str!("../../../../kernels/norm.cu")),
     ("rope.cu", include_str!("../../../../kernels/rope.cu")),
     ("attention.cu", include_str!("../../../../kernels/attention.cu")),
@@ -57,6 +66,28 @@ const SOURCES: [(&str, &str); 4] = [
 const BLOCK: u32 = 256;
 /// Threads per block of the row kernels (must match NORM_THREADS / SOFTMAX_THREADS in the .cu files).
 const ROW_BLOCK: u32 = 256;
+/// Rows of activations up to which a quantized linear is a GEMV over the
+/// blocks (must match GEMV_MAX_TOKENS in quant.cu).
+pub const GEMV_MAX_TOKENS: usize = 8;
+/// Output rows per GEMV block, one per warp (GEMV_WARPS in quant.cu).
+const GEMV_WARPS: u32 = 8;
+
+/// The ggml types `kernels/quant.cu` reads, with the suffix of their kernels' names.
+const QUANT_TYPES: [(GgmlType, &str); 13] = [
+    (GgmlType::F32, "F32"),
+    (GgmlType::F16, "F16"),
+    (GgmlType::BF16, "BF16"),
+    (GgmlType::Q4_0, "Q4_0"),
+    (GgmlType::Q4_1, "Q4_1"),
+    (GgmlType::Q5_0, "Q5_0"),
+    (GgmlType::Q5_1, "Q5_1"),
+    (GgmlType::Q8_0, "Q8_0"),
+    (GgmlType::Q2_K, "Q2_K"),
+    (GgmlType::Q3_K, "Q3_K"),
+    (GgmlType::Q4_K, "Q4_K"),
+    (GgmlType::Q5_K, "Q5_K"),
+    (GgmlType::Q6_K, "Q6_K"),
+];
 
 /// Whether this process can use CUDA: the driver library loads, cuBLAS and
 /// NVRTC load, and at least one device answers. Never panics (it is the
@@ -131,7 +162,15 @@ impl CudaBuf {
     }
 }
 
+/// The three kernels of one weight type in `kernels/quant.cu`.
+struct QuantKernels {
+    dequant: CudaFunction,
+    gemv: CudaFunction,
+    get_rows: CudaFunction,
+}
+
 struct Kernels {
+    quant: HashMap<GgmlType, QuantKernels>,
     embed: CudaFunction,
     add_bias: CudaFunction,
     add: CudaFunction,
@@ -157,7 +196,17 @@ impl Kernels {
         let f = |file: &str, func: &str| -> Result<CudaFunction> {
             modules[file].load_function(func).with_context(|| format!("kernel {func} in kernels/{file}"))
         };
+        let mut quant = HashMap::new();
+        for (ty, suffix) in QUANT_TYPES {
+            let q = QuantKernels {
+                dequant: f("quant.cu", &format!("dequant_{suffix}"))?,
+                gemv: f("quant.cu", &format!("gemv_{suffix}"))?,
+                get_rows: f("quant.cu", &format!("get_rows_{suffix}"))?,
+            };
+            quant.insert(ty, q);
+        }
         Ok(Kernels {
+            quant,
             embed: f("elementwise.cu", "embed_f32")?,
             add_bias: f("elementwise.cu", "add_bias_f32")?,
             add: f("elementwise.cu", "add_f32")?,
@@ -182,6 +231,41 @@ enum KvCache {
     F16 { k: Vec<CudaSlice<u16>>, v: Vec<CudaSlice<u16>> },
 }
 
+/// A weight as the GPU holds it.
+enum DeviceWeight {
+    /// f32, row-major: vectors, and matrices built from f32 tensors.
+    F32(CudaBuf),
+    /// A matrix `[rows, cols]` as ggml blocks, `row_bytes` per row, exactly
+    /// the GGUF's bytes. `flags` goes to every kernel that reads it (bit 0:
+    /// the `q5-0-high-bit` fault).
+    Blocks { ty: GgmlType, data: CudaSlice<u8>, rows: usize, cols: usize, row_bytes: usize, flags: i32 },
+}
+
+impl DeviceWeight {
+    fn bytes(&self) -> usize {
+        match self {
+            DeviceWeight::F32(b) => b.len() * 4,
+            DeviceWeight::Blocks { data, .. } => data.len(),
+        }
+    }
+}
+
+/// A matrix as f32: a resident f32 weight, or blocks dequantized for one use.
+enum F32Matrix<'a> {
+    Resident(&'a CudaBuf),
+    Scratch(CudaBuf),
+}
+
+impl std::ops::Deref for F32Matrix<'_> {
+    type Target = CudaBuf;
+    fn deref(&self) -> &CudaBuf {
+        match self {
+            F32Matrix::Resident(b) => b,
+            F32Matrix::Scratch(b) => b,
+        }
+    }
+}
+
 /// The Qwen2 ops on one CUDA device.
 pub struct CudaBackend {
     cfg: Qwen2Config,
@@ -191,8 +275,10 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: Kernels,
-    weights: HashMap<Weight, CudaBuf>,
+    weights: HashMap<Weight, DeviceWeight>,
     cache: KvCache,
+    /// Per-op (calls, seconds) when `QWEN2_PARITY_CUDA_PROFILE=1`.
+    profile: Option<RefCell<BTreeMap<&'static str, (u64, f64)>>>,
 }
 
 /// Grid for a grid-stride kernel over `n` elements (n > 0).
@@ -211,7 +297,8 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
 }
 
 impl CudaBackend {
-    /// Dequantize every weight of `gguf` on the host and upload it as f32.
+    /// Upload every weight of `gguf`: matrices as their ggml blocks (f32 on
+    /// the host only for a type without a kernel), vectors as f32.
     pub fn load(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions) -> Result<Self> {
         Self::load_observed(gguf, cfg, opts, &mut |_, _| {})
     }
@@ -220,21 +307,23 @@ impl CudaBackend {
     /// group of weights is uploaded: the caller shows progress (this crate
     /// never prints).
     pub fn load_observed(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions, on_weight: &mut dyn FnMut(usize, usize)) -> Result<Self> {
-        use rayon::prelude::*;
         let mut backend = Self::empty(cfg.clone(), opts)?;
         // A tied LM head is token_embd: stored once, resolved by `weight`.
         let all = Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer);
-        let mut done = 0;
-        // Dequantize a layer's worth of tensors in parallel, upload, go on:
-        // host memory stays at a few layers' f32, not the whole model's.
-        for group in all.chunks(12) {
-            let data: Vec<(Weight, Tensor)> =
-                group.par_iter().map(|&w| Ok((w, w.dequantize_for(gguf, cfg, opts.dequant_bug)?))).collect::<Result<_>>()?;
-            for (w, d) in data {
-                backend.upload_weight(w, &d.data).with_context(|| format!("uploading {}", w.gguf_name(cfg.tied_output)))?;
+        for (done, &w) in all.iter().enumerate() {
+            let name = w.gguf_name(cfg.tied_output);
+            let info = gguf.tensor(&name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", gguf.path().display()))?;
+            let shape = w.shape(cfg);
+            if shape.len() == 2 && backend.k.quant.contains_key(&info.ggml_type) {
+                let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+                ensure!(dims == shape, "tensor {name} has shape {dims:?}, expected {shape:?}");
+                let flags = i32::from(w.dequant_bug_applies(info.ggml_type, opts.dequant_bug));
+                backend.upload_blocks(w, info.ggml_type, gguf.tensor_data(info), flags).with_context(|| format!("uploading {name}"))?;
+            } else {
+                let t = w.dequantize_for(gguf, cfg, opts.dequant_bug)?;
+                backend.upload_weight(w, &t.data).with_context(|| format!("uploading {name}"))?;
             }
-            done += group.len();
-            on_weight(done, all.len());
+            on_weight(done + 1, all.len());
         }
         Ok(backend)
     }
@@ -256,6 +345,11 @@ impl CudaBackend {
         ensure!(cfg.head_dim.is_multiple_of(2), "head_dim {} is odd: RoPE needs pairs", cfg.head_dim);
         ensure!(opts.max_ctx > 0, "max_ctx must be positive");
         let ctx = CudaContext::new(0).context("creating a CUDA context on device 0")?;
+        // SAFETY: this backend uses one stream for every allocation, kernel and
+        // copy, so stream order alone orders every use of every buffer; the
+        // per-buffer events cudarc would otherwise create for cross-stream
+        // synchronization are never needed.
+        unsafe { ctx.disable_event_tracking() };
         let device_name = ctx.name().context("cuDeviceGetName")?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
@@ -285,7 +379,8 @@ impl CudaBackend {
                 KvCache::F16 { k, v }
             }
         };
-        Ok(CudaBackend { cfg, opts, device_name, ctx, stream, blas, k, weights: HashMap::new(), cache })
+        let profile = (std::env::var("QWEN2_PARITY_CUDA_PROFILE").as_deref() == Ok("1")).then(|| RefCell::new(BTreeMap::new()));
+        Ok(CudaBackend { cfg, opts, device_name, ctx, stream, blas, k, weights: HashMap::new(), cache, profile })
     }
 
     fn upload_weight(&mut self, w: Weight, data: &[f32]) -> Result<()> {
@@ -293,13 +388,72 @@ impl CudaBackend {
         let n: usize = shape.iter().product();
         ensure!(data.len() == n, "{w:?} has {} values, expected {n} for shape {shape:?}", data.len());
         let data = self.stream.clone_htod(data).context("host-to-device copy")?;
-        self.weights.insert(w, CudaBuf { data, shape });
+        self.weights.insert(w, DeviceWeight::F32(CudaBuf { data, shape }));
         Ok(())
     }
 
-    fn weight(&self, w: Weight) -> Result<&CudaBuf> {
+    /// Keep the matrix `w` on the GPU as `bytes`, rows of `ty` blocks in
+    /// GGUF's layout (`flags` bit 0: read Q5_0 with the `q5-0-high-bit`
+    /// fault). Replaces any earlier copy of `w`.
+    pub fn upload_blocks(&mut self, w: Weight, ty: GgmlType, bytes: &[u8], flags: i32) -> Result<()> {
+        let shape = w.shape(&self.cfg);
+        ensure!(shape.len() == 2, "{w:?} is not a matrix");
+        ensure!(self.k.quant.contains_key(&ty), "no CUDA kernel reads {} weights", ty.name());
+        let (rows, cols) = (shape[0], shape[1]);
+        let row_bytes = ty.row_bytes(cols).ok_or_else(|| anyhow!("{w:?}: rows of {cols} values are not whole {} blocks", ty.name()))?;
+        ensure!(bytes.len() == rows * row_bytes, "{w:?}: {} bytes of {}, expected {rows} rows of {row_bytes}", bytes.len(), ty.name());
+        i32_of(rows, "rows")?;
+        i32_of(cols, "cols")?;
+        let data = self.stream.clone_htod(bytes).context("host-to-device copy")?;
+        self.weights.insert(w, DeviceWeight::Blocks { ty, data, rows, cols, row_bytes, flags });
+        Ok(())
+    }
+
+    fn weight(&self, w: Weight) -> Result<&DeviceWeight> {
         let w = if w == Weight::Output && self.cfg.tied_output && !self.weights.contains_key(&w) { Weight::TokenEmbd } else { w };
         self.weights.get(&w).ok_or_else(|| anyhow!("weight {w:?} not loaded"))
+    }
+
+    /// An f32 vector (norm weight, bias).
+    fn vector(&self, w: Weight) -> Result<&CudaBuf> {
+        match self.weight(w)? {
+            DeviceWeight::F32(b) => Ok(b),
+            DeviceWeight::Blocks { ty, .. } => bail!("weight {w:?} is stored as {} blocks, expected an f32 vector", ty.name()),
+        }
+    }
+
+    /// The storage type of a weight on the GPU: its GGUF type for blocks, F32 otherwise.
+    pub fn weight_type(&self, w: Weight) -> Result<GgmlType> {
+        Ok(match self.weight(w)? {
+            DeviceWeight::F32(_) => GgmlType::F32,
+            DeviceWeight::Blocks { ty, .. } => *ty,
+        })
+    }
+
+    /// A matrix as f32 on the GPU: its own buffer, or its blocks dequantized
+    /// by `kernels/quant.cu` into a new one.
+    fn dequantized(&self, w: Weight) -> Result<F32Matrix<'_>> {
+        match self.weight(w)? {
+            DeviceWeight::F32(b) => Ok(F32Matrix::Resident(b)),
+            DeviceWeight::Blocks { ty, data, rows, cols, row_bytes, flags } => {
+                let mut out = self.alloc(vec![*rows, *cols])?;
+                let (r, c) = (i32_of(*rows, "rows")?, i32_of(*cols, "cols")?);
+                let rb = *row_bytes as u64;
+                let cfg = grid_for(out.len());
+                let mut b = self.stream.launch_builder(&self.k.quant[ty].dequant);
+                b.arg(data).arg(&rb).arg(&mut out.data).arg(&r).arg(&c).arg(flags);
+                // SAFETY: `data` holds rows * row_bytes bytes (checked at upload), `out` rows * cols f32.
+                unsafe { b.launch(cfg) }.with_context(|| format!("launching dequant_{}", ty.name()))?;
+                Ok(F32Matrix::Scratch(out))
+            }
+        }
+    }
+
+    /// A weight's values as the kernels read them, on the host (for tests:
+    /// blocks dequantized on the GPU must equal the host dequantizer's).
+    pub fn weight_to_host(&self, w: Weight) -> Result<Tensor> {
+        let values = self.dequantized(w)?;
+        self.to_host(&values)
     }
 
     /// The device's name, as the driver reports it (e.g. "NVIDIA H100 80GB HBM3").
@@ -313,7 +467,7 @@ impl CudaBackend {
 
     /// Bytes of GPU memory held by the weights.
     pub fn weight_bytes(&self) -> usize {
-        self.weights.values().map(|b| b.len() * 4).sum()
+        self.weights.values().map(DeviceWeight::bytes).sum()
     }
 
     /// Wait for every queued kernel; surfaces asynchronous kernel errors.
@@ -333,6 +487,23 @@ impl CudaBackend {
             )
         })?;
         Ok(CudaBuf { data, shape })
+    }
+
+    /// Start timing an op (only when profiling).
+    fn prof_start(&self) -> Option<Instant> {
+        self.profile.as_ref().map(|_| Instant::now())
+    }
+
+    /// End timing `op`: wait for its kernels, add its wall time.
+    fn prof_end(&self, op: &'static str, started: Option<Instant>) -> Result<()> {
+        if let (Some(p), Some(t)) = (&self.profile, started) {
+            self.synchronize()?;
+            let mut table = p.borrow_mut();
+            let e = table.entry(op).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += t.elapsed().as_secs_f64();
+        }
+        Ok(())
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -372,9 +543,11 @@ impl Backend for CudaBackend {
     }
 
     fn to_host(&self, buf: &CudaBuf) -> Result<Tensor> {
+        let t0 = self.prof_start();
         let data = self.stream.clone_dtoh(&buf.data).context("device-to-host copy")?;
         self.synchronize()?;
         ensure!(data.len() == buf.shape.iter().product::<usize>(), "buffer of {} values has shape {:?}", data.len(), buf.shape);
+        self.prof_end("to_host", t0)?;
         Ok(Tensor::new(buf.shape.clone(), data))
     }
 
@@ -385,25 +558,39 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, tokens: &[i32], read: WeightRead) -> Result<CudaBuf> {
+        let t0 = self.prof_start();
         ensure!(!tokens.is_empty(), "no tokens");
         if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.cfg.n_vocab) {
             bail!("token id {bad} out of range (n_vocab {})", self.cfg.n_vocab);
         }
-        let table = self.weight(Weight::TokenEmbd)?;
         let ids = self.stream.clone_htod(tokens).context("uploading token ids")?;
         let n_embd = self.cfg.n_embd;
         let mut out = self.alloc(vec![tokens.len(), n_embd])?;
         let (nt, ne, nv) = (i32_of(tokens.len(), "n_tokens")?, i32_of(n_embd, "n_embd")?, i32_of(self.cfg.n_vocab, "n_vocab")?);
         let transposed = i32::from(read == WeightRead::Transposed);
         let cfg = grid_for(out.len());
-        let mut b = self.stream.launch_builder(&self.k.embed);
-        b.arg(&table.data).arg(&ids).arg(&mut out.data).arg(&nt).arg(&ne).arg(&nv).arg(&transposed);
-        unsafe { b.launch(cfg) }.context("launching embed_f32")?;
+        match self.weight(Weight::TokenEmbd)? {
+            DeviceWeight::F32(table) => {
+                let mut b = self.stream.launch_builder(&self.k.embed);
+                b.arg(&table.data).arg(&ids).arg(&mut out.data).arg(&nt).arg(&ne).arg(&nv).arg(&transposed);
+                // SAFETY: ids are range-checked above; table is [n_vocab, n_embd], out [n_tokens, n_embd].
+                unsafe { b.launch(cfg) }.context("launching embed_f32")?;
+            }
+            DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } => {
+                let rb = *row_bytes as u64;
+                let mut b = self.stream.launch_builder(&self.k.quant[ty].get_rows);
+                b.arg(data).arg(&rb).arg(&ids).arg(&mut out.data).arg(&nt).arg(&nv).arg(&ne).arg(&transposed).arg(flags);
+                // SAFETY: as above; the blocks hold n_vocab rows of row_bytes (checked at upload).
+                unsafe { b.launch(cfg) }.with_context(|| format!("launching get_rows_{}", ty.name()))?;
+            }
+        }
+        self.prof_end("embed", t0)?;
         Ok(out)
     }
 
     fn rms_norm(&self, x: &CudaBuf, weight: Weight, eps: f32) -> Result<CudaBuf> {
-        let w = self.weight(weight)?;
+        let t0 = self.prof_start();
+        let w = self.vector(weight)?;
         let n_cols = *x.shape.last().ok_or_else(|| anyhow!("rms_norm of a scalar"))?;
         ensure!(w.len() == n_cols, "rms_norm: weight {weight:?} has {} values, rows have {n_cols}", w.len());
         let rows = x.len() / n_cols;
@@ -412,6 +599,7 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(&self.k.rms_norm);
         b.arg(&x.data).arg(&w.data).arg(&mut out.data).arg(&nc).arg(&eps);
         unsafe { b.launch(rows_grid(rows)?) }.context("launching rms_norm_f32")?;
+        self.prof_end("rms_norm", t0)?;
         Ok(out)
     }
 
@@ -426,10 +614,16 @@ impl Backend for CudaBackend {
     /// `WeightRead::Transposed` (a fault) flips A's flag and takes its
     /// leading dimension from the other side: A's storage as column-major
     /// `[out, in]` (ld = out, op N), i.e. W's buffer read as `[in, out]`.
+    ///
+    /// A quantized matrix and at most [`GEMV_MAX_TOKENS`] rows of `x` (read
+    /// as rows) take the GEMV kernel over the blocks instead.
     fn linear(&self, x: &CudaBuf, weight: Weight, bias: Option<Weight>, read: WeightRead) -> Result<CudaBuf> {
-        let w = self.weight(weight)?;
-        ensure!(w.shape.len() == 2, "linear: {weight:?} is not a matrix");
-        let (n_out, n_in) = (w.shape[0], w.shape[1]);
+        let t0 = self.prof_start();
+        let (n_out, n_in) = match self.weight(weight)? {
+            DeviceWeight::F32(w) if w.shape.len() == 2 => (w.shape[0], w.shape[1]),
+            DeviceWeight::F32(_) => bail!("linear: {weight:?} is not a matrix"),
+            DeviceWeight::Blocks { rows, cols, .. } => (*rows, *cols),
+        };
         let last = *x.shape.last().ok_or_else(|| anyhow!("linear of a scalar"))?;
         ensure!(last == n_in, "linear: x rows have {last} values, {weight:?} expects {n_in}");
         let n = x.len() / n_in;
@@ -439,25 +633,43 @@ impl Backend for CudaBackend {
             shape = vec![n, n_out];
         }
         let mut y = self.alloc(shape)?;
-        let (transa, lda) = match read {
-            WeightRead::Rows => (cublasOperation_t::CUBLAS_OP_T, n_in),
-            WeightRead::Transposed => (cublasOperation_t::CUBLAS_OP_N, n_out),
+        let path = match self.weight(weight)? {
+            DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } if read == WeightRead::Rows && n <= GEMV_MAX_TOKENS => {
+                let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(n_in, "cols")?);
+                let rb = *row_bytes as u64;
+                let cfg = LaunchConfig { grid_dim: (n_out.div_ceil(GEMV_WARPS as usize) as u32, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+                let mut b = self.stream.launch_builder(&self.k.quant[ty].gemv);
+                b.arg(data).arg(&rb).arg(&x.data).arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(flags);
+                // SAFETY: the blocks hold n_out rows of row_bytes (checked at upload); x is [n, n_in], y [n, n_out], n <= GEMV_MAX_TOKENS.
+                unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv_{} for {weight:?}", ty.name()))?;
+                "linear (gemv on blocks)"
+            }
+            other => {
+                let path = if matches!(other, DeviceWeight::F32(_)) { "linear (sgemm on f32)" } else { "linear (dequantize + sgemm)" };
+                let w = self.dequantized(weight)?;
+                let (transa, lda) = match read {
+                    WeightRead::Rows => (cublasOperation_t::CUBLAS_OP_T, n_in),
+                    WeightRead::Transposed => (cublasOperation_t::CUBLAS_OP_N, n_out),
+                };
+                let cfg = GemmConfig {
+                    transa,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m: i32_of(n_out, "out")?,
+                    n: i32_of(n, "n_tokens")?,
+                    k: i32_of(n_in, "in")?,
+                    alpha: 1.0f32,
+                    lda: i32_of(lda, "lda")?,
+                    ldb: i32_of(n_in, "ldb")?,
+                    beta: 0.0f32,
+                    ldc: i32_of(n_out, "ldc")?,
+                };
+                // SAFETY: the dimensions above describe w ([n_out, n_in]), x ([n, n_in]) and y ([n, n_out]) exactly.
+                unsafe { self.blas.gemm(cfg, &w.data, &x.data, &mut y.data) }.with_context(|| format!("cublasSgemm for {weight:?}"))?;
+                path
+            }
         };
-        let cfg = GemmConfig {
-            transa,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: i32_of(n_out, "out")?,
-            n: i32_of(n, "n_tokens")?,
-            k: i32_of(n_in, "in")?,
-            alpha: 1.0f32,
-            lda: i32_of(lda, "lda")?,
-            ldb: i32_of(n_in, "ldb")?,
-            beta: 0.0f32,
-            ldc: i32_of(n_out, "ldc")?,
-        };
-        unsafe { self.blas.gemm(cfg, &w.data, &x.data, &mut y.data) }.with_context(|| format!("cublasSgemm for {weight:?}"))?;
         if let Some(bw) = bias {
-            let bvec = self.weight(bw)?;
+            let bvec = self.vector(bw)?;
             ensure!(bvec.len() == n_out, "bias {bw:?} has {} values, output rows {n_out}", bvec.len());
             let (nr, nc) = (i32_of(n, "rows")?, i32_of(n_out, "cols")?);
             let cfg = grid_for(y.len());
@@ -465,10 +677,12 @@ impl Backend for CudaBackend {
             b.arg(&mut y.data).arg(&bvec.data).arg(&nr).arg(&nc);
             unsafe { b.launch(cfg) }.context("launching add_bias_f32")?;
         }
+        self.prof_end(path, t0)?;
         Ok(y)
     }
 
     fn rope(&self, x: &CudaBuf, pos0: usize, freq_base: f32, pairing: RopePairing) -> Result<CudaBuf> {
+        let t0 = self.prof_start();
         ensure!(x.shape.len() == 3, "rope expects [n_tokens, n_heads, head_dim], got {:?}", x.shape);
         let (nt, nh, hd) = (x.shape[0], x.shape[1], x.shape[2]);
         ensure!(hd.is_multiple_of(2), "rope: odd head_dim {hd}");
@@ -482,10 +696,12 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(&self.k.rope);
         b.arg(&x.data).arg(&mut out.data).arg(&nt_).arg(&nh_).arg(&hd_).arg(&p0).arg(&freq_base).arg(&pairing);
         unsafe { b.launch(grid_for(nt * nh * hd / 2)) }.context("launching rope_f32")?;
+        self.prof_end("rope", t0)?;
         Ok(out)
     }
 
     fn kv_store(&mut self, layer: usize, k: &CudaBuf, v: &CudaBuf, pos0: usize) -> Result<()> {
+        let t0 = self.prof_start();
         self.check_layer(layer)?;
         let kv_row = self.cfg.n_head_kv * self.cfg.head_dim;
         ensure!(k.shape == v.shape, "kv_store: K {:?} and V {:?} differ", k.shape, v.shape);
@@ -511,10 +727,12 @@ impl Backend for CudaBackend {
                 unsafe { b.launch(cfg) }.context("launching kv_store_f16")?;
             }
         }
+        self.prof_end("kv_store", t0)?;
         Ok(())
     }
 
     fn attn_scores(&self, layer: usize, q: &CudaBuf, pos0: usize, n_kv: usize, head_map: HeadMap) -> Result<CudaBuf> {
+        let t0 = self.prof_start();
         self.check_layer(layer)?;
         ensure!(q.shape.len() == 3 && q.shape[2] == self.cfg.head_dim, "attn_scores: q {:?} is not [n_tokens, n_head, {}]", q.shape, self.cfg.head_dim);
         ensure!(n_kv > 0 && n_kv <= self.opts.max_ctx, "attn_scores: n_kv {n_kv} outside 1..={}", self.opts.max_ctx);
@@ -540,10 +758,12 @@ impl Backend for CudaBackend {
             b.arg(v);
         }
         unsafe { b.launch(cfg) }.context("launching attn_scores")?;
+        self.prof_end("attn_scores", t0)?;
         Ok(out)
     }
 
     fn softmax_causal(&self, scores: &CudaBuf, scale: f32, pos0: usize) -> Result<CudaBuf> {
+        let t0 = self.prof_start();
         ensure!(scores.shape.len() == 3, "softmax_causal expects [n_head, n_tokens, n_kv], got {:?}", scores.shape);
         let (nh, nt, n_kv) = (scores.shape[0], scores.shape[1], scores.shape[2]);
         let mut out = self.alloc(scores.shape.clone())?;
@@ -551,10 +771,12 @@ impl Backend for CudaBackend {
         let mut b = self.stream.launch_builder(&self.k.softmax_causal);
         b.arg(&scores.data).arg(&mut out.data).arg(&nt_).arg(&nkv_).arg(&scale).arg(&p0);
         unsafe { b.launch(rows_grid(nh * nt)?) }.context("launching softmax_causal_f32")?;
+        self.prof_end("softmax", t0)?;
         Ok(out)
     }
 
     fn attn_ctx(&self, layer: usize, probs: &CudaBuf, n_kv: usize, head_map: HeadMap) -> Result<CudaBuf> {
+        let t0 = self.prof_start();
         self.check_layer(layer)?;
         ensure!(probs.shape.len() == 3 && probs.shape[2] == n_kv, "attn_ctx: probs {:?} is not [n_head, n_tokens, {n_kv}]", probs.shape);
         ensure!(n_kv <= self.opts.max_ctx, "attn_ctx: n_kv {n_kv} beyond the cache capacity {}", self.opts.max_ctx);
@@ -581,10 +803,12 @@ impl Backend for CudaBackend {
             b.arg(v);
         }
         unsafe { b.launch(cfg) }.context("launching attn_ctx")?;
+        self.prof_end("attn_ctx", t0)?;
         Ok(out)
     }
 
     fn add(&self, a: &CudaBuf, b: &CudaBuf) -> Result<CudaBuf> {
+        let t0 = self.prof_start();
         ensure!(a.len() == b.len(), "add: shapes {:?} and {:?} differ in size", a.shape, b.shape);
         let mut out = self.alloc(a.shape.clone())?;
         let n = out.len() as u64;
@@ -592,10 +816,12 @@ impl Backend for CudaBackend {
         let mut l = self.stream.launch_builder(&self.k.add);
         l.arg(&a.data).arg(&b.data).arg(&mut out.data).arg(&n);
         unsafe { l.launch(cfg) }.context("launching add_f32")?;
+        self.prof_end("add", t0)?;
         Ok(out)
     }
 
     fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, act: Activation) -> Result<CudaBuf> {
+        let t0 = self.prof_start();
         ensure!(gate.len() == up.len(), "swiglu: shapes {:?} and {:?} differ in size", gate.shape, up.shape);
         let mut out = self.alloc(gate.shape.clone())?;
         let n = out.len() as u64;
@@ -607,6 +833,7 @@ impl Backend for CudaBackend {
         let mut l = self.stream.launch_builder(&self.k.swiglu);
         l.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n).arg(&code);
         unsafe { l.launch(cfg) }.context("launching swiglu_f32")?;
+        self.prof_end("swiglu", t0)?;
         Ok(out)
     }
 
@@ -631,5 +858,15 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Let queued work finish before the buffers go; errors here have nowhere to go.
         let _ = self.ctx.synchronize();
+        if let Some(p) = &self.profile {
+            let table = p.borrow();
+            let total: f64 = table.values().map(|e| e.1).sum();
+            let mut rows: Vec<_> = table.iter().collect();
+            rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+            eprintln!("cuda profile ({}): {total:.3} s in ops", self.device_name);
+            for (op, (calls, secs)) in rows {
+                eprintln!("  {op:<28} {calls:>7} calls {:>9.3} ms {:>5.1}%", secs * 1e3, 100.0 * secs / total.max(1e-12));
+            }
+        }
     }
 }

@@ -60,6 +60,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     // Token ids spread over the vocabulary; fixed, so runs are comparable.
     let tokens: Vec<i32> = (0..args.tokens).map(|i| ((i * 7919 + 13) % cfg.n_vocab) as i32).collect();
     println!("model {} on {}: weights loaded in {load_s:.2} s", model.display(), args.backend.name());
+    if let Some(bytes) = engine.device_weight_bytes() {
+        println!("weights held on the GPU: {:.1} MiB (file: {:.1} MiB)", bytes as f64 / 1048576.0, model_file.gguf.file_size() as f64 / 1048576.0);
+    }
     for (label, layers) in [("global stages only", Some(vec![])), ("all stages captured", None)] {
         let mut times = Vec::new();
         for i in 0..=args.repeat {

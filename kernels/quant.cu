@@ -1,0 +1,280 @@
+// Weights as GGUF stores them: rows of ggml blocks, read on the GPU without
+// an f32 copy. One device function per type gives element i of a row,
+// bit for bit the value of the host dequantizer (crates/gguf/src/dequant.rs,
+// itself proved bit-exact against ggml's to_float): the same f32 operations
+// in the same order, written with explicit round-to-nearest intrinsics
+// (__fmul_rn, __fadd_rn, __fsub_rn) so that NVRTC can never contract a
+// multiply and an add into an FMA, which would round once instead of twice.
+//
+// Kernels, one set per type (the type is a template parameter; the extern "C"
+// names carry its ggml name):
+//   dequant_<ty>  rows [0, n_rows) of a matrix into f32, row-major;
+//   gemv_<ty>     y[t, r] = sum_i W[r, i] x[t, i] for a few tokens (decode):
+//                 one warp per output row, the blocks read once for all tokens;
+//   get_rows_<ty> the embedding lookup: out[t, c] = W[tok[t], c], or with the
+//                 embed-transposed fault the flat element c * n_rows + tok[t].
+// `flags` bit 0: the q5-0-high-bit fault (Q5_0's second half takes bit
+// j + 16 of qh without the shift: the fault zoo's dequantization bug).
+// Compiled at run time by NVRTC; no headers needed.
+
+typedef unsigned long long u64;
+typedef unsigned char u8;
+
+#define GEMV_MAX_TOKENS 8
+#define GEMV_WARPS 8
+
+__device__ __forceinline__ float f16_at(const u8* p) {
+    unsigned short h = (unsigned short)p[0] | ((unsigned short)p[1] << 8);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Little-endian u32 at any byte offset (blocks of 22 bytes are not aligned).
+__device__ __forceinline__ unsigned int u32_at(const u8* p) {
+    return (unsigned int)p[0] | ((unsigned int)p[1] << 8) | ((unsigned int)p[2] << 16) | ((unsigned int)p[3] << 24);
+}
+
+__device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
+
+// ggml's get_scale_min_k4: 6-bit scale (sc) and min (m) j of the 12 packed bytes.
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, int& sc, int& m) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        m = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// Element i (0 <= i < block size) of one block `b`.
+struct F32 {
+    static const int BS = 1, TS = 4;
+    __device__ static float at(const u8* b, int, int) { return __int_as_float((int)u32_at(b)); }
+};
+struct F16 {
+    static const int BS = 1, TS = 2;
+    __device__ static float at(const u8* b, int, int) { return f16_at(b); }
+};
+struct BF16 {
+    static const int BS = 1, TS = 2;
+    __device__ static float at(const u8* b, int, int) {
+        return __int_as_float((int)(((unsigned int)b[0] | ((unsigned int)b[1] << 8)) << 16));
+    }
+};
+// block_q4_0 { half d; u8 qs[16]; }
+struct Q4_0 {
+    static const int BS = 32, TS = 18;
+    __device__ static float at(const u8* b, int i, int) {
+        const int j = i & 15;
+        const int q = i < 16 ? (b[2 + j] & 0xF) : (b[2 + j] >> 4);
+        return mul((float)(q - 8), f16_at(b));
+    }
+};
+// block_q4_1 { half d; half m; u8 qs[16]; }
+struct Q4_1 {
+    static const int BS = 32, TS = 20;
+    __device__ static float at(const u8* b, int i, int) {
+        const int j = i & 15;
+        const int q = i < 16 ? (b[4 + j] & 0xF) : (b[4 + j] >> 4);
+        return __fadd_rn(mul((float)q, f16_at(b)), f16_at(b + 2));
+    }
+};
+// block_q5_0 { half d; u8 qh[4]; u8 qs[16]; }
+struct Q5_0 {
+    static const int BS = 32, TS = 22;
+    __device__ static float at(const u8* b, int i, int flags) {
+        const unsigned int qh = u32_at(b + 2);
+        const int j = i & 15;
+        int q;
+        if (i < 16) {
+            q = (b[6 + j] & 0xF) | (((qh >> j) << 4) & 0x10);
+        } else if (flags & 1) {
+            // The fault: bit j + 16 unshifted (0 once the shift passes bit 31).
+            const unsigned int hb = j + 16 < 32 ? (qh >> (j + 16)) & 0x10 : 0;
+            q = (b[6 + j] >> 4) | hb;
+        } else {
+            q = (b[6 + j] >> 4) | ((qh >> (j + 12)) & 0x10);
+        }
+        return mul((float)(q - 16), f16_at(b));
+    }
+};
+// block_q5_1 { half d; half m; u8 qh[4]; u8 qs[16]; }
+struct Q5_1 {
+    static const int BS = 32, TS = 24;
+    __device__ static float at(const u8* b, int i, int) {
+        const unsigned int qh = u32_at(b + 4);
+        const int j = i & 15;
+        const int q = i < 16 ? (b[8 + j] & 0xF) | (((qh >> j) << 4) & 0x10) : (b[8 + j] >> 4) | ((qh >> (j + 12)) & 0x10);
+        return __fadd_rn(mul((float)q, f16_at(b)), f16_at(b + 2));
+    }
+};
+// block_q8_0 { half d; i8 qs[32]; }
+struct Q8_0 {
+    static const int BS = 32, TS = 34;
+    __device__ static float at(const u8* b, int i, int) { return mul((float)(signed char)b[2 + i], f16_at(b)); }
+};
+// block_q2_K { u8 scales[16]; u8 qs[64]; half d; half dmin; }
+// Element i = 128 n + 32 k + 16 h + l: quant bits 2k.. of qs[32 n + 16 h + l],
+// scale byte 8 n + 2 k + h.
+struct Q2_K {
+    static const int BS = 256, TS = 84;
+    __device__ static float at(const u8* b, int i, int) {
+        const int n = i >> 7, k = (i >> 5) & 3, h = (i >> 4) & 1, l = i & 15;
+        const int sc = b[8 * n + 2 * k + h];
+        const float dl = mul(f16_at(b + 80), (float)(sc & 0xF));
+        const float ml = mul(f16_at(b + 82), (float)(sc >> 4));
+        const int q = (b[16 + 32 * n + 16 * h + l] >> (2 * k)) & 3;
+        return __fsub_rn(mul(dl, (float)q), ml);
+    }
+};
+// block_q3_K { u8 hmask[32]; u8 qs[64]; u8 scales[12]; half d; }
+// Element i = 128 n + 32 k + 16 h + l, l' = 16 h + l: 2 bits at 2k of
+// qs[32 n + l'], minus 4 unless bit 4n + k of hmask[l'] is set; its 6-bit
+// scale is number 8 n + 2 k + h of the 16 packed in scales[12].
+struct Q3_K {
+    static const int BS = 256, TS = 110;
+    __device__ static float at(const u8* b, int i, int) {
+        const int n = i >> 7, k = (i >> 5) & 3, h = (i >> 4) & 1, l = i & 15;
+        const int lp = 16 * h + l;
+        const u8* s = b + 96;
+        const int is = 8 * n + 2 * k + h;
+        const int g = is >> 2, e = is & 3;
+        const int lo = g == 0 ? (s[e] & 0xF) : g == 1 ? (s[4 + e] & 0xF) : g == 2 ? (s[e] >> 4) : (s[4 + e] >> 4);
+        const int hi = ((s[8 + e] >> (2 * g)) & 3) << 4;
+        const float dl = mul(f16_at(b + 108), (float)((lo | hi) - 32));
+        const int hbit = b[lp] & (1 << (4 * n + k));
+        const int v = ((b[32 + 32 * n + lp] >> (2 * k)) & 3) - (hbit ? 0 : 4);
+        return mul(dl, (float)v);
+    }
+};
+// block_q4_K { half d; half dmin; u8 scales[12]; u8 qs[128]; }
+// Element i = 64 g + 32 h + l: nibble h of qs[32 g + l], scale/min 2 g + h.
+struct Q4_K {
+    static const int BS = 256, TS = 144;
+    __device__ static float at(const u8* b, int i, int) {
+        const int g = i >> 6, h = (i >> 5) & 1, l = i & 31;
+        int sc, m;
+        scale_min_k4(2 * g + h, b + 4, sc, m);
+        const float d1 = mul(f16_at(b), (float)sc);
+        const float m1 = mul(f16_at(b + 2), (float)m);
+        const u8 q = b[16 + 32 * g + l];
+        return __fsub_rn(mul(d1, (float)(h ? q >> 4 : q & 0xF)), m1);
+    }
+};
+// block_q5_K { half d; half dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]; }
+// Element i = 64 g + 32 h + l: nibble h of qs[32 g + l] plus 16 when bit
+// 2 g + h of qh[l] is set; scale/min 2 g + h.
+struct Q5_K {
+    static const int BS = 256, TS = 176;
+    __device__ static float at(const u8* b, int i, int) {
+        const int g = i >> 6, h = (i >> 5) & 1, l = i & 31;
+        int sc, m;
+        scale_min_k4(2 * g + h, b + 4, sc, m);
+        const float d1 = mul(f16_at(b), (float)sc);
+        const float m1 = mul(f16_at(b + 2), (float)m);
+        const u8 q = b[48 + 32 * g + l];
+        const int v = (h ? q >> 4 : q & 0xF) + ((b[16 + l] >> (2 * g + h)) & 1 ? 16 : 0);
+        return __fsub_rn(mul(d1, (float)v), m1);
+    }
+};
+// block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; half d; }
+// Element i = 128 n + 32 k + l: low nibble of ql[64 n + l (+32 for k odd)]
+// (high nibble for k >= 2), 2 bits at 2k of qh[32 n + l]; scale 8 n + l/16 + 2k.
+struct Q6_K {
+    static const int BS = 256, TS = 210;
+    __device__ static float at(const u8* b, int i, int) {
+        const int n = i >> 7, k = (i >> 5) & 3, l = i & 31;
+        const u8 lo = b[64 * n + l + ((k & 1) ? 32 : 0)];
+        const int q = ((k >= 2 ? lo >> 4 : lo & 0xF) | (((b[128 + 32 * n + l] >> (2 * k)) & 3) << 4)) - 32;
+        const float sc = (float)(signed char)b[192 + 8 * n + (l >> 4) + 2 * k];
+        return mul(mul(f16_at(b + 208), sc), (float)q);
+    }
+};
+
+// Element `col` of the row starting at `row`.
+template <typename T>
+__device__ __forceinline__ float elem(const u8* row, int col, int flags) {
+    return T::at(row + (u64)(col / T::BS) * T::TS, col % T::BS, flags);
+}
+
+template <typename T>
+__device__ void dequant(const u8* __restrict__ w, u64 row_bytes, float* __restrict__ out, int n_rows, int n_cols, int flags) {
+    const u64 total = (u64)n_rows * n_cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / n_cols;
+        out[i] = elem<T>(w + r * row_bytes, (int)(i % n_cols), flags);
+    }
+}
+
+// One warp per output row r; lanes stride over the row, each element
+// dequantized once and multiplied into every token's accumulator (f32,
+// FMA allowed: accumulation order is not ggml's anyway), then a warp
+// reduction. Launch: blockDim GEMV_WARPS * 32, one row per warp.
+template <typename T>
+__device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x, float* __restrict__ y,
+                     int n_tokens, int n_rows, int n_cols, int flags) {
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= n_rows) return;
+    const u8* row = w + (u64)r * row_bytes;
+    float acc[GEMV_MAX_TOKENS];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[t] = 0.0f;
+    for (int c = lane; c < n_cols; c += 32) {
+        const float v = elem<T>(row, c, flags);
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+            if (t < n_tokens) acc[t] += v * x[(u64)t * n_cols + c];
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+        float s = acc[t];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+        if (lane == 0 && t < n_tokens) y[(u64)t * n_rows + r] = s;
+    }
+}
+
+// out[t, c] = W[tokens[t], c]; transposed (a fault): the flat element
+// c * n_rows + tokens[t] of the same storage read as [n_cols, n_rows].
+// Token ids are range-checked on the host.
+template <typename T>
+__device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __restrict__ tokens, float* __restrict__ out,
+                         int n_tokens, int n_rows, int n_cols, int transposed, int flags) {
+    const u64 total = (u64)n_tokens * n_cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        const u64 t = i / n_cols, c = i % n_cols;
+        const u64 flat = transposed ? c * (u64)n_rows + (u64)tokens[t] : (u64)tokens[t] * n_cols + c;
+        out[i] = elem<T>(w + (flat / n_cols) * row_bytes, (int)(flat % n_cols), flags);
+    }
+}
+
+#define QUANT_KERNELS(T)                                                                                           \
+    extern "C" __global__ void dequant_##T(const u8* w, u64 row_bytes, float* out, int n_rows, int n_cols,        \
+                                           int flags) {                                                            \
+        dequant<T>(w, row_bytes, out, n_rows, n_cols, flags);                                                      \
+    }                                                                                                              \
+    extern "C" __global__ void gemv_##T(const u8* w, u64 row_bytes, const float* x, float* y, int n_tokens,        \
+                                        int n_rows, int n_cols, int flags) {                                       \
+        gemv<T>(w, row_bytes, x, y, n_tokens, n_rows, n_cols, flags);                                              \
+    }                                                                                                              \
+    extern "C" __global__ void get_rows_##T(const u8* w, u64 row_bytes, const int* tokens, float* out,             \
+                                            int n_tokens, int n_rows, int n_cols, int transposed, int flags) {     \
+        get_rows<T>(w, row_bytes, tokens, out, n_tokens, n_rows, n_cols, transposed, flags);                       \
+    }
+
+QUANT_KERNELS(F32)
+QUANT_KERNELS(F16)
+QUANT_KERNELS(BF16)
+QUANT_KERNELS(Q4_0)
+QUANT_KERNELS(Q4_1)
+QUANT_KERNELS(Q5_0)
+QUANT_KERNELS(Q5_1)
+QUANT_KERNELS(Q8_0)
+QUANT_KERNELS(Q2_K)
+QUANT_KERNELS(Q3_K)
+QUANT_KERNELS(Q4_K)
+QUANT_KERNELS(Q5_K)
+QUANT_KERNELS(Q6_K)
