@@ -164,6 +164,9 @@ pub trait Backend {
         self.to_host(&buf)
     }
     fn from_host(&self, tensor: &Tensor) -> Result<Self::Buf>;
+    /// Rows `start..start + n` of a buffer seen as `[rows, last dim]`, on
+    /// the host (the last logits row, without copying the others).
+    fn rows_to_host(&self, buf: &Self::Buf, start: usize, n: usize) -> Result<Tensor>;
 
     /// Rows of `token_embd` for `tokens`: `[n_tokens, n_embd]` (`read`:
     /// `Transposed` takes column t of the buffer seen as `[n_embd, n_vocab]`).

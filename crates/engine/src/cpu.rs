@@ -162,6 +162,12 @@ impl Backend for CpuBackend {
         Ok(buf)
     }
 
+    fn rows_to_host(&self, buf: &Tensor, start: usize, n: usize) -> Result<Tensor> {
+        let cols = *buf.shape.last().ok_or_else(|| anyhow!("rows of a scalar"))?;
+        ensure!((start + n) * cols <= buf.len(), "rows {start}..{} of a tensor of shape {:?}", start + n, buf.shape);
+        Ok(Tensor::new(vec![n, cols], buf.data[start * cols..(start + n) * cols].to_vec()))
+    }
+
     fn from_host(&self, tensor: &Tensor) -> Result<Tensor> {
         Ok(tensor.clone())
     }

@@ -188,18 +188,20 @@ impl<B: Backend> Model<B> {
         let logits = self.rounding.linear(be, &h, Weight::Output, None, read_if(global == Fault::LmHeadTransposed))?;
         self.n_past = n_kv;
 
-        // The logits' checkpoint takes the buffer itself: after it, greedy
-        // decoding reads the last row only (of a replacement, if one is made).
+        // Greedy decoding reads the last row only: unless the logits are
+        // asked for, only that row leaves the backend. When they are, the
+        // checkpoint takes the buffer itself (the last row of a replacement,
+        // if one is made).
         let id = StageId::global(step, Stage::Logits);
+        if !cps.wants(&id) {
+            return Ok(Some(be.rows_to_host(&logits, n - 1, 1)?.data));
+        }
         let host = be.into_host(logits)?;
         let last_row = |t: &capture::Tensor| -> Result<Vec<f32>> {
             ensure!(t.len() == n * cfg.n_vocab, "logits of shape {:?} for {n} tokens", t.shape);
             Ok(t.data[(n - 1) * cfg.n_vocab..].to_vec())
         };
         let last = last_row(&host)?;
-        if !cps.wants(&id) {
-            return Ok(Some(last));
-        }
         match cps.visit(&id, host)? {
             Some(replacement) => Ok(Some(last_row(&replacement)?)),
             None => Ok(Some(last)),

@@ -551,6 +551,16 @@ impl Backend for CudaBackend {
         Ok(Tensor::new(buf.shape.clone(), data))
     }
 
+    fn rows_to_host(&self, buf: &CudaBuf, start: usize, n: usize) -> Result<Tensor> {
+        let t0 = self.prof_start();
+        let cols = *buf.shape.last().ok_or_else(|| anyhow!("rows of a scalar"))?;
+        ensure!((start + n) * cols <= buf.len(), "rows {start}..{} of a buffer of shape {:?}", start + n, buf.shape);
+        let data = self.stream.clone_dtoh(&buf.data.slice(start * cols..(start + n) * cols)).context("device-to-host copy")?;
+        self.synchronize()?;
+        self.prof_end("to_host", t0)?;
+        Ok(Tensor::new(vec![n, cols], data))
+    }
+
     fn from_host(&self, tensor: &Tensor) -> Result<CudaBuf> {
         ensure!(!tensor.data.is_empty(), "empty tensor");
         let data = self.stream.clone_htod(&tensor.data).context("host-to-device copy")?;
