@@ -278,3 +278,109 @@ QUANT_KERNELS(Q3_K)
 QUANT_KERNELS(Q4_K)
 QUANT_KERNELS(Q5_K)
 QUANT_KERNELS(Q6_K)
+
+// ---- ggml's rounding of activations (numerics ggml) ----
+//
+// Each row of x replaced by the values ggml's CPU matmul effectively sees
+// after converting it to the weight's vec_dot_type: the dequantized q8
+// block, or the f16/bf16 value. Bit for bit `gguf::quant::round_like_ggml`
+// (itself proved against ggml's from_float through FFI): the same f32
+// operations, explicitly rounded. Rows that are not whole blocks are left
+// as they are (ggml would not accept such a weight), like the host.
+
+__device__ __forceinline__ float f16_round(float x) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float bf16_round(float x) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return __int_as_float((int)((unsigned int)h << 16));
+}
+
+// _mm256_cvtps_epi32 of a rounded value, then the saturating packs to i8:
+// out of i32 range or NaN gives i32::MIN, so -128.
+__device__ __forceinline__ int cvt_pack_i8(float r) {
+    int v = (r == r && r >= -2147483648.0f && r < 2147483648.0f) ? (int)r : (int)0x80000000;
+    return v < -128 ? -128 : v > 127 ? 127 : v;
+}
+
+// kind 0: f16, 1: bf16 (element-wise, grid-stride over n values).
+extern "C" __global__ void round_half(float* __restrict__ x, u64 n, int kind) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        x[i] = kind == 0 ? f16_round(x[i]) : bf16_round(x[i]);
+    }
+}
+
+// q8_0 / q8_1 (their values are the same): one warp per block of 32.
+// amax = max |x| (NaN ignored, as the AVX max), d = f16(amax / 127),
+// id = 127 / amax, q = pack_i8(rint(x * id)), value d * q.
+extern "C" __global__ void round_q8_0(float* __restrict__ x, u64 n_blocks) {
+    const u64 b = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (b >= n_blocks) return;
+    const int lane = threadIdx.x & 31;
+    float* p = x + b * 32;
+    const float v = p[lane];
+    float amax = fabsf(v);
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float d = f16_round(__fdiv_rn(amax, 127.0f));
+    const float id = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
+    const int q = cvt_pack_i8(rintf(__fmul_rn(v, id)));
+    p[lane] = __fmul_rn(d, (float)q);
+}
+
+// q8_K: one block of 256 threads per block of 256 values. max is the first
+// element of largest |x| with its sign (NaN never wins), iscale = -127/max,
+// q = min(127, nearest_int(iscale * x)) with ggml's FMA-contracted
+// nearest_int (fma(iscale, x, 1.5 * 2^23), the integer read from the
+// mantissa; stored to int8 by truncation), d = 1 / iscale, value d * q.
+// An all-zero block stays zero. One difference is left on purpose: a NaN
+// element's quant comes from the NaN's mantissa bits, the input's payload
+// on x86 and the canonical NaN here, so the two may differ there; a NaN
+// activation fails every comparison anyway.
+extern "C" __global__ void round_q8_k(float* __restrict__ x, u64 n_blocks) {
+    __shared__ float s_abs[256];
+    __shared__ int s_idx[256];
+    const u64 b = blockIdx.x;
+    if (b >= n_blocks) return;
+    const int t = threadIdx.x;
+    float* p = x + b * 256;
+    const float v = p[t];
+    const float a = fabsf(v);
+    // NaN compares false: give it -1 so it never wins.
+    s_abs[t] = a == a ? a : -1.0f;
+    s_idx[t] = t;
+    __syncthreads();
+    for (int s = 128; s > 0; s >>= 1) {
+        if (t < s) {
+            const float a1 = s_abs[t], a2 = s_abs[t + s];
+            const int i1 = s_idx[t], i2 = s_idx[t + s];
+            if (a2 > a1 || (a2 == a1 && i2 < i1)) {
+                s_abs[t] = a2;
+                s_idx[t] = i2;
+            }
+        }
+        __syncthreads();
+    }
+    // Every thread reads the winner from `v` values kept in shared memory
+    // (not from p, which threads overwrite below).
+    __shared__ float s_max;
+    if (t == s_idx[0]) s_max = v;
+    __syncthreads();
+    const float amax = s_abs[0];
+    if (!(amax > 0.0f)) {
+        p[t] = 0.0f;
+        return;
+    }
+    const float max = s_max;
+    const float iscale = __fdiv_rn(-127.0f, max);
+    const int bits = __float_as_int(__fmaf_rn(iscale, v, 12582912.0f));
+    int q = (bits & 0x7fffff) - 0x400000;
+    q = q < 127 ? q : 127;
+    const signed char q8 = (signed char)q;
+    p[t] = __fmul_rn(__fdiv_rn(1.0f, iscale), (float)q8);
+}

@@ -5,7 +5,7 @@ use capture::{KvType, Tensor};
 use crate::arch::ArchSpec;
 use crate::fault::{Activation, HeadMap, RopePairing, WeightRead};
 use anyhow::{anyhow, ensure, Context, Result};
-use gguf::{GgufFile, Qwen2Config};
+use gguf::{GgmlType, GgufFile, Qwen2Config};
 
 /// A weight of the model, by role. `gguf_name` maps it onto the GGUF tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -191,6 +191,11 @@ pub trait Backend {
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, act: Activation) -> Result<Self::Buf>;
     /// Forget the KV cache (a new sequence starts at position 0).
     fn reset_cache(&mut self) -> Result<()>;
+    /// Each row (last dim) of `x` as ggml's CPU matmul sees it after
+    /// converting it to `ty` (F16, BF16, Q8_0, Q8_1, Q8_K): bit for bit
+    /// `gguf::quant::round_like_ggml` (numerics ggml). Rows that are not
+    /// whole blocks of `ty` are left as they are.
+    fn round_rows(&self, x: &Self::Buf, ty: GgmlType) -> Result<Self::Buf>;
 }
 
 /// What every backend is built with, besides the weights.

@@ -12,7 +12,7 @@ use capture::Tensor;
 use crate::fault::{Activation, HeadMap, RopePairing, WeightRead};
 use crate::stored::{EncodedMatrix, StoredWeight};
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use gguf::{GgufFile, Qwen2Config};
+use gguf::{GgmlType, GgufFile, Qwen2Config};
 use half::f16;
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -389,6 +389,15 @@ impl Backend for CpuBackend {
             })
             .collect();
         Ok(Tensor::new(gate.shape.clone(), data))
+    }
+
+    fn round_rows(&self, x: &Tensor, ty: GgmlType) -> Result<Tensor> {
+        let mut out = x.clone();
+        let width = *x.shape.last().unwrap_or(&1);
+        if width > 0 {
+            out.data.par_chunks_exact_mut(width).for_each(|row| gguf::quant::round_like_ggml(ty, row));
+        }
+        Ok(out)
     }
 
     fn reset_cache(&mut self) -> Result<()> {

@@ -10,16 +10,17 @@
 //!   where ggml converts them. Fed llama.cpp's own inputs (teacher-forced),
 //!   every op then differs from ggml only by accumulation order.
 //!
-//! The rounding is applied on the host, between the backend's ops, so every
-//! backend gets it the same way (on CUDA that is a slower path: a copy to the
-//! host and back per rounded tensor).
+//! The rounding is a backend op ([`Backend::round_rows`]): on the host for
+//! the CPU oracle, by kernels in `kernels/quant.cu` on CUDA, both bit for bit
+//! `gguf::quant::round_like_ggml`. Only the q8_1 min correction (Q4_1/Q5_1
+//! weights) is computed on the host.
 
 use crate::backend::{Backend, Weight};
 use crate::fault::WeightRead;
 use capture::Tensor;
 use anyhow::{anyhow, Result};
 use capture::KvType;
-use gguf::quant::{round_like_ggml, vec_dot_type};
+use gguf::quant::vec_dot_type;
 use gguf::GgmlType;
 use std::collections::HashMap;
 use std::fmt;
@@ -189,12 +190,5 @@ fn q8_1_min_correction(x: &Tensor, mins: &[f32], y_shape: &[usize]) -> Result<Te
 }
 
 fn round_rows<B: Backend>(be: &B, x: &B::Buf, ty: GgmlType) -> Result<B::Buf> {
-    let shape = be.shape(x).to_vec();
-    let mut host = be.to_host(x)?;
-    let width = *shape.last().unwrap_or(&1);
-    if width > 0 {
-        host.data.chunks_exact_mut(width).for_each(|row| round_like_ggml(ty, row));
-    }
-    let buf = be.from_host(&host)?;
-    be.reshape(buf, &shape)
+    be.round_rows(x, ty)
 }

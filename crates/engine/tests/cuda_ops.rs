@@ -670,3 +670,53 @@ fn forward_pass_on_block_weights_matches_cpu() {
         }
     }
 }
+
+/// ggml's activation rounding (numerics ggml) on the GPU against the host's
+/// `round_like_ggml` (proved against ggml through FFI), bit for bit, on
+/// rows with zeros, outliers, exact ties, subnormals, huge values and a
+/// largest |x| that appears twice with both signs.
+#[test]
+fn ggml_rounding_on_gpu_is_bit_exact() {
+    if !gpu() {
+        return;
+    }
+    let cfg = configs()[1].clone();
+    let (cpu, g) = backends(&cfg, KvType::F16, 41);
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let width = 512;
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    for scale in [1e-30f32, 1e-3, 1.0, 1e3, 1e30] {
+        rows.push(rand_vec(&mut rng, width, scale));
+    }
+    rows.push(vec![0.0; width]);
+    let mut outlier = rand_vec(&mut rng, width, 0.1);
+    outlier[3] = 5000.0;
+    outlier[300] = -7000.0;
+    rows.push(outlier);
+    // amax 127: id = 1, so x * id = x and .5 ties show the rounding.
+    let mut ties: Vec<f32> = (0..width).map(|i| (i % 200) as f32 * 0.5 - 50.0).collect();
+    for b in 0..width / 32 {
+        ties[b * 32] = 127.0;
+    }
+    rows.push(ties);
+    rows.push((0..width).map(|i| if i % 3 == 0 { 1e-40 } else { -3e-41 }).collect());
+    let mut twice = rand_vec(&mut rng, width, 1.0);
+    twice[10] = -2.0;
+    twice[20] = 2.0;
+    twice[266] = 4.0;
+    twice[267] = -4.0;
+    rows.push(twice);
+    rows.push((0..width).map(|i| (i as f32 - 256.0) * 300.0).collect()); // past f16's range
+    let x = Tensor::new(vec![rows.len(), width], rows.concat());
+    for ty in [GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8_K] {
+        let want = cpu.round_rows(&x, ty).unwrap();
+        let got = host(&g, &g.round_rows(&on_gpu(&g, &x), ty).unwrap());
+        assert_bits(&format!("round_rows {}", ty.name()), &want.data, &got.data);
+        assert!(want.data != x.data, "{} rounding changed nothing", ty.name());
+    }
+    // Rows that are not whole blocks stay as they are, as on the host.
+    let odd = rand_tensor(&mut rng, &[3, 72], 1.0);
+    for ty in [GgmlType::Q8_0, GgmlType::Q8_K] {
+        assert_bits(&format!("round_rows {} of 72-value rows", ty.name()), &odd.data, &host(&g, &g.round_rows(&on_gpu(&g, &odd), ty).unwrap()).data);
+    }
+}

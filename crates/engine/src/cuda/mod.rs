@@ -171,6 +171,9 @@ struct QuantKernels {
 
 struct Kernels {
     quant: HashMap<GgmlType, QuantKernels>,
+    round_half: CudaFunction,
+    round_q8_0: CudaFunction,
+    round_q8_k: CudaFunction,
     embed: CudaFunction,
     add_bias: CudaFunction,
     add: CudaFunction,
@@ -207,6 +210,9 @@ impl Kernels {
         }
         Ok(Kernels {
             quant,
+            round_half: f("quant.cu", "round_half")?,
+            round_q8_0: f("quant.cu", "round_q8_0")?,
+            round_q8_k: f("quant.cu", "round_q8_k")?,
             embed: f("elementwise.cu", "embed_f32")?,
             add_bias: f("elementwise.cu", "add_bias_f32")?,
             add: f("elementwise.cu", "add_f32")?,
@@ -844,6 +850,46 @@ impl Backend for CudaBackend {
         l.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n).arg(&code);
         unsafe { l.launch(cfg) }.context("launching swiglu_f32")?;
         self.prof_end("swiglu", t0)?;
+        Ok(out)
+    }
+
+    fn round_rows(&self, x: &CudaBuf, ty: GgmlType) -> Result<CudaBuf> {
+        let t0 = self.prof_start();
+        let width = *x.shape.last().ok_or_else(|| anyhow!("round_rows of a scalar"))?;
+        let mut out = CudaBuf { data: self.stream.clone_dtod(&x.data).context("device-to-device copy")?, shape: x.shape.clone() };
+        let n = out.len() as u64;
+        let launched = match ty {
+            GgmlType::F32 => Ok(()),
+            GgmlType::F16 | GgmlType::BF16 => {
+                let kind: i32 = if ty == GgmlType::F16 { 0 } else { 1 };
+                let mut b = self.stream.launch_builder(&self.k.round_half);
+                b.arg(&mut out.data).arg(&n).arg(&kind);
+                // SAFETY: out holds n f32.
+                unsafe { b.launch(grid_for(n as usize)) }.map(|_| ())
+            }
+            GgmlType::Q8_0 | GgmlType::Q8_1 if width.is_multiple_of(32) => {
+                let blocks = n / 32;
+                let warps = 8u32;
+                let cfg = LaunchConfig { grid_dim: (blocks.div_ceil(warps as u64) as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
+                let mut b = self.stream.launch_builder(&self.k.round_q8_0);
+                b.arg(&mut out.data).arg(&blocks);
+                // SAFETY: out holds `blocks` whole blocks of 32 f32 (rows are whole blocks).
+                unsafe { b.launch(cfg) }.map(|_| ())
+            }
+            GgmlType::Q8_K if width.is_multiple_of(256) => {
+                let blocks = n / 256;
+                let grid = u32::try_from(blocks).map_err(|_| anyhow!("{blocks} q8_K blocks: too many for one launch"))?;
+                let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                let mut b = self.stream.launch_builder(&self.k.round_q8_k);
+                b.arg(&mut out.data).arg(&blocks);
+                // SAFETY: out holds `blocks` whole blocks of 256 f32 (rows are whole blocks).
+                unsafe { b.launch(cfg) }.map(|_| ())
+            }
+            GgmlType::Q8_0 | GgmlType::Q8_1 | GgmlType::Q8_K => Ok(()),
+            other => bail!("round_rows: ggml never converts activations to {}", other.name()),
+        };
+        launched.with_context(|| format!("launching the {} rounding", ty.name()))?;
+        self.prof_end("round_rows", t0)?;
         Ok(out)
     }
 
