@@ -208,10 +208,28 @@ __device__ void dequant(const u8* __restrict__ w, u64 row_bytes, float* __restri
     }
 }
 
-// One warp per output row r; lanes stride over the row, each element
-// dequantized once and multiplied into every token's accumulator (f32,
-// FMA allowed: accumulation order is not ggml's anyway), then a warp
-// reduction. Launch: blockDim GEMV_WARPS * 32, one row per warp.
+// Eight consecutive elements base..base+7 of a row (base a multiple of 8;
+// every block size is 1 or a multiple of 8, so they share one block and
+// the block's scales are read once).
+template <typename T>
+__device__ __forceinline__ void elems8(const u8* row, int base, int flags, float* v) {
+    if (T::BS == 1) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = T::at(row + (u64)(base + e) * T::TS, 0, flags);
+    } else {
+        const u8* blk = row + (u64)(base / T::BS) * T::TS;
+        const int j0 = base % T::BS;
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = T::at(blk, j0 + e, flags);
+    }
+}
+
+// One warp per output row r; each lane takes 8 consecutive elements at a
+// time (a warp covers 256 values per step, reads of W and x coalesced),
+// dequantizes them once and multiplies them into every token's accumulator
+// (f32, FMA allowed: accumulation order is not ggml's anyway), then a warp
+// reduction. A row length that is not a multiple of 8 (plain types only)
+// ends element by element. Launch: blockDim GEMV_WARPS * 32.
 template <typename T>
 __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x, float* __restrict__ y,
                      int n_tokens, int n_rows, int n_cols, int flags) {
@@ -222,7 +240,20 @@ __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __res
     float acc[GEMV_MAX_TOKENS];
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[t] = 0.0f;
-    for (int c = lane; c < n_cols; c += 32) {
+    const int n8 = n_cols & ~7;
+    for (int base = lane * 8; base < n8; base += 256) {
+        float v[8];
+        elems8<T>(row, base, flags, v);
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+            if (t < n_tokens) {
+                const float* xt = x + (u64)t * n_cols + base;
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[t] += v[e] * xt[e];
+            }
+        }
+    }
+    for (int c = n8 + lane; c < n_cols; c += 32) {
         const float v = elem<T>(row, c, flags);
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_TOKENS; t++) {

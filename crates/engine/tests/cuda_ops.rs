@@ -720,3 +720,33 @@ fn ggml_rounding_on_gpu_is_bit_exact() {
         assert_bits(&format!("round_rows {} of 72-value rows", ty.name()), &odd.data, &host(&g, &g.round_rows(&on_gpu(&g, &odd), ty).unwrap()).data);
     }
 }
+
+/// The GEMV's tail: rows whose length is not a multiple of 8 (possible for
+/// the plain types only), here F16 and F32 blocks of a [72, 97] matrix.
+#[test]
+fn block_gemv_ends_rows_of_odd_length() {
+    if !gpu() {
+        return;
+    }
+    let cfg = configs()[1].clone();
+    let opts = BackendOptions { kv_type: KvType::F16, max_ctx: MAX_CTX, dequant_bug: None };
+    let mut rng = ChaCha8Rng::seed_from_u64(43);
+    let w = Weight::FfnDown(0);
+    let shape = w.shape(&cfg);
+    assert_eq!(shape[1] % 8, 1, "the test needs a row length that is not a multiple of 8");
+    for ty in [GgmlType::F16, GgmlType::F32, GgmlType::BF16] {
+        let n = shape.iter().product();
+        let bytes = random_blocks(&mut rng, ty, n);
+        let mut f32_weights = weights(&cfg, 44);
+        f32_weights.insert(w, Tensor::new(shape.clone(), gguf::dequant::dequantize(ty, &bytes, n).unwrap()));
+        let cpu = CpuBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
+        let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights, opts).unwrap();
+        g.upload_blocks(w, ty, &bytes, 0).unwrap();
+        for n_tok in [1, 5] {
+            let x = rand_tensor(&mut rng, &[n_tok, cfg.n_ff], 1.0);
+            let a = cpu.linear(&x, w, None, WeightRead::Rows).unwrap();
+            let r = host(&g, &g.linear(&on_gpu(&g, &x), w, None, WeightRead::Rows).unwrap());
+            close(&format!("gemv {} rows of {} n{n_tok}", ty.name(), shape[1]), &a, &r, 1e-5, 1e-5);
+        }
+    }
+}
