@@ -477,9 +477,9 @@ fn block_config() -> Qwen2Config {
 }
 
 /// Random `ty` blocks for `n` values: random bits everywhere except the f16
-/// scale and min fields (finite, |s| <= 0.05) and plain float types (values
-/// in [-1, 1]), so that no NaN or Inf arises.
-fn random_blocks(rng: &mut ChaCha8Rng, ty: GgmlType, n: usize) -> Vec<u8> {
+/// scale and min fields (finite, |s| <= `scale`) and plain float types
+/// (values in [-1, 1]), so that no NaN or Inf arises.
+fn random_blocks_scaled(rng: &mut ChaCha8Rng, ty: GgmlType, n: usize, scale: f32) -> Vec<u8> {
     let (bs, ts) = (ty.block_size().unwrap(), ty.type_size().unwrap());
     let mut bytes: Vec<u8> = (0..n / bs * ts).map(|_| rng.gen()).collect();
     let halves: &[usize] = match ty {
@@ -505,11 +505,15 @@ fn random_blocks(rng: &mut ChaCha8Rng, ty: GgmlType, n: usize) -> Vec<u8> {
     };
     for block in bytes.chunks_exact_mut(ts) {
         for &off in halves {
-            let s = if ty == GgmlType::F16 { rng.gen_range(-1.0f32..1.0) } else { rng.gen_range(-0.05f32..0.05) };
+            let s = if ty == GgmlType::F16 { rng.gen_range(-1.0f32..1.0) } else { rng.gen_range(-scale..scale) };
             block[off..off + 2].copy_from_slice(&half::f16::from_f32(s).to_le_bytes());
         }
     }
     bytes
+}
+
+fn random_blocks(rng: &mut ChaCha8Rng, ty: GgmlType, n: usize) -> Vec<u8> {
+    random_blocks_scaled(rng, ty, n, 0.05)
 }
 
 #[track_caller]
@@ -636,7 +640,9 @@ fn forward_pass_on_block_weights_matches_cpu() {
         }
         let n = shape.iter().product();
         let ty = type_of(w);
-        let bytes = random_blocks(&mut rng, ty, n);
+        // Scales so that weights are about as large as `weights` makes them
+        // (|w| ~ 0.1): activations stay O(1) through the layers.
+        let bytes = random_blocks_scaled(&mut rng, ty, n, 0.006);
         f32_weights.insert(w, Tensor::new(shape, gguf::dequant::dequantize(ty, &bytes, n).unwrap()));
         blocks.push((w, ty, bytes));
     }
