@@ -641,8 +641,16 @@ fn forward_pass_on_block_weights_matches_cpu() {
         let n = shape.iter().product();
         let ty = type_of(w);
         // Scales so that weights are about as large as `weights` makes them
-        // (|w| ~ 0.1): activations stay O(1) through the layers.
-        let bytes = random_blocks_scaled(&mut rng, ty, n, 0.006);
+        // (|w| ~ 0.1: d times a typical |scale x quant|), so activations stay
+        // O(1) through the layers.
+        let d = match ty {
+            GgmlType::Q5_0 => 0.1 / 16.0,
+            GgmlType::Q8_0 => 0.1 / 64.0,
+            GgmlType::Q4_K => 0.1 / (31.0 * 7.0),
+            GgmlType::Q6_K => 0.1 / (64.0 * 16.0),
+            other => panic!("no scale for {}", other.name()),
+        };
+        let bytes = random_blocks_scaled(&mut rng, ty, n, d);
         f32_weights.insert(w, Tensor::new(shape, gguf::dequant::dequantize(ty, &bytes, n).unwrap()));
         blocks.push((w, ty, bytes));
     }
