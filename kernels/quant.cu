@@ -327,10 +327,19 @@ __device__ __forceinline__ float f16_round(float x) {
     return f;
 }
 
+// f32 -> bf16 -> f32 as the `half` crate's bf16::from_f32 rounds (nearest,
+// ties to even; a NaN keeps its top bits, made quiet), in integer operations
+// (cvt.rn.bf16.f32 needs sm_80 PTX; NVRTC's default target is older).
 __device__ __forceinline__ float bf16_round(float x) {
-    unsigned short h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
-    return __int_as_float((int)((unsigned int)h << 16));
+    const unsigned int u = __float_as_uint(x);
+    unsigned int h;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        h = (u >> 16) | 0x0040u;
+    } else {
+        h = u >> 16;
+        if ((u & 0x8000u) != 0 && (u & (3u * 0x8000u - 1u)) != 0) h += 1;
+    }
+    return __uint_as_float((h & 0xffffu) << 16);
 }
 
 // _mm256_cvtps_epi32 of a rounded value, then the saturating packs to i8:
