@@ -316,11 +316,15 @@ impl CudaBackend {
         let mut backend = Self::empty(cfg.clone(), opts)?;
         // A tied LM head is token_embd: stored once, resolved by `weight`.
         let all = Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer);
+        // QWEN2_PARITY_CUDA_F32_WEIGHTS=1: every weight dequantized on the host
+        // and kept as f32 (the backend before the block kernels; 4 bytes a
+        // parameter), to tell a block-kernel bug from anything else.
+        let f32_only = std::env::var("QWEN2_PARITY_CUDA_F32_WEIGHTS").as_deref() == Ok("1");
         for (done, &w) in all.iter().enumerate() {
             let name = w.gguf_name(cfg.tied_output);
             let info = gguf.tensor(&name).ok_or_else(|| anyhow!("{}: tensor {name} is missing", gguf.path().display()))?;
             let shape = w.shape(cfg);
-            if shape.len() == 2 && backend.k.quant.contains_key(&info.ggml_type) {
+            if !f32_only && shape.len() == 2 && backend.k.quant.contains_key(&info.ggml_type) {
                 let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
                 ensure!(dims == shape, "tensor {name} has shape {dims:?}, expected {shape:?}");
                 let flags = i32::from(w.dequant_bug_applies(info.ggml_type, opts.dequant_bug));
