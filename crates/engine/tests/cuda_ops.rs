@@ -383,6 +383,32 @@ fn reset_cache_and_capacity() {
     assert!(g.attn_scores(0, &on_gpu(&g, &q), 0, MAX_CTX + 1, HeadMap::Grouped).is_err());
 }
 
+/// Prefill `prompt` and decode `forced.len()` steps on both backends with
+/// `fault`, every stage recorded; each stage must agree within the bound of
+/// the KV type: f32 cache, f32-vs-f64 drift only; f16 cache, a difference of
+/// 1e-7 in K or V can flip an f16 rounding (one f16 ulp is 2^-11 relative),
+/// so the bound is f16-rounding sized there. Returns the largest difference.
+#[allow(clippy::too_many_arguments)]
+fn passes_agree(cpu: CpuBackend, g: CudaBackend, cfg: &Qwen2Config, fault: Fault, prompt: &[i32], forced: &[i32], kv: KvType, label: &str) -> f32 {
+    let mut mc = Model::new(cpu, cfg.clone(), FaultSpec::from(fault));
+    let mut mg = Model::new(g, cfg.clone(), FaultSpec::from(fault));
+    let mut rc = Recorder::new(StageFilter::default(), "cpu");
+    let mut rg = Recorder::new(StageFilter::default(), "cuda");
+    mc.generate(prompt, forced.len(), Some(forced), &mut rc).unwrap();
+    mg.generate(prompt, forced.len(), Some(forced), &mut rg).unwrap();
+    assert_eq!(rc.tensors.len(), rg.tensors.len(), "different stage sets");
+    let tol = match kv {
+        KvType::F32 => 1e-4,
+        KvType::F16 => 2e-3,
+    };
+    let mut worst = 0f32;
+    for (id, a) in &rc.tensors {
+        let b = &rg.tensors.get(id).unwrap_or_else(|| panic!("cuda missed {id}")).tensor;
+        worst = worst.max(close(&format!("{id} {label} {kv:?} fault {fault}"), &a.tensor, b, tol, tol));
+    }
+    worst
+}
+
 /// The one forward pass on both backends: prefill of 7 tokens then 3 decode
 /// steps with every stage recorded, for every fault variant (each must be
 /// implemented the same on both). The tolerance covers f32-vs-f64 drift
@@ -400,27 +426,8 @@ fn forward_pass_matches_cpu_for_every_fault() {
                 let mut rng = ChaCha8Rng::seed_from_u64(21);
                 let prompt: Vec<i32> = (0..7).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
                 let forced: Vec<i32> = (0..3).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
-                let mut mc = Model::new(cpu, cfg.clone(), FaultSpec::from(fault));
-                let mut mg = Model::new(g, cfg.clone(), FaultSpec::from(fault));
-                let mut rc = Recorder::new(StageFilter::default(), "cpu");
-                let mut rg = Recorder::new(StageFilter::default(), "cuda");
-                mc.generate(&prompt, 3, Some(&forced), &mut rc).unwrap();
-                mg.generate(&prompt, 3, Some(&forced), &mut rg).unwrap();
-                assert_eq!(rc.tensors.len(), rg.tensors.len(), "different stage sets");
-                // f32 cache: f32-vs-f64 drift only. f16 cache: a difference
-                // of 1e-7 in K or V can flip an f16 rounding (one f16 ulp is
-                // 2^-11 relative), so the bound is f16-rounding sized there.
-                let tol = match kv {
-                    KvType::F32 => 1e-4,
-                    KvType::F16 => 2e-3,
-                };
-                let mut worst = 0f32;
-                for (id, a) in &rc.tensors {
-                    let b = &rg.tensors.get(id).unwrap_or_else(|| panic!("cuda missed {id}")).tensor;
-                    let d = close(&format!("{id} cfg{ci} {kv:?} fault {fault}"), &a.tensor, b, tol, tol);
-                    worst = worst.max(d);
-                }
-                println!("cfg{ci} kv {kv:?} fault {fault}: {} stages, max |cpu - cuda| = {worst:e}", rc.tensors.len());
+                let worst = passes_agree(cpu, g, cfg, fault, &prompt, &forced, kv, &format!("cfg{ci}"));
+                println!("cfg{ci} kv {kv:?} fault {fault}: max |cpu - cuda| = {worst:e}");
             }
         }
     }
@@ -664,23 +671,8 @@ fn forward_pass_on_block_weights_matches_cpu() {
             for (w, ty, bytes) in &blocks {
                 g.upload_blocks(*w, *ty, bytes, 0).unwrap();
             }
-            let mut mc = Model::new(cpu, cfg.clone(), FaultSpec::from(fault));
-            let mut mg = Model::new(g, cfg.clone(), FaultSpec::from(fault));
-            let mut rc = Recorder::new(StageFilter::default(), "cpu");
-            let mut rg = Recorder::new(StageFilter::default(), "cuda");
-            mc.generate(&prompt, 4, Some(&forced), &mut rc).unwrap();
-            mg.generate(&prompt, 4, Some(&forced), &mut rg).unwrap();
-            assert_eq!(rc.tensors.len(), rg.tensors.len(), "different stage sets");
-            let tol = match kv {
-                KvType::F32 => 1e-4,
-                KvType::F16 => 2e-3,
-            };
-            let mut worst = 0f32;
-            for (id, a) in &rc.tensors {
-                let b = &rg.tensors.get(id).unwrap_or_else(|| panic!("cuda missed {id}")).tensor;
-                worst = worst.max(close(&format!("{id} blocks {kv:?} fault {fault}"), &a.tensor, b, tol, tol));
-            }
-            println!("block weights kv {kv:?} fault {fault}: {} stages, max |cpu - cuda| = {worst:e}", rc.tensors.len());
+            let worst = passes_agree(cpu, g, &cfg, fault, &prompt, &forced, kv, "blocks");
+            println!("block weights kv {kv:?} fault {fault}: max |cpu - cuda| = {worst:e}");
         }
     }
 }
