@@ -20,6 +20,7 @@ pub mod prompts;
 pub mod report;
 pub mod selftest;
 pub mod session;
+pub mod side_by_side;
 pub mod thresholds;
 pub mod variants;
 pub mod verdict;

@@ -422,7 +422,7 @@ impl CudaBackend {
             // write-combined, which the CPU reads slowly); its contents are
             // uninitialized, and only the first `n` values are ever read,
             // after the copy below has written them.
-            *staging = Some(unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.with_context(|| format!("allocating {} MiB of page-locked host memory", len * 4 >> 20))?);
+            *staging = Some(unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.with_context(|| format!("allocating {} MiB of page-locked host memory", (len * 4) >> 20))?);
         }
         let pinned = staging.as_mut().expect("allocated above");
         self.stream.memcpy_dtoh(src, pinned).context("device-to-host copy")?;

@@ -2,12 +2,14 @@
 //! captured and with none. Prints medians; not a test.
 
 use crate::ours::{BackendKind, EngineOptions, Mode, NumericsArg, OurEngine};
+use engine::numerics::Numerics;
 use crate::session::{check_context, ModelFile};
 use anyhow::{bail, Context, Result};
 use crate::progress::{Milestones, Progress, Unit};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
+use crate::side_by_side as sbs;
 use crate::verdict_bench::{self as vb, median, Case};
 
 #[derive(clap::Args, Debug)]
@@ -40,6 +42,14 @@ pub struct Args {
     /// Words of the long prompt of the verdict runs (0: skip that case).
     #[arg(long, default_value_t = 3000)]
     pub long_words: usize,
+    /// llama.cpp's timings (the JSON lines of bench/llama_cuda_bench.cpp,
+    /// see scripts/llama-cuda-bench): time our engine on the same prompt
+    /// lengths and decode steps, and print both side by side.
+    #[arg(long, value_name = "FILE")]
+    pub side_by_side: Option<PathBuf>,
+    /// With --side-by-side: write the joined records here (bench.json).
+    #[arg(long, value_name = "FILE", requires = "side_by_side")]
+    pub json: Option<PathBuf>,
 }
 
 
@@ -50,6 +60,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if args.verdict {
         return verdicts(args);
     }
+    if let Some(path) = &args.side_by_side {
+        return side_by_side(args, path);
+    }
     let model_file = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
     let (model, gguf, cfg) = (&model_file.path, &model_file.gguf, &model_file.cfg);
     check_context(args.tokens, args.decode, cfg.n_ctx_train)?;
@@ -57,32 +70,93 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let eo = EngineOptions { numerics: args.numerics.into(), max_ctx: args.tokens + args.decode, ..EngineOptions::new(args.backend) };
     let mut engine = OurEngine::load(gguf, cfg, eo)?;
     let load_s = started.elapsed().as_secs_f64();
-    // Token ids spread over the vocabulary; fixed, so runs are comparable.
-    let tokens: Vec<i32> = (0..args.tokens).map(|i| ((i * 7919 + 13) % cfg.n_vocab) as i32).collect();
+    let tokens = synthetic_tokens(args.tokens, cfg.n_vocab);
     println!("model {} on {}: weights loaded in {load_s:.2} s", model.display(), args.backend.name());
     if let Some(bytes) = engine.device_weight_bytes() {
         println!("weights held on the GPU: {:.1} MiB (file: {:.1} MiB)", bytes as f64 / 1048576.0, model_file.gguf.file_size() as f64 / 1048576.0);
     }
     for (label, layers) in [("global stages only", Some(vec![])), ("all stages captured", None)] {
-        let mut times = Vec::new();
-        for i in 0..=args.repeat {
-            let t = Instant::now();
-            let capture = engine.run(&tokens, args.decode, None, layers.clone(), Mode::Observe)?;
-            let secs = t.elapsed().as_secs_f64();
-            if i > 0 {
-                times.push(secs);
-            }
-            if i == args.repeat {
-                println!(
-                    "{label:>20}: {} tokens + {} decode steps: median {:.3} s over {} runs ({} checkpoints)",
-                    args.tokens,
-                    args.decode,
-                    median(times.clone()),
-                    args.repeat,
-                    capture.tensors.len()
-                );
-            }
+        let (times, checkpoints) = time_runs(&mut engine, &tokens, args.decode, layers, args.repeat)?;
+        println!(
+            "{label:>20}: {} tokens + {} decode steps: median {:.3} s over {} runs ({checkpoints} checkpoints)",
+            args.tokens,
+            args.decode,
+            median(times),
+            args.repeat,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Token ids spread over the vocabulary; fixed, so runs are comparable (and
+/// the same as bench/llama_cuda_bench.cpp feeds llama.cpp).
+fn synthetic_tokens(n: usize, n_vocab: usize) -> Vec<i32> {
+    (0..n).map(|i| ((i * 7919 + 13) % n_vocab) as i32).collect()
+}
+
+/// Seconds of `repeat` runs after one warm-up, and the checkpoints a run took.
+fn time_runs(engine: &mut OurEngine, tokens: &[i32], decode: usize, layers: Option<Vec<usize>>, repeat: usize) -> Result<(Vec<f64>, usize)> {
+    let mut times = Vec::new();
+    let mut checkpoints = 0;
+    for i in 0..=repeat {
+        let t = Instant::now();
+        let capture = engine.run(tokens, decode, None, layers.clone(), Mode::Observe)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
         }
+        checkpoints = capture.tensors.len();
+    }
+    Ok((times, checkpoints))
+}
+
+/// `--side-by-side`: our engine on llama.cpp's prompt lengths and decode
+/// steps, with no layer checkpoint and with all; one joined table.
+fn side_by_side(args: &Args, llama_path: &std::path::Path) -> Result<ExitCode> {
+    let llama = sbs::read_llama(llama_path)?;
+    let prompts = sbs::prompt_lengths(&llama);
+    let n_decode = llama[0].n_decode;
+    let model_file = ModelFile::open(&crate::model_path::resolve(args.model.as_deref())?)?;
+    let (gguf, cfg) = (&model_file.gguf, &model_file.cfg);
+    let longest = *prompts.last().expect("parse_llama: at least one record");
+    check_context(longest, n_decode, cfg.n_ctx_train)?;
+    let eo = EngineOptions { numerics: args.numerics.into(), max_ctx: longest + n_decode, ..EngineOptions::new(args.backend) };
+    let mut engine = OurEngine::load(gguf, cfg, eo)?;
+    let total = (prompts.len() * 2 * 2 * (args.repeat + 1)) as u64;
+    let mut progress = Progress::new("side by side", total, Unit::Items("runs"), Milestones::EveryTenth);
+    let mut done = 0;
+    let mut ours = Vec::new();
+    for &p in &prompts {
+        let tokens = synthetic_tokens(p, cfg.n_vocab);
+        for (all_checkpoints, layers) in [(false, Some(vec![])), (true, None)] {
+            let (prefill, _) = time_runs(&mut engine, &tokens, 0, layers.clone(), args.repeat)?;
+            done += args.repeat as u64 + 1;
+            progress.set(done, total, &format!("{p} tokens"));
+            let (whole, _) = time_runs(&mut engine, &tokens, n_decode, layers, args.repeat)?;
+            done += args.repeat as u64 + 1;
+            progress.set(done, total, &format!("{p} tokens + {n_decode} steps"));
+            let prefill_s = median(prefill);
+            // Decode is timed as the whole run less the prefill: our engine
+            // runs prompt and steps in one call.
+            let decode_s = (median(whole) - prefill_s) / n_decode.max(1) as f64;
+            ours.push(sbs::OurTiming { n_prompt: p, all_checkpoints, prefill_ms: prefill_s * 1e3, decode_ms_per_token: decode_s * 1e3 });
+        }
+    }
+    progress.finish(&format!("{done} runs"));
+    let records = sbs::join(&llama, &ours)?;
+    println!(
+        "our engine ({} backend, {} numerics) and llama.cpp ({} build), model {}: medians of {} runs, {n_decode} greedy decode steps",
+        args.backend.name(),
+        Numerics::from(args.numerics).name(),
+        llama[0].backend,
+        model_file.path.display(),
+        args.repeat
+    );
+    println!("ratio: llama.cpp's time over ours (above 1: ours is faster); ours' decode step = (prefill + {n_decode} steps - prefill) / {n_decode}");
+    println!("our checkpoints: none = the embedding, final norm and last logits only; all = every stage of every layer");
+    println!("{}", sbs::table(&records));
+    if let Some(out) = &args.json {
+        let json = serde_json::to_string_pretty(&records)?;
+        std::fs::write(out, json + "\n").with_context(|| format!("cannot write {}", out.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
