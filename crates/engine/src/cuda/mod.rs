@@ -426,7 +426,10 @@ impl CudaBackend {
         }
         let pinned = staging.as_mut().expect("allocated above");
         self.stream.memcpy_dtoh(src, pinned).context("device-to-host copy")?;
-        // `as_slice` waits for the copy (the event the copy recorded).
+        // Wait on the stream (the context's default, spinning wait): the
+        // buffer's own event, which `as_slice` then checks, was made with
+        // blocking sync, whose wake-up costs more than a short copy.
+        self.synchronize()?;
         let host = pinned.as_slice().context("waiting for a device-to-host copy")?;
         Ok(host[..n].to_vec())
     }
