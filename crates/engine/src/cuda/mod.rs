@@ -425,13 +425,16 @@ impl CudaBackend {
             *staging = Some(unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.with_context(|| format!("allocating {} MiB of page-locked host memory", (len * 4) >> 20))?);
         }
         let pinned = staging.as_mut().expect("allocated above");
-        self.stream.memcpy_dtoh(src, pinned).context("device-to-host copy")?;
-        // Wait on the stream (the context's default, spinning wait): the
-        // buffer's own event, which `as_slice` then checks, was made with
-        // blocking sync, whose wake-up costs more than a short copy.
+        // The first `n` values as a plain slice: cudarc copies as many bytes
+        // as the destination holds, so the destination must be exactly `n`
+        // long (the whole buffer would read past `src`). The memory is
+        // still page-locked, so the driver copies it at the link's speed.
+        let host = &mut pinned.as_mut_slice().context("page-locked staging buffer")?[..n];
+        self.stream.memcpy_dtoh(src, host).context("device-to-host copy")?;
+        // Into page-locked memory the copy is truly asynchronous, and cudarc
+        // does not wait for a plain-slice destination: wait here.
         self.synchronize()?;
-        let host = pinned.as_slice().context("waiting for a device-to-host copy")?;
-        Ok(host[..n].to_vec())
+        Ok(host.to_vec())
     }
 
     /// Keep the matrix `w` on the GPU as `bytes`, rows of `ty` blocks in
