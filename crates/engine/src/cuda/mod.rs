@@ -292,6 +292,37 @@ pub struct CudaBackend {
     staging: RefCell<Option<PinnedHostSlice<f32>>>,
 }
 
+/// Let the device's default memory pool keep what is freed. Every buffer
+/// comes from it (`cuMemAllocAsync`), and with its default release
+/// threshold of 0 the pool hands all freed memory back to the driver at
+/// every synchronization (each checkpoint copy, each decode step), so the
+/// next pass maps it again: a prefill's hundreds of MB of logits and
+/// dequantized scratch, a decode step's many small buffers.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: cudarc::driver::sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: `pool` is a valid out-pointer for the device's default pool
+    // handle (owned by the driver, never freed by us); the release threshold
+    // attribute takes a pointer to a cuuint64_t, which `threshold` is, and
+    // the driver reads it before returning.
+    unsafe {
+        cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .context("cuDeviceGetDefaultMemPool")?;
+        cudarc::driver::sys::cuMemPoolSetAttribute(
+            pool,
+            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .context("setting the memory pool's release threshold")?;
+    }
+    Ok(())
+}
+
 /// Grid for a grid-stride kernel over `n` elements (n > 0).
 fn grid_for(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(BLOCK as usize).clamp(1, 1 << 20) as u32;
@@ -365,6 +396,7 @@ impl CudaBackend {
         // per-buffer events cudarc would otherwise create for cross-stream
         // synchronization are never needed.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
         let device_name = ctx.name().context("cuDeviceGetName")?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
