@@ -286,9 +286,10 @@ pub struct CudaBackend {
     /// Per-op (calls, seconds) when `QWEN2_PARITY_CUDA_PROFILE=1`.
     profile: Option<RefCell<BTreeMap<&'static str, (u64, f64)>>>,
     /// Page-locked host memory every device-to-host copy lands in first,
-    /// grown to the largest checkpoint seen: a copy into pageable memory
-    /// goes through the driver's own small staging buffer and measured
-    /// 0.7 GB/s on the H200 (90% of a prefill with every stage captured).
+    /// grown to the largest checkpoint seen. Pageable copies measured
+    /// 0.7 GB/s on the H200 (90% of a prefill with every stage captured);
+    /// through this buffer the H100 measured 0.6 GB/s, no faster: the cost
+    /// is on the host side (the fresh vector each checkpoint lands in).
     staging: RefCell<Option<PinnedHostSlice<f32>>>,
 }
 
@@ -439,11 +440,11 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The `n` values of `src` on the host: copied at the link's speed into
+    /// The values of `src` on the host: copied at the link's speed into
     /// the page-locked staging buffer (grown when too small), then into a
     /// fresh vector once the stream has finished the copy.
-    fn copy_to_host(&self, src: &impl DevicePtr<f32>, n: usize) -> Result<Vec<f32>> {
-        ensure!(src.len() == n, "copy of {n} values from a buffer of {}", src.len());
+    fn copy_to_host(&self, src: &impl DevicePtr<f32>) -> Result<Vec<f32>> {
+        let n = src.len();
         let mut staging = self.staging.borrow_mut();
         if staging.as_ref().is_none_or(|p| p.len() < n) {
             // Drop the old buffer first (its drop waits for its last copy).
@@ -621,7 +622,7 @@ impl Backend for CudaBackend {
 
     fn to_host(&self, buf: &CudaBuf) -> Result<Tensor> {
         let t0 = self.prof_start();
-        let data = self.copy_to_host(&buf.data, buf.len())?;
+        let data = self.copy_to_host(&buf.data)?;
         ensure!(data.len() == buf.shape.iter().product::<usize>(), "buffer of {} values has shape {:?}", data.len(), buf.shape);
         self.prof_end("to_host", t0)?;
         Ok(Tensor::new(buf.shape.clone(), data))
@@ -631,7 +632,7 @@ impl Backend for CudaBackend {
         let t0 = self.prof_start();
         let cols = *buf.shape.last().ok_or_else(|| anyhow!("rows of a scalar"))?;
         ensure!((start + n) * cols <= buf.len(), "rows {start}..{} of a buffer of shape {:?}", start + n, buf.shape);
-        let data = self.copy_to_host(&buf.data.slice(start * cols..(start + n) * cols), n * cols)?;
+        let data = self.copy_to_host(&buf.data.slice(start * cols..(start + n) * cols))?;
         self.prof_end("to_host", t0)?;
         Ok(Tensor::new(vec![n, cols], data))
     }
