@@ -2,7 +2,7 @@
 //! thresholds, and localization: the first divergence in execution order and
 //! the stage where the error grows the most relative to its inputs.
 
-use crate::metrics::{compare, compare_logits, LogitsMetrics, StageMetrics};
+use crate::metrics::{LogitsAccumulator, LogitsMetrics, Placement, StageAccumulator, StageMetrics};
 use crate::thresholds::{GateMetric, Thresholds};
 use capture::Capture;
 use capture::stage::{Stage, StageId};
@@ -293,118 +293,174 @@ pub fn diff_captures(
     thresholds: &Thresholds,
     filter: Option<&dyn Fn(&StageId) -> bool>,
 ) -> DiffReport {
-    let keep = |id: &StageId| filter.is_none_or(|f| f(id));
-    let n_layer = layer_count(ours, reference);
-    let unavailable_ours: BTreeSet<StageId> = ours.unavailable.iter().copied().collect();
-    let unavailable_ref: BTreeSet<StageId> = reference.unavailable.iter().copied().collect();
-    let all: BTreeSet<StageId> = ours.tensors.keys().chain(reference.tensors.keys()).copied().filter(keep).collect();
+    let mut builder = DiffBuilder::default();
+    builder.add(ours, reference, filter, None);
+    builder.finish(ours, reference, thresholds)
+}
 
-    let mut rows = Vec::new();
-    let mut missing = Vec::new();
-    let mut unavailable: BTreeSet<StageId> =
-        unavailable_ours.union(&unavailable_ref).copied().filter(|id| keep(id) && !all.contains(id)).collect();
-    let mut shape_mismatch = Vec::new();
-    let mut logits = Vec::new();
+/// One checkpoint compared so far.
+struct Compared {
+    metrics: StageAccumulator,
+    logits: Option<LogitsAccumulator>,
+    ours_provenance: String,
+    ref_provenance: String,
+}
 
-    for id in all {
-        match (ours.tensors.get(&id), reference.tensors.get(&id)) {
-            (Some(a), Some(b)) => match compare(id.stage, &a.tensor, &b.tensor) {
-                Ok(metrics) => {
-                    let threshold = thresholds.for_stage(&id);
-                    let value = match thresholds.metric {
-                        GateMetric::MaxAbs => metrics.max_abs,
-                        GateMetric::RowRelL2 => metrics.row_rel_l2_max,
-                    };
-                    // NaN never passes: `value <= t` is false for NaN too.
-                    let pass = metrics.non_finite == 0 && threshold.is_none_or(|t| value <= t);
-                    if id.stage == Stage::Logits {
-                        if let Ok(m) = compare_logits(&a.tensor, &b.tensor) {
-                            logits.push((id.step, m));
-                        }
-                    }
-                    rows.push(StageRow {
-                        id,
-                        metrics,
-                        threshold,
-                        metric: thresholds.metric,
-                        pass,
+/// A comparison built part by part: a long prompt's prefill arrives chunk by
+/// chunk (each part a capture of one chunk's tensors, placed in the whole
+/// prompt), decode steps one by one, and each part is dropped once added.
+/// The report is the one [`diff_captures`] gives on the whole captures.
+#[derive(Default)]
+pub struct DiffBuilder {
+    compared: BTreeMap<StageId, Compared>,
+    /// Present on one side only: which side lacks it.
+    missing: BTreeMap<StageId, String>,
+    unavailable: BTreeSet<StageId>,
+    shape_mismatch: BTreeMap<StageId, String>,
+}
+
+impl DiffBuilder {
+    /// Compare the checkpoints of one part (those `filter` accepts, when
+    /// given). `prefill`: where this part's step-0 tensors sit in the whole
+    /// prefill (`None`: they are the whole prefill).
+    pub fn add(&mut self, ours: &Capture, reference: &Capture, filter: Option<&dyn Fn(&StageId) -> bool>, prefill: Option<Placement>) {
+        let keep = |id: &StageId| filter.is_none_or(|f| f(id));
+        let unavailable_ours: BTreeSet<StageId> = ours.unavailable.iter().copied().collect();
+        let unavailable_ref: BTreeSet<StageId> = reference.unavailable.iter().copied().collect();
+        let all: BTreeSet<StageId> = ours.tensors.keys().chain(reference.tensors.keys()).copied().filter(keep).collect();
+        self.unavailable.extend(unavailable_ours.union(&unavailable_ref).copied().filter(|id| keep(id) && !all.contains(id)));
+        for id in all {
+            match (ours.tensors.get(&id), reference.tensors.get(&id)) {
+                (Some(a), Some(b)) => {
+                    let entry = self.compared.entry(id).or_insert_with(|| Compared {
+                        metrics: StageAccumulator::new(id.stage),
+                        logits: (id.stage == Stage::Logits).then(LogitsAccumulator::default),
                         ours_provenance: a.provenance.clone(),
                         ref_provenance: b.provenance.clone(),
-                        jump: None,
-                        jump_from: None,
                     });
+                    let placement = prefill.filter(|_| id.step == 0);
+                    if let Err(e) = entry.metrics.add(&a.tensor, &b.tensor, placement) {
+                        self.shape_mismatch.entry(id).or_insert_with(|| e.to_string());
+                    } else if let Some(logits) = &mut entry.logits {
+                        if logits.add(&a.tensor, &b.tensor).is_err() {
+                            entry.logits = None;
+                        }
+                    }
                 }
-                Err(e) => shape_mismatch.push((id, e.to_string())),
-            },
-            (None, Some(_)) if unavailable_ours.contains(&id) => {
-                unavailable.insert(id);
-            }
-            (Some(_), None) if unavailable_ref.contains(&id) => {
-                unavailable.insert(id);
-            }
-            (None, Some(_)) => missing.push((id, "ours".to_string())),
-            (Some(_), None) => missing.push((id, "reference".to_string())),
-            (None, None) => {}
-        }
-    }
-
-    // Localization.
-    let first_divergence = rows.iter().position(|r| !r.pass);
-    let rel: BTreeMap<StageId, f64> = rows.iter().map(|r| (r.id, r.metrics.rel_l2)).collect();
-    for row in &mut rows {
-        if row.id.inputs(n_layer).is_empty() {
-            // embed: its input is the token ids, exact on both sides.
-            row.jump = Some(jump_ratio(row.metrics.rel_l2, 0.0));
-        } else if let Some((x, from)) = input_error(&row.id, n_layer, &rel, 3) {
-            row.jump = Some(jump_ratio(row.metrics.rel_l2, x));
-            row.jump_from = Some(from);
-        }
-    }
-    let mut largest_jump: Option<usize> = None;
-    for (i, row) in rows.iter().enumerate() {
-        if let Some(j) = row.jump {
-            if largest_jump.is_none_or(|b| j > rows[b].jump.unwrap_or(f64::NEG_INFINITY)) {
-                largest_jump = Some(i);
+                (None, Some(_)) if unavailable_ours.contains(&id) => {
+                    self.unavailable.insert(id);
+                }
+                (Some(_), None) if unavailable_ref.contains(&id) => {
+                    self.unavailable.insert(id);
+                }
+                (None, Some(_)) => {
+                    self.missing.insert(id, "ours".to_string());
+                }
+                (Some(_), None) => {
+                    self.missing.insert(id, "reference".to_string());
+                }
+                (None, None) => {}
             }
         }
     }
 
-    let logits_kl_max = thresholds.logits_kl_max;
-    let kl_ok = logits_kl_max.is_none_or(|gate| logits.iter().all(|(_, m)| m.kl_max <= gate));
-    let verdict = if first_divergence.is_none() && missing.is_empty() && shape_mismatch.is_empty() && kl_ok {
-        Verdict::Match
-    } else {
-        Verdict::Diverged
-    };
-    let kv_type = if ours.config.kv_type == reference.config.kv_type {
-        ours.config.kv_type.clone()
-    } else {
-        format!("ours {}, reference {}", ours.config.kv_type, reference.config.kv_type)
-    };
-    DiffReport {
-        ours_engine: ours.engine.clone(),
-        reference_engine: reference.engine.clone(),
-        prompt: reference.prompt.clone(),
-        tokens: reference.tokens.clone(),
-        model_sha256: if reference.model_sha256.is_empty() { ours.model_sha256.clone() } else { reference.model_sha256.clone() },
-        kv_type,
-        thresholds_source: thresholds.source.clone(),
-        n_layer,
-        rows,
-        missing,
-        unavailable: unavailable.into_iter().collect(),
-        shape_mismatch,
-        first_divergence,
-        largest_jump,
-        logits,
-        logits_kl_max,
-        verdict,
-        comparison: if ours.config.fed == "teacher-forced" { "teacher-forced" } else { "free-running" }.to_string(),
-        numerics: ours.config.numerics.clone(),
-        free_running: None,
-        diagnosis: None,
-        drilldowns: Vec::new(),
-        configuration: capture_configuration(ours, reference),
+    /// The report: gated by `thresholds`, its header (engines, prompt,
+    /// tokens, configuration) from `ours` and `reference` (whole captures,
+    /// or the same without tensors when the parts were added instead).
+    pub fn finish(self, ours: &Capture, reference: &Capture, thresholds: &Thresholds) -> DiffReport {
+        let n_layer = layer_count(ours, reference);
+        let mut rows = Vec::new();
+        let mut logits = Vec::new();
+        let shape_mismatch: Vec<(StageId, String)> = self.shape_mismatch.into_iter().collect();
+        for (id, c) in self.compared {
+            if shape_mismatch.iter().any(|(m, _)| *m == id) || self.missing.contains_key(&id) {
+                continue;
+            }
+            let metrics = c.metrics.finish();
+            let threshold = thresholds.for_stage(&id);
+            let value = match thresholds.metric {
+                GateMetric::MaxAbs => metrics.max_abs,
+                GateMetric::RowRelL2 => metrics.row_rel_l2_max,
+            };
+            // NaN never passes: `value <= t` is false for NaN too.
+            let pass = metrics.non_finite == 0 && threshold.is_none_or(|t| value <= t);
+            if let Some(l) = c.logits {
+                logits.push((id.step, l.finish()));
+            }
+            rows.push(StageRow {
+                id,
+                metrics,
+                threshold,
+                metric: thresholds.metric,
+                pass,
+                ours_provenance: c.ours_provenance,
+                ref_provenance: c.ref_provenance,
+                jump: None,
+                jump_from: None,
+            });
+        }
+        let compared: BTreeSet<StageId> = rows.iter().map(|r| r.id).collect();
+        let unavailable: Vec<StageId> = self.unavailable.into_iter().filter(|id| !compared.contains(id)).collect();
+        let missing: Vec<(StageId, String)> = self.missing.into_iter().collect();
+
+        // Localization.
+        let first_divergence = rows.iter().position(|r| !r.pass);
+        let rel: BTreeMap<StageId, f64> = rows.iter().map(|r| (r.id, r.metrics.rel_l2)).collect();
+        for row in &mut rows {
+            if row.id.inputs(n_layer).is_empty() {
+                // embed: its input is the token ids, exact on both sides.
+                row.jump = Some(jump_ratio(row.metrics.rel_l2, 0.0));
+            } else if let Some((x, from)) = input_error(&row.id, n_layer, &rel, 3) {
+                row.jump = Some(jump_ratio(row.metrics.rel_l2, x));
+                row.jump_from = Some(from);
+            }
+        }
+        let mut largest_jump: Option<usize> = None;
+        for (i, row) in rows.iter().enumerate() {
+            if let Some(j) = row.jump {
+                if largest_jump.is_none_or(|b| j > rows[b].jump.unwrap_or(f64::NEG_INFINITY)) {
+                    largest_jump = Some(i);
+                }
+            }
+        }
+
+        let logits_kl_max = thresholds.logits_kl_max;
+        let kl_ok = logits_kl_max.is_none_or(|gate| logits.iter().all(|(_, m)| m.kl_max <= gate));
+        let verdict = if first_divergence.is_none() && missing.is_empty() && shape_mismatch.is_empty() && kl_ok {
+            Verdict::Match
+        } else {
+            Verdict::Diverged
+        };
+        let kv_type = if ours.config.kv_type == reference.config.kv_type {
+            ours.config.kv_type.clone()
+        } else {
+            format!("ours {}, reference {}", ours.config.kv_type, reference.config.kv_type)
+        };
+        DiffReport {
+            ours_engine: ours.engine.clone(),
+            reference_engine: reference.engine.clone(),
+            prompt: reference.prompt.clone(),
+            tokens: reference.tokens.clone(),
+            model_sha256: if reference.model_sha256.is_empty() { ours.model_sha256.clone() } else { reference.model_sha256.clone() },
+            kv_type,
+            thresholds_source: thresholds.source.clone(),
+            n_layer,
+            rows,
+            missing,
+            unavailable,
+            shape_mismatch,
+            first_divergence,
+            largest_jump,
+            logits,
+            logits_kl_max,
+            verdict,
+            comparison: if ours.config.fed == "teacher-forced" { "teacher-forced" } else { "free-running" }.to_string(),
+            numerics: ours.config.numerics.clone(),
+            free_running: None,
+            diagnosis: None,
+            drilldowns: Vec::new(),
+            configuration: capture_configuration(ours, reference),
+        }
     }
 }
 
