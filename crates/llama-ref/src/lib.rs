@@ -16,7 +16,7 @@ pub use error::LlamaError;
 /// The llama.cpp build linked here: the FFI crate is pinned to this version
 /// in the workspace Cargo.toml (`=0.1.161`); recorded in threshold files.
 pub const LLAMA_CPP_BUILD: &str = "llama.cpp bundled with llama-cpp-sys-2 0.1.161";
-pub use llama::LlamaRef;
+pub use llama::{LlamaRef, RefRun};
 pub use quantize::quantize_model;
 
 /// Element type of llama.cpp's KV cache: the shared type, so both engines

@@ -2,7 +2,8 @@
 
 use crate::hook::{self, Hook};
 use crate::{backend, KvType, LlamaError, RefOptions};
-use capture::{argmax, Capture, CaptureConfig, Dims, StageId};
+use capture::{argmax, Capture, CaptureConfig, CapturedTensor, Dims, StageId};
+use std::collections::BTreeMap;
 use llama_cpp_sys_2 as sys;
 use std::ffi::{c_void, CString};
 use std::path::{Path, PathBuf};
@@ -99,8 +100,8 @@ impl HookBox {
 
 impl Drop for HookBox {
     fn drop(&mut self) {
-        // SAFETY: from Box::into_raw, reclaimed exactly once. Declared before the
-        // Context in `run`, so the context (the callback's only other user) is gone.
+        // SAFETY: from Box::into_raw, reclaimed exactly once. `RefRun` drops its
+        // Context first, so the context (the callback's only other user) is gone.
         drop(unsafe { Box::from_raw(self.0) });
     }
 }
@@ -303,16 +304,47 @@ impl LlamaRef {
         opts: &RefOptions,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Capture, LlamaError> {
-        let d = self.dims;
         if tokens.is_empty() {
             return Err(LlamaError::Input("empty prompt: no tokens to prefill".into()));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= d.n_vocab) {
-            return Err(LlamaError::Input(format!("token {bad} is outside the vocabulary of {}", d.n_vocab)));
         }
         let total = tokens.len() + n_decode;
         if total > self.n_ctx_train {
             return Err(LlamaError::ContextTooLong { n_prompt: tokens.len(), n_decode, n_ctx_train: self.n_ctx_train });
+        }
+        // The whole prompt in one ubatch: the prefill is exactly one forward pass.
+        let mut run = self.start(total, total + CTX_MARGIN, opts)?;
+        let mut generated = Vec::with_capacity(n_decode + 1);
+        for step in 0..=n_decode {
+            let input: Vec<i32> = if step == 0 { tokens.to_vec() } else { vec![generated[step - 1]] };
+            generated.push(run.pass(&input, step)?);
+            on_step(step + 1, n_decode + 1);
+        }
+        let tensors = run.take_tensors();
+        let unavailable = std::mem::take(&mut run.unavailable);
+        let config = run.config(n_decode);
+        Ok(Capture {
+            engine: "llama.cpp".into(),
+            model_sha256: String::new(),
+            prompt: String::new(),
+            chat: false,
+            tokens: tokens.to_vec(),
+            generated,
+            config,
+            tensors,
+            unavailable,
+        })
+    }
+
+    /// Start one sequence of up to `n_positions` cache positions, run in
+    /// forward passes of at most `n_batch` tokens each (a long prompt's
+    /// prefill in chunks, then decode steps): see [`RefRun`].
+    pub fn start(&self, n_positions: usize, n_batch: usize, opts: &RefOptions) -> Result<RefRun<'_>, LlamaError> {
+        let d = self.dims;
+        if n_positions > self.n_ctx_train {
+            return Err(LlamaError::Input(format!(
+                "{n_positions} positions exceed the model's context of {}",
+                self.n_ctx_train
+            )));
         }
         let layers: Vec<usize> = match &opts.layers {
             None => (0..d.n_layer).collect(),
@@ -331,17 +363,18 @@ impl LlamaRef {
             }
         };
         let threads = i32::try_from(opts.threads.max(1)).unwrap_or(i32::MAX);
-        let n_ctx = (total + CTX_MARGIN).min(self.n_ctx_train.max(total));
+        let n_ctx = (n_positions + CTX_MARGIN).min(self.n_ctx_train.max(n_positions));
         let n_ctx_u32 = u32::try_from(n_ctx).map_err(|_| LlamaError::Input("context too large".into()))?;
+        let n_batch = n_batch.clamp(1, n_ctx);
+        let n_batch_u32 = u32::try_from(n_batch).map_err(|_| LlamaError::Input("batch too large".into()))?;
 
-        // Declared before the context: dropped after it (see HookBox::drop).
-        let mut hook = HookBox::new(Hook::new(d, &layers));
+        let hook = HookBox::new(Hook::new(d, &layers));
         // SAFETY: plain constructor of a params struct.
         let mut cparams = unsafe { sys::llama_context_default_params() };
         cparams.n_ctx = n_ctx_u32;
-        // the whole prompt in one ubatch: the prefill is exactly one forward pass
-        cparams.n_batch = n_ctx_u32;
-        cparams.n_ubatch = n_ctx_u32;
+        // One llama_decode is one forward pass: the ubatch holds the whole batch.
+        cparams.n_batch = n_batch_u32;
+        cparams.n_ubatch = n_batch_u32;
         cparams.n_seq_max = 1;
         cparams.n_threads = threads;
         cparams.n_threads_batch = threads;
@@ -359,77 +392,23 @@ impl LlamaRef {
             cparams.cb_eval_user_data = hook.0 as *mut c_void;
         }
         // SAFETY: live model; params fully initialised from the defaults; the
-        // callback's user data outlives the context (HookBox declared first).
+        // callback's user data outlives the context (RefRun drops the
+        // context before the hook).
         let raw = unsafe { sys::llama_init_from_model(self.model.as_ptr(), cparams) };
         let ctx = Context(NonNull::new(raw).ok_or_else(|| {
             LlamaError::Context(format!("n_ctx {n_ctx}, kv {}, flash_attn {}", opts.kv_type.name(), opts.flash_attn))
         })?);
-
-        let mut generated = Vec::with_capacity(n_decode + 1);
-        let mut unavailable = Vec::new();
-        for step in 0..=n_decode {
-            let (input, n_past): (Vec<i32>, usize) = if step == 0 {
-                (tokens.to_vec(), 0)
-            } else {
-                (vec![generated[step - 1]], tokens.len() + step - 1)
-            };
-            {
-                let h = hook.get();
-                h.step = step;
-                h.n_past = n_past;
-                h.n_tokens = input.len();
-            }
-            let batch = Batch::new(&input, n_past);
-            // SAFETY: live context; the batch arrays are valid for n_tokens entries.
-            let rc = unsafe { sys::llama_decode(ctx.0.as_ptr(), batch.0) };
-            drop(batch);
-            if let Some(e) = hook.get().error.take() {
-                return Err(LlamaError::Capture(e));
-            }
-            if rc != 0 {
-                return Err(LlamaError::Decode { step, code: rc });
-            }
-            // SAFETY: live context after a successful decode that requested
-            // logits for every token; index n-1 is the last of them.
-            let last = unsafe { sys::llama_get_logits_ith(ctx.0.as_ptr(), input.len() as i32 - 1) };
-            if last.is_null() {
-                return Err(LlamaError::Capture(format!("step {step}: llama.cpp returned no logits")));
-            }
-            // SAFETY: llama.cpp's logits row holds n_vocab floats, valid until the next decode.
-            let row = unsafe { std::slice::from_raw_parts(last, d.n_vocab) };
-            generated.push(argmax(row) as i32);
-            if opts.capture {
-                self.check_step(hook.get(), step, &layers, opts.flash_attn, &mut unavailable)?;
-            }
-            on_step(step + 1, n_decode + 1);
-        }
-        drop(ctx);
-
-        let tensors = std::mem::take(&mut hook.get().tensors).into_iter().map(|(id, (_, t))| (id, t)).collect();
-        Ok(Capture {
-            engine: "llama.cpp".into(),
-            model_sha256: String::new(),
-            prompt: String::new(),
-            chat: false,
-            tokens: tokens.to_vec(),
-            generated,
-            config: CaptureConfig {
-                kv_type: opts.kv_type.name().into(),
-                flash_attn: opts.flash_attn,
-                n_layer: d.n_layer,
-                n_embd: d.n_embd,
-                n_head: d.n_head,
-                n_head_kv: d.n_head_kv,
-                head_dim: d.head_dim,
-                n_ff: d.n_ff,
-                n_vocab: d.n_vocab,
-                layers,
-                n_decode,
-                threads: threads as usize,
-                ..CaptureConfig::default()
-            },
-            tensors,
-            unavailable,
+        Ok(RefRun {
+            ctx,
+            hook,
+            llama: self,
+            layers,
+            opts: opts.clone(),
+            n_past: 0,
+            n_batch,
+            n_positions,
+            threads: threads as usize,
+            unavailable: Vec::new(),
         })
     }
 
@@ -462,5 +441,123 @@ impl LlamaRef {
             }
         }
         Ok(())
+    }
+}
+
+/// One sequence in a llama.cpp context: forward passes over the next
+/// positions, each captured (for the layers asked) as a step of a capture.
+/// The caller takes each pass's tensors when it wants them
+/// ([`RefRun::take_tensors`]): a long prompt's prefill can be captured chunk
+/// by chunk, each chunk compared and dropped before the next is computed.
+pub struct RefRun<'m> {
+    // Field order is drop order: the context (the callback's only other
+    // user of the hook) goes first.
+    ctx: Context,
+    hook: HookBox,
+    llama: &'m LlamaRef,
+    layers: Vec<usize>,
+    opts: RefOptions,
+    /// Cache positions filled so far.
+    n_past: usize,
+    /// Most tokens one pass may hold.
+    n_batch: usize,
+    n_positions: usize,
+    threads: usize,
+    /// Checkpoints unobservable in this configuration (attention internals
+    /// under flash attention), over the passes so far.
+    pub unavailable: Vec<StageId>,
+}
+
+impl RefRun<'_> {
+    /// Cache positions filled so far.
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    /// Most tokens one pass may hold.
+    pub fn n_batch(&self) -> usize {
+        self.n_batch
+    }
+
+    /// The layers captured.
+    pub fn layers(&self) -> &[usize] {
+        &self.layers
+    }
+
+    /// One forward pass over `input` at the next cache positions, its stages
+    /// captured as step `step` (0 for every chunk of the prefill); logits are
+    /// computed for every token. Returns the greedy token of the last row.
+    pub fn pass(&mut self, input: &[i32], step: usize) -> Result<i32, LlamaError> {
+        let d = self.llama.dims;
+        if input.is_empty() || input.len() > self.n_batch {
+            return Err(LlamaError::Input(format!("a pass of {} tokens (1..={} per pass)", input.len(), self.n_batch)));
+        }
+        if self.n_past + input.len() > self.n_positions {
+            return Err(LlamaError::Input(format!(
+                "positions {}..{} beyond the {} this run was started for",
+                self.n_past,
+                self.n_past + input.len(),
+                self.n_positions
+            )));
+        }
+        if let Some(&bad) = input.iter().find(|&&t| t < 0 || t as usize >= d.n_vocab) {
+            return Err(LlamaError::Input(format!("token {bad} is outside the vocabulary of {}", d.n_vocab)));
+        }
+        {
+            let h = self.hook.get();
+            h.step = step;
+            h.n_past = self.n_past;
+            h.n_tokens = input.len();
+        }
+        let batch = Batch::new(input, self.n_past);
+        // SAFETY: live context; the batch arrays are valid for n_tokens entries.
+        let rc = unsafe { sys::llama_decode(self.ctx.0.as_ptr(), batch.0) };
+        drop(batch);
+        if let Some(e) = self.hook.get().error.take() {
+            return Err(LlamaError::Capture(e));
+        }
+        if rc != 0 {
+            return Err(LlamaError::Decode { step, code: rc });
+        }
+        self.n_past += input.len();
+        // SAFETY: live context after a successful decode that requested
+        // logits for every token; index n-1 is the last of them.
+        let last = unsafe { sys::llama_get_logits_ith(self.ctx.0.as_ptr(), input.len() as i32 - 1) };
+        if last.is_null() {
+            return Err(LlamaError::Capture(format!("step {step}: llama.cpp returned no logits")));
+        }
+        // SAFETY: llama.cpp's logits row holds n_vocab floats, valid until the next decode.
+        let row = unsafe { std::slice::from_raw_parts(last, d.n_vocab) };
+        let picked = argmax(row) as i32;
+        if self.opts.capture {
+            let (flash_attn, layers) = (self.opts.flash_attn, self.layers.clone());
+            self.llama.check_step(self.hook.get(), step, &layers, flash_attn, &mut self.unavailable)?;
+        }
+        Ok(picked)
+    }
+
+    /// The tensors captured since the last call, handed over.
+    pub fn take_tensors(&mut self) -> BTreeMap<StageId, CapturedTensor> {
+        std::mem::take(&mut self.hook.get().tensors).into_iter().map(|(id, (_, t))| (id, t)).collect()
+    }
+
+    /// How this run captures, for a capture of `n_decode` decode steps.
+    pub fn config(&self, n_decode: usize) -> CaptureConfig {
+        let d = self.llama.dims;
+        CaptureConfig {
+            kv_type: self.opts.kv_type.name().into(),
+            flash_attn: self.opts.flash_attn,
+            n_layer: d.n_layer,
+            n_embd: d.n_embd,
+            n_head: d.n_head,
+            n_head_kv: d.n_head_kv,
+            head_dim: d.head_dim,
+            n_ff: d.n_ff,
+            n_vocab: d.n_vocab,
+            layers: self.layers.clone(),
+            n_decode,
+            threads: self.threads,
+            ..CaptureConfig::default()
+        }
     }
 }
