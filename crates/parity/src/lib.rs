@@ -3,6 +3,7 @@
 //! only parses arguments and prints.
 
 pub mod cache;
+pub mod chunked;
 pub mod calibration;
 pub mod cmd;
 pub mod diagnosis;

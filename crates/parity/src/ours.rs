@@ -4,7 +4,8 @@
 use anyhow::{Context, Result};
 use engine::backend::{Backend, BackendOptions};
 use capture::KvType;
-use capture::{Capture, CaptureConfig};
+use capture::{argmax, Capture, CaptureConfig, CapturedTensor, StageId};
+use std::collections::BTreeMap;
 use engine::checkpoint::{Checkpoints, Isolate, Recorder, StageFilter};
 use engine::cpu::CpuBackend;
 pub use engine::cuda::cuda_available;
@@ -95,6 +96,13 @@ pub enum Mode<'a> {
     Isolate(&'a Capture),
 }
 
+/// One forward pass of ours: the tensors recorded, and the greedy token of
+/// its last row (`None` when the pass ended before the logits).
+pub struct Pass {
+    pub tensors: BTreeMap<StageId, CapturedTensor>,
+    pub picked: Option<i32>,
+}
+
 /// Our engine, loaded once and run for many prompts.
 pub struct OurEngine {
     model: Loaded,
@@ -168,6 +176,46 @@ impl OurEngine {
         }
     }
 
+    /// Start a new sequence for [`OurEngine::pass`]: the KV cache emptied.
+    pub fn reset(&mut self) -> Result<()> {
+        match &mut self.model {
+            Loaded::Cpu(model) => model.reset(),
+            Loaded::Cuda(model) => model.reset(),
+        }
+    }
+
+    /// One forward pass over `tokens` at the next cache positions, recorded
+    /// as step `step` (0 for every chunk of a prefill): a long prompt is run
+    /// chunk by chunk, each chunk's tensors compared and dropped before the
+    /// next. `mode` and `layers` as in [`OurEngine::run`]; under
+    /// `Mode::Isolate` the reference holds this pass's tensors.
+    pub fn pass(&mut self, tokens: &[i32], step: usize, layers: Option<&[usize]>, mode: Mode) -> Result<Pass> {
+        match &mut self.model {
+            Loaded::Cpu(model) => drive_pass(model, tokens, step, layers, mode),
+            Loaded::Cuda(model) => drive_pass(model, tokens, step, layers, mode),
+        }
+    }
+
+    /// How a capture of ours over `layers` with `n_decode` steps records
+    /// its configuration (the header of a comparison built pass by pass).
+    pub fn capture_config(&self, layers: Option<&[usize]>, n_decode: usize, teacher_forced: bool, ended_after_layer: Option<usize>) -> CaptureConfig {
+        let cfg = match &self.model {
+            Loaded::Cpu(model) => &model.cfg,
+            Loaded::Cuda(model) => &model.cfg,
+        };
+        let mut config = capture_config(cfg, self.kv_type, layers, n_decode, teacher_forced, ended_after_layer);
+        config.numerics = self.numerics().name().to_string();
+        config
+    }
+
+    /// "ours-cpu" or "ours-cuda".
+    pub fn name(&self) -> String {
+        match &self.model {
+            Loaded::Cpu(model) => format!("ours-{}", model.backend.name()),
+            Loaded::Cuda(model) => format!("ours-{}", model.backend.name()),
+        }
+    }
+
     /// Run over `tokens` (prefill) and `n_decode` decode steps fed with
     /// `forced` (the reference's greedy tokens) when given.
     pub fn run(&mut self, tokens: &[i32], n_decode: usize, forced: Option<&[i32]>, layers: Option<Vec<usize>>, mode: Mode) -> Result<Capture> {
@@ -183,6 +231,54 @@ impl OurEngine {
     }
 }
 
+/// Run `f` with the checkpoints `mode` asks for over `layers`: returns its
+/// result, the tensors recorded, and the layer the passes ended after
+/// (`Mode::ObserveSelected`).
+fn with_checkpoints<R>(
+    mode: Mode,
+    layers: Option<&[usize]>,
+    engine_name: &str,
+    f: impl FnOnce(&mut dyn Checkpoints) -> Result<R>,
+) -> Result<(R, BTreeMap<StageId, CapturedTensor>, Option<usize>)> {
+    let mut recorder = Recorder::new(StageFilter { layers: layers.map(<[usize]>::to_vec) }, engine_name);
+    match mode {
+        Mode::Observe | Mode::ObserveSelected => {
+            if matches!(mode, Mode::ObserveSelected) {
+                recorder.end_after = layers.and_then(|ls| ls.iter().max().copied());
+            }
+            let out = f(&mut recorder)?;
+            let end_after = recorder.end_after;
+            Ok((out, recorder.tensors, end_after))
+        }
+        Mode::Isolate(reference) => {
+            let mut iso = Isolate { reference, recorder };
+            let out = f(&mut iso)?;
+            Ok((out, iso.recorder.tensors, None))
+        }
+    }
+}
+
+/// What a capture of ours records about how it was made.
+fn capture_config(cfg: &Qwen2Config, kv_type: KvType, layers: Option<&[usize]>, n_decode: usize, teacher_forced: bool, ended_after_layer: Option<usize>) -> CaptureConfig {
+    CaptureConfig {
+        kv_type: kv_type.name().to_string(),
+        flash_attn: false,
+        n_layer: cfg.n_layer,
+        n_embd: cfg.n_embd,
+        n_head: cfg.n_head,
+        n_head_kv: cfg.n_head_kv,
+        head_dim: cfg.head_dim,
+        n_ff: cfg.n_ff,
+        n_vocab: cfg.n_vocab,
+        layers: layers.map_or_else(|| (0..cfg.n_layer).collect(), <[usize]>::to_vec),
+        n_decode,
+        threads: rayon::current_num_threads(),
+        fed: if teacher_forced { "teacher-forced" } else { "" }.to_string(),
+        ended_after_layer,
+        ..CaptureConfig::default()
+    }
+}
+
 fn drive<B: Backend>(
     model: &mut Model<B>,
     tokens: &[i32],
@@ -193,54 +289,28 @@ fn drive<B: Backend>(
     mode: Mode,
 ) -> Result<Capture> {
     let engine_name = format!("ours-{}", model.backend.name());
-    let recorder = Recorder::new(StageFilter { layers: layers.clone() }, engine_name.clone());
     let started = Instant::now();
-    let fed = if matches!(mode, Mode::Isolate(_)) { "teacher-forced" } else { "" };
-    let mut ended_after_layer = None;
-    let (generated, tensors) = match mode {
-        Mode::Observe | Mode::ObserveSelected => {
-            let mut rec = recorder;
-            if matches!(mode, Mode::ObserveSelected) {
-                rec.end_after = layers.as_ref().and_then(|ls| ls.iter().max().copied());
-                ended_after_layer = rec.end_after;
-            }
-            let generated = model.generate(tokens, n_decode, forced, &mut rec as &mut dyn Checkpoints)?;
-            (generated, rec.tensors)
-        }
-        Mode::Isolate(reference) => {
-            let mut iso = Isolate { reference, recorder };
-            let generated = model.generate(tokens, n_decode, forced, &mut iso as &mut dyn Checkpoints)?;
-            (generated, iso.recorder.tensors)
-        }
-    };
+    let teacher_forced = matches!(mode, Mode::Isolate(_));
+    let (generated, tensors, ended_after_layer) =
+        with_checkpoints(mode, layers.as_deref(), &engine_name, |cps| model.generate(tokens, n_decode, forced, cps))?;
     crate::progress::note(&format!(
         "{engine_name}: {} prompt tokens + {n_decode} decode steps in {:.1} s",
         tokens.len(),
         started.elapsed().as_secs_f64()
     ));
-    let cfg = &model.cfg;
     Ok(Capture {
         engine: engine_name,
         tokens: tokens.to_vec(),
         generated,
-        config: CaptureConfig {
-            kv_type: kv_type.name().to_string(),
-            flash_attn: false,
-            n_layer: cfg.n_layer,
-            n_embd: cfg.n_embd,
-            n_head: cfg.n_head,
-            n_head_kv: cfg.n_head_kv,
-            head_dim: cfg.head_dim,
-            n_ff: cfg.n_ff,
-            n_vocab: cfg.n_vocab,
-            layers: layers.unwrap_or_else(|| (0..cfg.n_layer).collect()),
-            n_decode,
-            threads: rayon::current_num_threads(),
-            fed: fed.to_string(),
-            ended_after_layer,
-            ..CaptureConfig::default()
-        },
+        config: capture_config(&model.cfg, kv_type, layers.as_deref(), n_decode, teacher_forced, ended_after_layer),
         tensors,
         ..Capture::default()
     })
+}
+
+/// One forward pass of a sequence run pass by pass (see [`OurEngine::pass`]).
+fn drive_pass<B: Backend>(model: &mut Model<B>, tokens: &[i32], step: usize, layers: Option<&[usize]>, mode: Mode) -> Result<Pass> {
+    let engine_name = format!("ours-{}", model.backend.name());
+    let (logits, tensors, _) = with_checkpoints(mode, layers, &engine_name, |cps| model.forward(tokens, step, cps))?;
+    Ok(Pass { tensors, picked: logits.map(|l| argmax(&l) as i32) })
 }

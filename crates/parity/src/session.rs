@@ -58,20 +58,36 @@ pub fn dims_of(cfg: &Qwen2Config) -> Dims {
 /// the global stages `globals` admits, over the prefill of `n_prompt`
 /// tokens and `n_decode` single-token steps, at 4 bytes a value.
 pub fn capture_bytes(d: &Dims, n_prompt: usize, n_decode: usize, layers: Option<&[usize]>, globals: &dyn Fn(Stage) -> bool) -> u64 {
+    (0..=n_decode)
+        .map(|step| {
+            let (n_t, n_kv) = if step == 0 { (n_prompt, n_prompt) } else { (1, n_prompt + step) };
+            pass_bytes(d, n_t, n_kv, layers, globals)
+        })
+        .sum()
+}
+
+/// Bytes one forward pass of `n_t` tokens with `n_kv` cache positions
+/// filled after it captures (see [`capture_bytes`]).
+pub fn pass_bytes(d: &Dims, n_t: usize, n_kv: usize, layers: Option<&[usize]>, globals: &dyn Fn(Stage) -> bool) -> u64 {
     let n_layers = layers.map_or(d.n_layer, |ls| ls.len()) as u64;
     let mut values = 0u64;
-    for step in 0..=n_decode {
-        let (n_t, n_kv) = if step == 0 { (n_prompt, n_prompt) } else { (1, n_prompt + step) };
-        for stage in Stage::all() {
-            let n: u64 = stage.layout().shape(d, n_t, n_kv).iter().map(|&x| x as u64).product();
-            if stage.is_global() {
-                values += if globals(stage) { n } else { 0 };
-            } else {
-                values += n * n_layers;
-            }
+    for stage in Stage::all() {
+        let n: u64 = stage.layout().shape(d, n_t, n_kv).iter().map(|&x| x as u64).product();
+        if stage.is_global() {
+            values += if globals(stage) { n } else { 0 };
+        } else {
+            values += n * n_layers;
         }
     }
     values * 4
+}
+
+/// llama.cpp's own largest buffers for a forward pass of `n_t` tokens over
+/// `n_kv` positions: its logits output and result node, and a layer's
+/// scores and softmax.
+pub fn llama_working_bytes(d: &Dims, n_t: usize, n_kv: usize) -> u64 {
+    let (n_t, n_kv) = (n_t as u64, n_kv as u64);
+    4 * (2 * n_t * d.n_vocab as u64 + 2 * d.n_head as u64 * n_t * n_kv)
 }
 
 /// Memory the kernel says a new allocation can have now (`MemAvailable`).
@@ -178,6 +194,20 @@ pub fn backend_of(engine: &str) -> &str {
     engine.strip_prefix("ours-").unwrap_or(engine)
 }
 
+/// A reference captured whole, or the prompt's tokens when the comparison
+/// runs chunk by chunk instead.
+enum Reference {
+    Whole(Capture),
+    Chunked(Vec<i32>),
+}
+
+/// The captures of one prompt (teacher-forced, free-running, reference), or
+/// its tokens when the comparison runs chunk by chunk (`chunked::judge`).
+pub enum Captured {
+    Whole(Capture, Capture, Capture),
+    Chunked(Vec<i32>),
+}
+
 /// Everything both engines need for a series of prompts on one model.
 pub struct Pair {
     /// llama.cpp, loaded on the first reference the cache cannot answer.
@@ -199,6 +229,9 @@ pub struct Pair {
     /// numerics and KV type is the reference, in place of llama.cpp (which
     /// then only tokenizes).
     oracle: Option<OurEngine>,
+    /// A second copy of our engine (same fault), for the free-running side
+    /// of a comparison run pass by pass, loaded when first needed.
+    free_running: Option<OurEngine>,
 }
 
 impl Pair {
@@ -240,6 +273,7 @@ impl Pair {
             kv: eo.kv,
             threads,
             oracle: None,
+            free_running: None,
         })
     }
 
@@ -283,10 +317,14 @@ impl Pair {
             let model = ModelFile::open(&self.model_path)?;
             self.engine.fault = fault;
             self.ours = OurEngine::load(&model.gguf, &model.cfg, self.engine)?;
+            self.free_running = None;
         } else {
             self.engine.fault = fault;
         }
         self.ours.set_fault(fault);
+        if let Some(second) = &mut self.free_running {
+            second.set_fault(fault);
+        }
         Ok(())
     }
 
@@ -320,6 +358,45 @@ impl Pair {
         Ok(self.llama()?.token_piece(token))
     }
 
+    /// How llama.cpp captures for this pair: its KV type and threads, the
+    /// layers asked.
+    pub(crate) fn ref_options(&self, layers: Option<Vec<usize>>) -> RefOptions {
+        let mut opts = RefOptions { kv_type: self.kv, layers, ..RefOptions::default() };
+        if let Some(t) = self.threads {
+            opts.threads = t;
+        }
+        opts
+    }
+
+    /// The model's dimensions.
+    pub fn dims(&self) -> Dims {
+        self.dims
+    }
+
+    /// The prompt's tokens (llama.cpp's tokenizer), checked against the context.
+    pub fn tokenize(&mut self, prompt: &str, chat: bool, n_decode: usize) -> Result<Vec<i32>> {
+        let n_ctx_train = self.n_ctx_train;
+        let tokens = self.llama()?.tokenize(prompt, chat)?;
+        check_context(tokens.len(), n_decode, n_ctx_train)?;
+        Ok(tokens)
+    }
+
+    /// What a comparison run pass by pass uses at once: llama.cpp, our
+    /// engine (teacher-forced) and a second copy of it (free-running: each
+    /// needs its own KV cache), loaded now if not yet.
+    pub(crate) fn chunk_engines(&mut self) -> Result<(&LlamaRef, &mut OurEngine, &mut OurEngine)> {
+        self.llama()?;
+        if self.free_running.is_none() {
+            let model = ModelFile::open(&self.model_path)?;
+            let second = OurEngine::load(&model.gguf, &model.cfg, self.engine).context("loading a second copy of our engine (free-running)")?;
+            self.free_running = Some(second);
+        }
+        let llama = self.llama.as_ref().expect("loaded above");
+        let second = self.free_running.as_mut().expect("loaded above");
+        second.set_numerics(self.ours.numerics());
+        Ok((llama, &mut self.ours, second))
+    }
+
     /// llama.cpp, loaded now if no reference has needed it yet.
     fn llama(&mut self) -> Result<&LlamaRef> {
         if self.llama.is_none() {
@@ -332,18 +409,25 @@ impl Pair {
     /// reference cache when it holds this exact capture, else computed (and
     /// stored).
     pub fn reference(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>) -> Result<Capture> {
+        match self.reference_unless(prompt, chat, n_decode, layers, &|_| false)? {
+            Reference::Whole(c) => Ok(c),
+            Reference::Chunked(tokens) => bail!("a reference of {} tokens was asked whole and refused", tokens.len()),
+        }
+    }
+
+    /// [`Pair::reference`], unless the cache does not hold it and
+    /// `chunked(n_prompt)` says the comparison runs chunk by chunk: then
+    /// only the prompt's tokens.
+    fn reference_unless(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, chunked: &dyn Fn(usize) -> bool) -> Result<Reference> {
         let layers = layers.map(|mut ls| {
             ls.sort_unstable();
             ls.dedup();
             ls
         });
         if self.oracle.is_some() {
-            return self.oracle_reference(prompt, chat, n_decode, layers);
+            return self.oracle_reference(prompt, chat, n_decode, layers).map(Reference::Whole);
         }
-        let mut opts = RefOptions { kv_type: self.kv, layers, ..RefOptions::default() };
-        if let Some(t) = self.threads {
-            opts.threads = t;
-        }
+        let opts = self.ref_options(layers);
         let key = RefKey {
             model_sha256: self.model_sha256.clone(),
             prompt: prompt.to_string(),
@@ -357,18 +441,19 @@ impl Pair {
         };
         if let Some(cached) = self.cache.as_ref().and_then(|c| c.load(&key)) {
             check_context(cached.tokens.len(), n_decode, self.n_ctx_train)?;
-            return Ok(cached);
+            return Ok(Reference::Whole(cached));
         }
         let n_ctx_train = self.n_ctx_train;
         let llama = self.llama()?;
         let tokens = llama.tokenize(prompt, chat)?;
         check_context(tokens.len(), n_decode, n_ctx_train)?;
+        if chunked(tokens.len()) {
+            return Ok(Reference::Chunked(tokens));
+        }
         // The capture (the cache streams it to disk: no second copy), plus
-        // llama.cpp's own largest buffers for a prefill in one pass: its
-        // logits output and result node, and a layer's scores and softmax.
-        let (d, n) = (&self.dims, tokens.len() as u64);
-        let llama_working = 4 * (2 * n * d.n_vocab as u64 + 2 * d.n_head as u64 * n * n);
-        let needed = capture_bytes(d, tokens.len(), n_decode, opts.layers.as_deref(), &|_| true) + llama_working;
+        // llama.cpp's own largest buffers for a prefill in one pass.
+        let (d, n) = (&self.dims, tokens.len());
+        let needed = capture_bytes(d, n, n_decode, opts.layers.as_deref(), &|_| true) + llama_working_bytes(d, n, n);
         check_memory("llama.cpp's capture", needed, tokens.len(), n_decode)?;
         let llama = self.llama()?;
         let mut reference = crate::progress::llama_capture(llama, &tokens, n_decode, &opts)?;
@@ -379,7 +464,7 @@ impl Pair {
                 crate::progress::note(&format!("reference cache: {e:#}"));
             }
         }
-        Ok(reference)
+        Ok(Reference::Whole(reference))
     }
 
     /// Our engine on the reference's tokens (decode steps fed the
@@ -399,7 +484,7 @@ impl Pair {
         Ok(ours)
     }
 
-    fn label(&self, c: &mut Capture, prompt: &str, chat: bool) {
+    pub(crate) fn label(&self, c: &mut Capture, prompt: &str, chat: bool) {
         c.prompt = prompt.to_string();
         c.chat = chat;
         c.model_sha256 = self.model_sha256.clone();
@@ -412,8 +497,24 @@ impl Pair {
     /// attn_norm, final_norm, logits) is fed the reference's input, not our
     /// free-running one.
     pub fn capture_both(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>) -> Result<(Capture, Capture, Capture)> {
+        match self.capture_both_unless_chunked(prompt, chat, n_decode, layers, false)? {
+            Captured::Whole(tf, fr, reference) => Ok((tf, fr, reference)),
+            Captured::Chunked(tokens) => bail!("a comparison of {} tokens was asked whole and refused", tokens.len()),
+        }
+    }
+
+    /// [`Pair::capture_both`], or, when `may_chunk` and the captures would be
+    /// too large to hold whole (`chunked::runs_in_chunks`), only the
+    /// prompt's tokens, for `chunked::judge`.
+    pub fn capture_both_unless_chunked(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, may_chunk: bool) -> Result<Captured> {
         let ref_layers = layers.as_deref().map(|ls| feeding_layers(ls, self.n_layer));
-        let reference = self.reference(prompt, chat, n_decode, ref_layers)?;
+        let dims = self.dims;
+        let sel = layers.clone();
+        let chunked = move |n_prompt: usize| may_chunk && crate::chunked::runs_in_chunks(&dims, n_prompt, n_decode, sel.as_deref());
+        let reference = match self.reference_unless(prompt, chat, n_decode, ref_layers, &chunked)? {
+            Reference::Whole(c) => c,
+            Reference::Chunked(tokens) => return Ok(Captured::Chunked(tokens)),
+        };
         // Ours, both ways: every global stage teacher-forced, free-running
         // only the embedding when the pass ends after the layers asked.
         let (n_prompt, sel) = (reference.tokens.len(), layers.as_deref());
@@ -422,7 +523,7 @@ impl Pair {
         check_memory("our engine's captures", needed, n_prompt, n_decode)?;
         let teacher_forced = self.ours(&reference, layers.clone(), true)?;
         let free_running = self.ours(&reference, layers, false)?;
-        Ok((teacher_forced, free_running, reference))
+        Ok(Captured::Whole(teacher_forced, free_running, reference))
     }
 
     /// Both engines on one prompt: (ours, llama.cpp).

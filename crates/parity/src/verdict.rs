@@ -4,7 +4,7 @@
 //! and the diagnosis of a divergence.
 
 use crate::diff::{DiffReport, FreeRunningSummary};
-use crate::session::{compare, resolve_thresholds, GateRequest, Pair};
+use crate::session::{compare, resolve_thresholds, Captured, GateRequest, Pair};
 use crate::thresholds::{Comparison, Thresholds};
 use anyhow::Result;
 
@@ -29,8 +29,13 @@ impl Gates {
 
 /// Judge one prompt on `pair`. `diagnose`: name the bug behind a
 /// divergence (replays our engine; costs seconds, only when it diverges).
+/// A prompt whose captures would not fit whole is compared chunk by chunk
+/// (`chunked`), with no drill-down or diagnosis.
 pub fn judge(pair: &mut Pair, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, gates: &Gates, diagnose: bool) -> Result<DiffReport> {
-    let (teacher_forced, free_running, reference) = pair.capture_both(prompt, chat, n_decode, layers.clone())?;
+    let (teacher_forced, free_running, reference) = match pair.capture_both_unless_chunked(prompt, chat, n_decode, layers.clone(), true)? {
+        Captured::Whole(tf, fr, reference) => (tf, fr, reference),
+        Captured::Chunked(tokens) => return crate::chunked::judge(pair, &tokens, prompt, chat, n_decode, layers, gates),
+    };
     let tf = compare(&teacher_forced, &reference, &gates.teacher_forced, layers.as_deref());
     let fr = compare(&free_running, &reference, &gates.free_running, layers.as_deref());
     let mut report = match gates.verdict {
