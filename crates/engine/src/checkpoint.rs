@@ -118,6 +118,9 @@ impl Checkpoints for Isolate<'_> {
     /// output, or a later unrecorded layer's output that replaces it: only
     /// the recorded layers and the globals are computed.
     fn layer_plan(&self, step: usize, layer: usize) -> LayerPlan {
+        if self.recorder.end_after.is_some_and(|last| layer > last) {
+            return LayerPlan::Stop;
+        }
         let n_layer = self.reference.config.n_layer;
         for l in layer..n_layer {
             if self.recorder.wants_layer(l) {

@@ -241,6 +241,14 @@ fn classify(node: &NodeInfo) -> Option<(Stage, Option<usize>, u8)> {
 pub(crate) struct Hook {
     dims: Dims,
     layer_wanted: Vec<bool>,
+    /// Layers of which only `layer_out` is wanted (a layer that only feeds
+    /// the next: the input of a teacher-forced layer or of the final norm).
+    out_only: Vec<bool>,
+    /// End each pass after this layer: nothing past it is computed (no
+    /// final norm, no logits).
+    stop_after: Option<usize>,
+    /// The first node past `stop_after` was reached in this pass.
+    stopping: bool,
     /// Current forward pass: step index, cache positions filled before it, tokens in it.
     pub step: usize,
     pub n_past: usize,
@@ -252,16 +260,22 @@ pub(crate) struct Hook {
 }
 
 impl Hook {
-    pub fn new(dims: Dims, layers: &[usize]) -> Hook {
-        let mut layer_wanted = vec![false; dims.n_layer];
-        for &l in layers {
-            if let Some(w) = layer_wanted.get_mut(l) {
-                *w = true;
+    pub fn new(dims: Dims, layers: &[usize], layer_out_only: &[usize], stop_after: Option<usize>) -> Hook {
+        let flags = |ls: &[usize]| {
+            let mut v = vec![false; dims.n_layer];
+            for &l in ls {
+                if let Some(w) = v.get_mut(l) {
+                    *w = true;
+                }
             }
-        }
+            v
+        };
         Hook {
             dims,
-            layer_wanted,
+            layer_wanted: flags(layers),
+            out_only: flags(layer_out_only),
+            stop_after,
+            stopping: false,
             step: 0,
             n_past: 0,
             n_tokens: 0,
@@ -280,7 +294,10 @@ impl Hook {
     fn wanted(&self, stage: Stage, layer: Option<usize>) -> bool {
         match layer {
             None => stage.is_global(),
-            Some(l) => self.layer_wanted.get(l).copied().unwrap_or(false),
+            Some(l) => {
+                self.layer_wanted.get(l).copied().unwrap_or(false)
+                    && (stage == Stage::LayerOut || !self.out_only.get(l).copied().unwrap_or(false))
+            }
         }
     }
 
@@ -292,9 +309,21 @@ impl Hook {
             return false;
         }
         match classify(node) {
+            // The first stage of a layer past the last one asked: every node
+            // before it in the graph (the last layer's output among them)
+            // has been computed; its data phase ends the pass.
+            Some((_, Some(l), _)) if self.stop_after.is_some_and(|last| l > last) => {
+                self.stopping = true;
+                true
+            }
             Some((stage, layer, _)) => self.wanted(stage, layer),
             None => false,
         }
+    }
+
+    /// Whether the pass goes on after the node just observed.
+    fn keep_computing(&mut self) -> bool {
+        !std::mem::take(&mut self.stopping)
     }
 
     /// # Safety
@@ -352,6 +381,11 @@ pub(crate) unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: boo
         if ask {
             hook.ask(&node)
         } else {
+            if !hook.keep_computing() {
+                // The pass ends here (`stop_after`): false makes the
+                // scheduler skip the rest of the graph.
+                return false;
+            }
             // SAFETY: data phase: the node has just been computed.
             unsafe { hook.observe(t, &node) };
             true

@@ -32,6 +32,14 @@ pub struct RefOptions {
     pub threads: usize,
     /// Layers to capture; `None` = all.
     pub layers: Option<Vec<usize>>,
+    /// Of those, the layers of which only `layer_out` is captured (layers
+    /// that only feed a compared one: the input of a teacher-forced layer,
+    /// or of the final norm).
+    pub layer_out_only: Vec<usize>,
+    /// End every pass after this layer: the layers past it, the final norm
+    /// and the logits are not computed (no greedy token either, so only for
+    /// a prefill with no decode steps).
+    pub stop_after_layer: Option<usize>,
     /// `false` runs without the eval callback at all (for timing).
     pub capture: bool,
 }
@@ -43,6 +51,8 @@ impl Default for RefOptions {
             flash_attn: false,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             layers: None,
+            layer_out_only: Vec::new(),
+            stop_after_layer: None,
             capture: true,
         }
     }

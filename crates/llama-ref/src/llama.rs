@@ -2,7 +2,7 @@
 
 use crate::hook::{self, Hook};
 use crate::{backend, KvType, LlamaError, RefOptions};
-use capture::{argmax, Capture, CaptureConfig, CapturedTensor, Dims, StageId};
+use capture::{argmax, Capture, CaptureConfig, CapturedTensor, Dims, Stage, StageId};
 use std::collections::BTreeMap;
 use llama_cpp_sys_2 as sys;
 use std::ffi::{c_void, CString};
@@ -311,12 +311,19 @@ impl LlamaRef {
         if total > self.n_ctx_train {
             return Err(LlamaError::ContextTooLong { n_prompt: tokens.len(), n_decode, n_ctx_train: self.n_ctx_train });
         }
+        if opts.stop_after_layer.is_some() && n_decode > 0 {
+            return Err(LlamaError::Input("decode steps need the logits, which stop_after_layer skips".into()));
+        }
         // The whole prompt in one ubatch: the prefill is exactly one forward pass.
         let mut run = self.start(total, total + CTX_MARGIN, opts)?;
         let mut generated = Vec::with_capacity(n_decode + 1);
         for step in 0..=n_decode {
             let input: Vec<i32> = if step == 0 { tokens.to_vec() } else { vec![generated[step - 1]] };
-            generated.push(run.pass(&input, step)?);
+            match run.pass(&input, step)? {
+                Some(picked) => generated.push(picked),
+                None if step == n_decode => {}
+                None => return Err(LlamaError::Input("decode steps need the logits, which stop_after_layer skips".into())),
+            }
             on_step(step + 1, n_decode + 1);
         }
         let tensors = run.take_tensors();
@@ -368,7 +375,7 @@ impl LlamaRef {
         let n_batch = n_batch.clamp(1, n_ctx);
         let n_batch_u32 = u32::try_from(n_batch).map_err(|_| LlamaError::Input("batch too large".into()))?;
 
-        let hook = HookBox::new(Hook::new(d, &layers));
+        let hook = HookBox::new(Hook::new(d, &layers, &opts.layer_out_only, opts.stop_after_layer));
         // SAFETY: plain constructor of a params struct.
         let mut cparams = unsafe { sys::llama_context_default_params() };
         cparams.n_ctx = n_ctx_u32;
@@ -420,11 +427,17 @@ impl LlamaRef {
         hook: &mut Hook,
         step: usize,
         layers: &[usize],
+        layer_out_only: &[usize],
+        stop_after_layer: Option<usize>,
         flash_attn: bool,
         unavailable: &mut Vec<StageId>,
     ) -> Result<(), LlamaError> {
         let expected = StageId::in_step(step, layers.iter().copied());
-        for id in expected {
+        let asked = |id: &StageId| match id.layer {
+            Some(l) => (id.stage == Stage::LayerOut || !layer_out_only.contains(&l)) && stop_after_layer.is_none_or(|last| l <= last),
+            None => id.stage == Stage::Embed || stop_after_layer.is_none(),
+        };
+        for id in expected.into_iter().filter(asked) {
             let internal = id.stage.info().attention_internal;
             let present = hook.tensors.contains_key(&id);
             match (flash_attn && internal, present) {
@@ -486,8 +499,9 @@ impl RefRun<'_> {
 
     /// One forward pass over `input` at the next cache positions, its stages
     /// captured as step `step` (0 for every chunk of the prefill); logits are
-    /// computed for every token. Returns the greedy token of the last row.
-    pub fn pass(&mut self, input: &[i32], step: usize) -> Result<i32, LlamaError> {
+    /// computed for every token. Returns the greedy token of the last row
+    /// (`None` when the pass ends after a layer: `stop_after_layer`).
+    pub fn pass(&mut self, input: &[i32], step: usize) -> Result<Option<i32>, LlamaError> {
         let d = self.llama.dims;
         if input.is_empty() || input.len() > self.n_batch {
             return Err(LlamaError::Input(format!("a pass of {} tokens (1..={} per pass)", input.len(), self.n_batch)));
@@ -520,6 +534,15 @@ impl RefRun<'_> {
             return Err(LlamaError::Decode { step, code: rc });
         }
         self.n_past += input.len();
+        if self.opts.capture {
+            let (flash_attn, layers, out_only) = (self.opts.flash_attn, self.layers.clone(), self.opts.layer_out_only.clone());
+            let stop = self.opts.stop_after_layer;
+            self.llama.check_step(self.hook.get(), step, &layers, &out_only, stop, flash_attn, &mut self.unavailable)?;
+        }
+        if self.opts.stop_after_layer.is_some() {
+            // The logits were not computed: llama.cpp's buffer holds nothing of this pass.
+            return Ok(None);
+        }
         // SAFETY: live context after a successful decode that requested
         // logits for every token; index n-1 is the last of them.
         let last = unsafe { sys::llama_get_logits_ith(self.ctx.0.as_ptr(), input.len() as i32 - 1) };
@@ -528,12 +551,7 @@ impl RefRun<'_> {
         }
         // SAFETY: llama.cpp's logits row holds n_vocab floats, valid until the next decode.
         let row = unsafe { std::slice::from_raw_parts(last, d.n_vocab) };
-        let picked = argmax(row) as i32;
-        if self.opts.capture {
-            let (flash_attn, layers) = (self.opts.flash_attn, self.layers.clone());
-            self.llama.check_step(self.hook.get(), step, &layers, flash_attn, &mut self.unavailable)?;
-        }
-        Ok(picked)
+        Ok(Some(argmax(row) as i32))
     }
 
     /// The tensors captured since the last call, handed over.

@@ -34,6 +34,9 @@ pub struct RefKey {
     pub n_decode: usize,
     /// Layers captured (`None`: all).
     pub layers: Option<Vec<usize>>,
+    /// Of those, the layers captured at `layer_out` alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_out_only: Vec<usize>,
     pub kv_type: String,
     pub flash_attn: bool,
     pub threads: usize,
@@ -230,6 +233,7 @@ mod tests {
             chat: false,
             n_decode: 2,
             layers: Some(vec![0, 23]),
+            layer_out_only: vec![23],
             kv_type: "f16".into(),
             flash_attn: false,
             threads: 2,

@@ -19,14 +19,15 @@ use crate::diff::{DiffBuilder, DiffReport, FreeRunningSummary};
 use crate::metrics::Placement;
 use crate::ours::Mode;
 use crate::progress::{Milestones, Progress, Unit};
-use crate::session::{check_memory, feeding_layers, llama_working_bytes, pass_bytes, Pair};
+use crate::session::{check_memory, llama_working_bytes, pass_bytes, reference_bytes, reference_layers, Pair};
 use crate::thresholds::Comparison;
 use crate::verdict::Gates;
 use anyhow::{Context, Result};
 use capture::{Capture, Dims, Stage, StageId};
+use std::time::Instant;
 
 /// Tokens per chunk of a prefill run chunk by chunk.
-pub const CHUNK_TOKENS: usize = 256;
+pub const CHUNK_TOKENS: usize = 128;
 
 /// Above this many bytes of captures held whole (the reference's and our
 /// two), a comparison runs chunk by chunk. The default 1 GiB keeps every
@@ -43,12 +44,40 @@ fn chunk_above_bytes() -> u64 {
 /// and our two captures.
 pub fn whole_bytes(d: &Dims, n_prompt: usize, n_decode: usize, layers: Option<&[usize]>) -> u64 {
     let sel = layers;
-    let feeding = layers.map(|ls| feeding_layers(ls, d.n_layer));
+    let (feeding, out_only) = reference_layers(layers, d.n_layer);
     let all = |_: Stage| true;
-    crate::session::capture_bytes(d, n_prompt, n_decode, feeding.as_deref(), &all)
+    reference_bytes(d, n_prompt, n_decode, feeding.as_deref(), &out_only)
         + llama_working_bytes(d, n_prompt, n_prompt)
         + crate::session::capture_bytes(d, n_prompt, n_decode, sel, &all)
         + crate::session::capture_bytes(d, n_prompt, n_decode, sel, &|s| sel.is_none() || s == Stage::Embed)
+}
+
+/// What a comparison run chunk by chunk asks of llama.cpp.
+struct Plan {
+    /// The layers captured, and those of them captured at `layer_out` alone.
+    ref_layers: Option<Vec<usize>>,
+    out_only: Vec<usize>,
+    /// Every pass of both engines ends after this layer: a prefill over some
+    /// layers (no decode step needs the logits) computes nothing past the
+    /// last of them, so neither the final norm nor the logits are compared.
+    stop_after: Option<usize>,
+}
+
+fn plan(layers: Option<&[usize]>, n_layer: usize, n_decode: usize) -> Plan {
+    match layers {
+        Some(sel) if n_decode == 0 && !sel.is_empty() => {
+            // Each selected layer and the one before it (its input).
+            let mut feeding: Vec<usize> = sel.iter().flat_map(|&l| [l.saturating_sub(1), l]).collect();
+            feeding.sort_unstable();
+            feeding.dedup();
+            let out_only = feeding.iter().copied().filter(|l| !sel.contains(l)).collect();
+            Plan { ref_layers: Some(feeding), out_only, stop_after: sel.iter().max().copied() }
+        }
+        _ => {
+            let (ref_layers, out_only) = reference_layers(layers, n_layer);
+            Plan { ref_layers, out_only, stop_after: None }
+        }
+    }
 }
 
 /// Bytes a comparison run chunk by chunk holds at most: one chunk's
@@ -58,10 +87,12 @@ pub fn whole_bytes(d: &Dims, n_prompt: usize, n_decode: usize, layers: Option<&[
 pub fn chunked_bytes(d: &Dims, n_prompt: usize, n_decode: usize, layers: Option<&[usize]>) -> u64 {
     let n_t = n_prompt.min(CHUNK_TOKENS);
     let n_kv = n_prompt + n_decode;
-    let feeding = layers.map(|ls| feeding_layers(ls, d.n_layer));
-    let all = |_: Stage| true;
-    let reference = pass_bytes(d, n_t, n_kv, feeding.as_deref(), &all);
-    let teacher_forced = pass_bytes(d, n_t, n_kv, layers, &all);
+    let p = plan(layers, d.n_layer, n_decode);
+    let full: Option<Vec<usize>> = p.ref_layers.map(|ls| ls.into_iter().filter(|l| !p.out_only.contains(l)).collect());
+    let stopped = p.stop_after.is_some();
+    let globals = |s: Stage| !stopped || s == Stage::Embed;
+    let reference = pass_bytes(d, n_t, n_kv, full.as_deref(), &globals) + (p.out_only.len() * n_t * d.n_embd * 4) as u64;
+    let teacher_forced = pass_bytes(d, n_t, n_kv, layers, &globals);
     let free_running = pass_bytes(d, n_t, n_kv, layers, &|s| layers.is_none() || s == Stage::Embed);
     reference + teacher_forced + free_running + llama_working_bytes(d, n_t, n_kv) + teacher_forced
 }
@@ -79,6 +110,9 @@ pub struct ChunkedComparisons {
     pub teacher_forced: DiffReport,
     pub free_running: DiffReport,
     pub free_running_ended_after: Option<usize>,
+    /// Both engines' passes (and llama.cpp's) ended after this layer: no
+    /// final norm or logits compared.
+    pub ended_after: Option<usize>,
 }
 
 /// Judge one prompt chunk by chunk (see the module's documentation):
@@ -97,6 +131,12 @@ pub fn judge(pair: &mut Pair, tokens: &[i32], prompt: &str, chat: bool, n_decode
     for row in report.rows.iter_mut().filter(|r| r.id.step == 0) {
         row.ref_provenance.push_str(&format!(" (first of {n_chunks} chunks)"));
     }
+    if let Some(last) = both.ended_after {
+        report.configuration.push((
+            "ended after the layers asked".into(),
+            format!("every pass of both engines (llama.cpp too) ended after layer {last}, the last asked for: final_norm and logits were neither computed nor compared (a long prompt's --layer comparison runs only the layers it needs; run without --layer/--layers, or with --decode, to compare them)"),
+        ));
+    }
     report.configuration.push((
         "compared in chunks".into(),
         format!(
@@ -114,7 +154,9 @@ pub fn compare(pair: &mut Pair, tokens: &[i32], prompt: &str, chat: bool, n_deco
     let needed = chunked_bytes(&d, n_prompt, n_decode, layers.as_deref());
     check_memory("a comparison run chunk by chunk", needed, n_prompt, n_decode)?;
     let sel = layers.as_deref();
-    let opts = pair.ref_options(sel.map(|ls| feeding_layers(ls, d.n_layer)));
+    let plan = plan(sel, d.n_layer, n_decode);
+    let mut opts = pair.ref_options(plan.ref_layers, plan.out_only);
+    opts.stop_after_layer = plan.stop_after;
     let model_sha256 = pair.model_sha256.clone();
     let (llama, teacher_forced, free_running) = pair.chunk_engines()?;
     let mut run = llama.start(n_prompt + n_decode, CHUNK_TOKENS, &opts)?;
@@ -132,7 +174,8 @@ pub fn compare(pair: &mut Pair, tokens: &[i32], prompt: &str, chat: bool, n_deco
             (None, Some(_)) => true,
         }
     };
-    let (tf_filter, fr_filter) = (filter_for(false), filter_for(ended_after.is_some()));
+    let (tf_filter, fr_filter) = (filter_for(plan.stop_after.is_some()), filter_for(ended_after.is_some()));
+    let stops = plan.stop_after.is_some();
     let ref_config = run.config(n_decode);
     let part = |tensors| Capture { config: ref_config.clone(), tensors, ..Capture::default() };
     let (mut tf_diff, mut fr_diff) = (DiffBuilder::default(), DiffBuilder::default());
@@ -141,21 +184,35 @@ pub fn compare(pair: &mut Pair, tokens: &[i32], prompt: &str, chat: bool, n_deco
     let mut generated: Vec<i32> = Vec::with_capacity(n_decode + 1);
     let mut done = 0u64;
     let mut row0 = 0;
+    // Where the time goes: llama.cpp, ours teacher-forced, ours free-running, the comparison.
+    let mut seconds = [0f64; 4];
+    let mut timed = |i: usize, t: Instant| seconds[i] += t.elapsed().as_secs_f64();
     for step in 0..=n_decode {
         let passes: Vec<&[i32]> = if step == 0 { tokens.chunks(CHUNK_TOKENS).collect() } else { vec![&generated[step - 1..step]] };
         let passes: Vec<Vec<i32>> = passes.into_iter().map(<[i32]>::to_vec).collect();
         for input in passes {
+            let t = Instant::now();
             let picked = run.pass(&input, step).with_context(|| format!("llama.cpp, step {step}"))?;
+            // A pass that ends after a layer has no greedy token: only with no decode step.
+            let picked = picked.unwrap_or_default();
             let reference = part(run.take_tensors());
-            let ours_tf = teacher_forced.pass(&input, step, sel, Mode::Isolate(&reference))?;
+            timed(0, t);
+            let t = Instant::now();
+            let tf_mode = if stops { Mode::IsolateSelected(&reference) } else { Mode::Isolate(&reference) };
+            let ours_tf = teacher_forced.pass(&input, step, sel, tf_mode)?;
+            timed(1, t);
+            let t = Instant::now();
             let ours_fr = free_running.pass(&input, step, sel, free_mode())?;
+            timed(2, t);
+            let t = Instant::now();
             let placement = (step == 0).then_some(Placement { row0, rows: n_prompt });
             let ours = |tensors| Capture { tensors, ..Capture::default() };
             tf_diff.add(&ours(ours_tf.tensors), &reference, Some(&tf_filter), placement);
             fr_diff.add(&ours(ours_fr.tensors), &reference, Some(&fr_filter), placement);
+            timed(3, t);
             if step == 0 {
                 row0 += input.len();
-                if row0 == n_prompt {
+                if row0 == n_prompt && plan.stop_after.is_none() {
                     generated.push(picked);
                 }
             } else {
@@ -166,6 +223,10 @@ pub fn compare(pair: &mut Pair, tokens: &[i32], prompt: &str, chat: bool, n_deco
         }
     }
     progress.finish("compared");
+    crate::progress::note(&format!(
+        "chunked comparison: llama.cpp {:.1} s, ours teacher-forced {:.1} s, ours free-running {:.1} s, comparing {:.1} s",
+        seconds[0], seconds[1], seconds[2], seconds[3]
+    ));
     let unavailable = std::mem::take(&mut run.unavailable);
     drop(run);
 
@@ -185,7 +246,7 @@ pub fn compare(pair: &mut Pair, tokens: &[i32], prompt: &str, chat: bool, n_deco
         config: engine.capture_config(sel, n_decode, teacher, ended),
         ..Capture::default()
     };
-    let mut tf_header = ours_header(teacher_forced, true, None);
+    let mut tf_header = ours_header(teacher_forced, true, plan.stop_after);
     let mut fr_header = ours_header(free_running, false, ended_after);
     for c in [&mut reference, &mut tf_header, &mut fr_header] {
         c.prompt = prompt.to_string();
@@ -196,6 +257,7 @@ pub fn compare(pair: &mut Pair, tokens: &[i32], prompt: &str, chat: bool, n_deco
         teacher_forced: tf_diff.finish(&tf_header, &reference, &gates.teacher_forced),
         free_running: fr_diff.finish(&fr_header, &reference, &gates.free_running),
         free_running_ended_after: ended_after,
+        ended_after: plan.stop_after,
     })
 }
 

@@ -94,6 +94,9 @@ pub enum Mode<'a> {
     /// Record ours, then continue with the reference's tensor at every
     /// stage: each recorded tensor carries one op's own error.
     Isolate(&'a Capture),
+    /// Isolate, and end each pass after the last selected layer (a
+    /// comparison of some layers whose reference ended there too).
+    IsolateSelected(&'a Capture),
 }
 
 /// One forward pass of ours: the tensors recorded, and the greedy token of
@@ -250,10 +253,14 @@ fn with_checkpoints<R>(
             let end_after = recorder.end_after;
             Ok((out, recorder.tensors, end_after))
         }
-        Mode::Isolate(reference) => {
+        Mode::Isolate(reference) | Mode::IsolateSelected(reference) => {
+            if matches!(mode, Mode::IsolateSelected(_)) {
+                recorder.end_after = layers.and_then(|ls| ls.iter().max().copied());
+            }
             let mut iso = Isolate { reference, recorder };
             let out = f(&mut iso)?;
-            Ok((out, iso.recorder.tensors, None))
+            let end_after = iso.recorder.end_after;
+            Ok((out, iso.recorder.tensors, end_after))
         }
     }
 }
@@ -290,7 +297,7 @@ fn drive<B: Backend>(
 ) -> Result<Capture> {
     let engine_name = format!("ours-{}", model.backend.name());
     let started = Instant::now();
-    let teacher_forced = matches!(mode, Mode::Isolate(_));
+    let teacher_forced = matches!(mode, Mode::Isolate(_) | Mode::IsolateSelected(_));
     let (generated, tensors, ended_after_layer) =
         with_checkpoints(mode, layers.as_deref(), &engine_name, |cps| model.generate(tokens, n_decode, forced, cps))?;
     crate::progress::note(&format!(

@@ -66,6 +66,14 @@ pub fn capture_bytes(d: &Dims, n_prompt: usize, n_decode: usize, layers: Option<
         .sum()
 }
 
+/// Bytes a reference capture of `layers` holds when the layers `out_only`
+/// (among them) are captured at `layer_out` alone.
+pub fn reference_bytes(d: &Dims, n_prompt: usize, n_decode: usize, layers: Option<&[usize]>, out_only: &[usize]) -> u64 {
+    let full: Option<Vec<usize>> = layers.map(|ls| ls.iter().copied().filter(|l| !out_only.contains(l)).collect());
+    let layer_out: u64 = (0..=n_decode).map(|step| if step == 0 { n_prompt } else { 1 } as u64).sum::<u64>() * d.n_embd as u64 * 4;
+    capture_bytes(d, n_prompt, n_decode, full.as_deref(), &|_| true) + out_only.len() as u64 * layer_out
+}
+
 /// Bytes one forward pass of `n_t` tokens with `n_kv` cache positions
 /// filled after it captures (see [`capture_bytes`]).
 pub fn pass_bytes(d: &Dims, n_t: usize, n_kv: usize, layers: Option<&[usize]>, globals: &dyn Fn(Stage) -> bool) -> u64 {
@@ -360,8 +368,8 @@ impl Pair {
 
     /// How llama.cpp captures for this pair: its KV type and threads, the
     /// layers asked.
-    pub(crate) fn ref_options(&self, layers: Option<Vec<usize>>) -> RefOptions {
-        let mut opts = RefOptions { kv_type: self.kv, layers, ..RefOptions::default() };
+    pub(crate) fn ref_options(&self, layers: Option<Vec<usize>>, layer_out_only: Vec<usize>) -> RefOptions {
+        let mut opts = RefOptions { kv_type: self.kv, layers, layer_out_only, ..RefOptions::default() };
         if let Some(t) = self.threads {
             opts.threads = t;
         }
@@ -409,16 +417,25 @@ impl Pair {
     /// reference cache when it holds this exact capture, else computed (and
     /// stored).
     pub fn reference(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>) -> Result<Capture> {
-        match self.reference_unless(prompt, chat, n_decode, layers, &|_| false)? {
+        match self.reference_unless(prompt, chat, n_decode, layers, Vec::new(), &|_| false)? {
             Reference::Whole(c) => Ok(c),
             Reference::Chunked(tokens) => bail!("a reference of {} tokens was asked whole and refused", tokens.len()),
         }
     }
 
-    /// [`Pair::reference`], unless the cache does not hold it and
+    /// [`Pair::reference`] with the layers `layer_out_only` (among `layers`)
+    /// captured at `layer_out` alone, unless the cache does not hold it and
     /// `chunked(n_prompt)` says the comparison runs chunk by chunk: then
     /// only the prompt's tokens.
-    fn reference_unless(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, chunked: &dyn Fn(usize) -> bool) -> Result<Reference> {
+    fn reference_unless(
+        &mut self,
+        prompt: &str,
+        chat: bool,
+        n_decode: usize,
+        layers: Option<Vec<usize>>,
+        layer_out_only: Vec<usize>,
+        chunked: &dyn Fn(usize) -> bool,
+    ) -> Result<Reference> {
         let layers = layers.map(|mut ls| {
             ls.sort_unstable();
             ls.dedup();
@@ -427,8 +444,9 @@ impl Pair {
         if self.oracle.is_some() {
             return self.oracle_reference(prompt, chat, n_decode, layers).map(Reference::Whole);
         }
-        let opts = self.ref_options(layers);
+        let opts = self.ref_options(layers, layer_out_only);
         let key = RefKey {
+            layer_out_only: opts.layer_out_only.clone(),
             model_sha256: self.model_sha256.clone(),
             prompt: prompt.to_string(),
             chat,
@@ -453,7 +471,7 @@ impl Pair {
         // The capture (the cache streams it to disk: no second copy), plus
         // llama.cpp's own largest buffers for a prefill in one pass.
         let (d, n) = (&self.dims, tokens.len());
-        let needed = capture_bytes(d, n, n_decode, opts.layers.as_deref(), &|_| true) + llama_working_bytes(d, n, n);
+        let needed = reference_bytes(d, n, n_decode, opts.layers.as_deref(), &opts.layer_out_only) + llama_working_bytes(d, n, n);
         check_memory("llama.cpp's capture", needed, tokens.len(), n_decode)?;
         let llama = self.llama()?;
         let mut reference = crate::progress::llama_capture(llama, &tokens, n_decode, &opts)?;
@@ -507,11 +525,11 @@ impl Pair {
     /// too large to hold whole (`chunked::runs_in_chunks`), only the
     /// prompt's tokens, for `chunked::judge`.
     pub fn capture_both_unless_chunked(&mut self, prompt: &str, chat: bool, n_decode: usize, layers: Option<Vec<usize>>, may_chunk: bool) -> Result<Captured> {
-        let ref_layers = layers.as_deref().map(|ls| feeding_layers(ls, self.n_layer));
+        let (ref_layers, out_only) = reference_layers(layers.as_deref(), self.n_layer);
         let dims = self.dims;
         let sel = layers.clone();
         let chunked = move |n_prompt: usize| may_chunk && crate::chunked::runs_in_chunks(&dims, n_prompt, n_decode, sel.as_deref());
-        let reference = match self.reference_unless(prompt, chat, n_decode, ref_layers, &chunked)? {
+        let reference = match self.reference_unless(prompt, chat, n_decode, ref_layers, out_only, &chunked)? {
             Reference::Whole(c) => c,
             Reference::Chunked(tokens) => return Ok(Captured::Chunked(tokens)),
         };
@@ -545,6 +563,20 @@ pub fn feeding_layers(selected: &[usize], n_layer: usize) -> Vec<usize> {
     out
 }
 
+/// What llama.cpp captures for a teacher-forced comparison of `selected`
+/// (all layers when `None`): the layers to capture ([`feeding_layers`]), and
+/// those of them that only feed a selected one, captured at `layer_out` alone.
+pub fn reference_layers(selected: Option<&[usize]>, n_layer: usize) -> (Option<Vec<usize>>, Vec<usize>) {
+    match selected {
+        None => (None, Vec::new()),
+        Some(sel) => {
+            let feeding = feeding_layers(sel, n_layer);
+            let out_only = feeding.iter().copied().filter(|l| !sel.contains(l)).collect();
+            (Some(feeding), out_only)
+        }
+    }
+}
+
 /// Compare with `layers` selected (global stages kept, except those after
 /// the layers when our pass ended there: `ended_after_layer`).
 pub fn compare(ours: &Capture, reference: &Capture, thresholds: &Thresholds, layers: Option<&[usize]>) -> DiffReport {
@@ -566,6 +598,9 @@ mod tests {
         assert_eq!(feeding_layers(&[0], 24), vec![0, 23]);
         assert_eq!(feeding_layers(&[5], 24), vec![4, 5, 23]);
         assert_eq!(feeding_layers(&[3, 4, 23], 24), vec![2, 3, 4, 22, 23]);
+        assert_eq!(reference_layers(Some(&[0]), 24), (Some(vec![0, 23]), vec![23]));
+        assert_eq!(reference_layers(Some(&[3, 4, 23]), 24), (Some(vec![2, 3, 4, 22, 23]), vec![2, 22]));
+        assert_eq!(reference_layers(None, 24), (None, vec![]));
     }
 
     #[test]

@@ -244,9 +244,12 @@ pub fn free_running_lines(r: &DiffReport) -> Vec<String> {
         .collect();
     out.push(format!("  worst-row rel-L2 per layer (stage): {}", growth.join(" ")));
     if let Some(last) = fr.ended_after_layer {
-        out.push(format!(
-            "  the free-running pass ended after layer {last}, the last asked for: final_norm and logits compared teacher-forced only (run without --layer/--layers for end-to-end agreement)"
-        ));
+        let tail_compared = r.rows.iter().any(|row| row.id.stage == Stage::Logits);
+        out.push(if tail_compared {
+            format!("  the free-running pass ended after layer {last}, the last asked for: final_norm and logits compared teacher-forced only (run without --layer/--layers for end-to-end agreement)")
+        } else {
+            format!("  the free-running pass ended after layer {last}, the last asked for, as did the teacher-forced one: final_norm and logits not compared (run without --layer/--layers for end-to-end agreement)")
+        });
     }
     for (step, m) in &fr.logits {
         out.push(format!(
