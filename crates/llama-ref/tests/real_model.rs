@@ -303,3 +303,57 @@ fn tokenizer_and_chat_template() {
     assert!(chat.contains(&im_start[0]));
     assert_eq!(llama.token_piece(-5), "");
 }
+
+#[test]
+fn feeding_layers_at_layer_out_alone_and_a_pass_that_ends_after_a_layer() {
+    let path = real_model_or_skip!();
+    let llama = LlamaRef::load(&path).unwrap();
+    let tokens = llama.tokenize(PROMPT, false).unwrap();
+    let full = llama.run(&tokens, 0, &RefOptions { layers: Some(vec![0, 1, 23]), ..RefOptions::default() }).unwrap();
+    // Layer 0 only feeds layer 1: its layer_out alone, the same values.
+    let opts = RefOptions { layers: Some(vec![0, 1, 23]), layer_out_only: vec![0], ..RefOptions::default() };
+    let c = llama.run(&tokens, 0, &opts).unwrap();
+    assert_eq!(c.tensors.len(), 1 + 17 * 2 + 3);
+    let out0 = StageId::layer(0, 0, Stage::LayerOut);
+    assert_eq!(c.get(&out0).unwrap().data, full.get(&out0).unwrap().data);
+    assert!(c.get(&StageId::layer(0, 0, Stage::AttnNorm)).is_none());
+    // Ending after layer 1: nothing past it is captured, and what is, is unchanged.
+    let opts = RefOptions { layers: Some(vec![0, 1]), stop_after_layer: Some(1), ..RefOptions::default() };
+    let c = llama.run(&tokens, 0, &opts).unwrap();
+    assert_eq!(c.tensors.len(), 1 + 17 * 2, "{:?}", c.tensors.keys().collect::<Vec<_>>());
+    for (id, t) in &c.tensors {
+        assert_eq!(t.tensor.data, full.get(id).unwrap().data, "{id}");
+    }
+    assert!(c.generated.is_empty(), "no logits, no greedy token");
+    // Decode steps need the logits.
+    assert!(llama.run(&tokens, 1, &opts).is_err());
+}
+
+#[test]
+fn a_prefill_in_chunks_captures_what_one_pass_does() {
+    let path = real_model_or_skip!();
+    let llama = LlamaRef::load(&path).unwrap();
+    let tokens = llama.tokenize(PROMPT, false).unwrap();
+    assert!(tokens.len() >= 4);
+    let opts = RefOptions { layers: Some(vec![0, 23]), ..RefOptions::default() };
+    let whole = llama.run(&tokens, 0, &opts).unwrap();
+    let split = tokens.len() / 2;
+    let mut run = llama.start(tokens.len(), split.max(tokens.len() - split), &opts).unwrap();
+    let mut last = None;
+    for (row0, chunk) in [(0, &tokens[..split]), (split, &tokens[split..])] {
+        last = run.pass(chunk, 0).unwrap();
+        let part = run.take_tensors();
+        assert_eq!(part.len(), 17 * 2 + 3);
+        // Token-major stages: the chunk's rows of the one pass, bit for bit.
+        for stage in [Stage::AttnNorm, Stage::QRope, Stage::AttnCtx, Stage::LayerOut] {
+            for l in [0, 23] {
+                let id = StageId::layer(0, l, stage);
+                let (a, b) = (&part[&id].tensor, whole.get(&id).unwrap());
+                let w = b.data.len() / tokens.len();
+                assert_eq!(a.data, b.data[row0 * w..(row0 + chunk.len()) * w], "{id}, rows from {row0}");
+            }
+        }
+    }
+    assert_eq!(last, Some(whole.generated[0]));
+    assert!(run.pass(&tokens[..1], 1).is_err(), "positions past those the run was started for");
+}

@@ -1,13 +1,15 @@
 //! Verdicts from the reference cache and memory that follows what is
 //! compared: the capture size estimate against real captures, a damaged
-//! cache entry recomputed (never trusted), and `run --layer 0` on a long
-//! prompt within its memory bound.
+//! cache entry recomputed (never trusted), `run --layer 0` on a long
+//! prompt (compared chunk by chunk) within its memory bound, and a
+//! comparison in chunks giving the verdict of one pass.
 
 #[macro_use]
 mod common;
 
 use capture::Stage;
 use parity::ours::{EngineOptions, Mode, OurEngine};
+use parity::chunked::{chunked_bytes, runs_in_chunks, whole_bytes};
 use parity::session::{capture_bytes, dims_of, ModelFile};
 use parity::verdict_bench::{long_prompt, PEAK_RSS_ENV};
 use std::process::{Command, Output};
@@ -99,31 +101,75 @@ fn a_damaged_cache_entry_is_recomputed_and_gives_the_same_verdict() {
     }
 }
 
+/// The token count a run's header states.
+fn prompt_tokens(o: &Output) -> usize {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.rsplit_once(" (").and_then(|(_, t)| t.strip_suffix(" tokens)")).and_then(|n| n.parse::<usize>().ok()))
+        .expect("token count in the header")
+}
+
 #[test]
 fn layer_0_on_a_long_prompt_stays_within_its_memory_bound() {
     let model = real_model_or_skip!();
     let cache = tempfile::tempdir().unwrap();
+    let json = cache.path().join("report.json");
     let prompt = long_prompt(600);
-    let cold = run_with_cache(cache.path(), &model, &prompt, &["--layer", "0"]);
-    assert_eq!(cold.status.code(), Some(0), "{}", String::from_utf8_lossy(&cold.stderr));
-    let warm = run_with_cache(cache.path(), &model, &prompt, &["--layer", "0"]);
-    assert_eq!(warm.status.code(), Some(0), "{}", String::from_utf8_lossy(&warm.stderr));
-
+    let o = run_with_cache(cache.path(), &model, &prompt, &["--layer", "0", "--json", json.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let n_prompt = prompt_tokens(&o);
     let m = ModelFile::open(&model).unwrap();
-    let c = &m.cfg;
-    let d = dims_of(c);
-    let n_prompt = String::from_utf8_lossy(&warm.stdout)
-        .lines()
-        .find_map(|l| l.rsplit_once(" (").and_then(|(_, t)| t.strip_suffix(" tokens)")).and_then(|n| n.parse::<usize>().ok()))
-        .expect("token count in the header");
-    // What a warm verdict holds: the weights (the file, mapped), the cached
-    // reference (layers 0 and 23: its bytes, then decoded), our two passes
-    // over layer 0, and 200 MB for everything else.
-    let reference = capture_bytes(&d, n_prompt, 0, Some(&[0, 23]), &|_| true);
-    let ours = capture_bytes(&d, n_prompt, 0, Some(&[0]), &|_| true) + capture_bytes(&d, n_prompt, 0, Some(&[0]), &|s| s == Stage::Embed);
-    let bound = m.gguf.file_size() + 2 * reference + ours + (200 << 20);
-    let peak = peak_rss_bytes(&warm);
+    let d = dims_of(&m.cfg);
+    // Held whole, its captures would pass the line: it ran chunk by chunk,
+    // every pass ending after layer 0.
+    assert!(runs_in_chunks(&d, n_prompt, 0, Some(&[0])));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let config = report["configuration"].to_string();
+    assert!(config.contains("compared in chunks") && config.contains("ended after layer 0"), "{config}");
+    assert!(report["stages"].as_array().unwrap().iter().all(|r| r["stage"] != "logits"));
+    // What it may hold: the weights as both engines map them (the file,
+    // twice at most), one chunk's captures on the three sides with
+    // llama.cpp's working buffers, and 200 MB for everything else.
+    let bound = 2 * m.gguf.file_size() + chunked_bytes(&d, n_prompt, 0, Some(&[0])) + (200 << 20);
+    let peak = peak_rss_bytes(&o);
     let mib = |b: u64| b >> 20;
-    eprintln!("{n_prompt} tokens: warm peak RSS {} MiB, bound {} MiB; cold peak {} MiB", mib(peak), mib(bound), mib(peak_rss_bytes(&cold)));
-    assert!(peak <= bound, "warm --layer 0 on {n_prompt} tokens peaked at {} MiB, over its bound of {} MiB", mib(peak), mib(bound));
+    eprintln!("{n_prompt} tokens: peak RSS {} MiB, bound {} MiB (held whole: {} MiB)", mib(peak), mib(bound), mib(whole_bytes(&d, n_prompt, 0, Some(&[0]))));
+    assert!(peak <= bound, "--layer 0 on {n_prompt} tokens peaked at {} MiB, over its bound of {} MiB", mib(peak), mib(bound));
+}
+
+#[test]
+fn a_long_prompt_compared_in_chunks_gets_the_verdict_of_one_pass() {
+    let model = real_model_or_skip!();
+    let cache = tempfile::tempdir().unwrap();
+    let prompt = long_prompt(220);
+    // With a decode step the passes run to the logits: every stage compared.
+    let report = |chunk_above_mb: &str, name: &str| {
+        let json = cache.path().join(name);
+        let args = ["run", "--model", model.to_str().unwrap(), "--prompt", &prompt, "--layer", "0", "--decode", "1", "--no-cache", "--json", json.to_str().unwrap()];
+        let o = Command::new(env!("CARGO_BIN_EXE_parity")).args(args).env("QWEN2_PARITY_CHUNK_ABOVE_MB", chunk_above_mb).output().expect("run parity");
+        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(&json).unwrap()).unwrap()
+    };
+    let chunked = report("0", "chunked.json");
+    let whole = report("1000000", "whole.json");
+    assert!(chunked["configuration"].to_string().contains("compared in chunks"));
+    assert!(!whole["configuration"].to_string().contains("compared in chunks"));
+    assert_eq!(chunked["verdict"], whole["verdict"]);
+    let stages = |r: &serde_json::Value| r["stages"].as_array().unwrap().clone();
+    let (a, b) = (stages(&chunked), stages(&whole));
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().any(|r| r["stage"] == "logits") && a.iter().any(|r| r["stage"] == "attn_scores"));
+    for (x, y) in a.iter().zip(&b) {
+        let what = format!("{} layer {} step {}", x["stage"], x["layer"], x["step"]);
+        assert_eq!((&x["stage"], &x["layer"], &x["step"], &x["n"], &x["shape"]), (&y["stage"], &y["layer"], &y["step"], &y["n"], &y["shape"]), "{what}");
+        // The same tensors (llama.cpp's chunks are its one pass's rows, bit
+        // for bit), the same worst element; sums differ in f64 order only.
+        assert_eq!(x["max_abs"], y["max_abs"], "{what}");
+        assert_eq!(x["worst"]["flat_index"], y["worst"]["flat_index"], "{what}");
+        for key in ["rel_l2", "row_rel_l2_max", "row_rel_l2_median"] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!((p - q).abs() <= 1e-9 * q.abs().max(1e-30), "{what} {key}: {p} vs {q}");
+        }
+    }
+    assert_eq!(chunked["logits"], whole["logits"]);
 }
