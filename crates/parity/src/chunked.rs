@@ -26,6 +26,12 @@ use anyhow::{Context, Result};
 use capture::{Capture, Dims, Stage, StageId};
 use std::time::Instant;
 
+/// The configuration entries a chunked comparison adds, which every report
+/// states in its header (they change what the report holds).
+pub const HEADER_NOTES: [&str; 2] = [ENDED_AFTER, COMPARED_IN_CHUNKS];
+const ENDED_AFTER: &str = "ended after the layers asked";
+const COMPARED_IN_CHUNKS: &str = "compared in chunks";
+
 /// Tokens per chunk of a prefill run chunk by chunk.
 pub const CHUNK_TOKENS: usize = 128;
 
@@ -133,14 +139,14 @@ pub fn judge(pair: &mut Pair, tokens: &[i32], prompt: &str, chat: bool, n_decode
     }
     if let Some(last) = both.ended_after {
         report.configuration.push((
-            "ended after the layers asked".into(),
+            ENDED_AFTER.into(),
             format!("every pass of both engines (llama.cpp too) ended after layer {last}, the last asked for: final_norm and logits were neither computed nor compared (a long prompt's --layer comparison runs only the layers it needs; run without --layer/--layers, or with --decode, to compare them)"),
         ));
     }
     report.configuration.push((
-        "compared in chunks".into(),
+        COMPARED_IN_CHUNKS.into(),
         format!(
-            "the prefill in {n_chunks} chunks of up to {CHUNK_TOKENS} tokens, each compared and dropped (its captures held whole would not fit the memory bound); no drill-down or diagnosis, which need the whole tensors"
+            "the prefill in {n_chunks} chunks of up to {CHUNK_TOKENS} tokens, each compared and dropped (held whole, its captures would pass the memory line); no drill-down or diagnosis, which need the whole tensors"
         ),
     ));
     Ok(report)

@@ -210,7 +210,9 @@ pub fn header_lines(r: &DiffReport) -> Vec<String> {
         "free-running: each engine on its own outputs (errors accumulate)"
     };
     let numerics = if r.numerics.is_empty() { "not recorded".to_string() } else { r.numerics.clone() };
-    vec![
+    // How the comparison was run, where it changes what the report holds.
+    let notes = r.configuration.iter().filter(|(k, _)| crate::chunked::HEADER_NOTES.contains(&k.as_str())).map(|(k, v)| format!("{k}: {v}"));
+    let mut lines = vec![
         format!("ours: {}   reference: {}", r.ours_engine, r.reference_engine),
         format!("comparison: {fed}   numerics: {numerics}"),
         format!("model: {short}   kv cache: {}   prompt: {prompt:?} ({} tokens)", r.kv_type, r.tokens.len()),
@@ -222,7 +224,9 @@ pub fn header_lines(r: &DiffReport) -> Vec<String> {
             r.missing.len(),
             r.unavailable.len()
         ),
-    ]
+    ];
+    lines.extend(notes);
+    lines
 }
 
 /// The free-running comparison beside a teacher-forced verdict, as lines:
