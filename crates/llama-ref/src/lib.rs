@@ -44,12 +44,25 @@ pub struct RefOptions {
     pub capture: bool,
 }
 
+/// Most threads llama.cpp gets by default. A captured run computes its
+/// graph in small pieces (one per node the eval callback reads) and every
+/// piece wakes every thread: on the 16-core H100 host a full run's capture
+/// (19 tokens + 16 steps, all stages) took 7.1 s with 16 threads, 4.3 s with
+/// 8, 3.6 s with 4 and 3.6 s with 2 (whole `parity run --no-cache`, medians
+/// of 3). `--threads` overrides it.
+pub const MAX_DEFAULT_THREADS: usize = 4;
+
+/// The default thread count: the cores available, at most `MAX_DEFAULT_THREADS`.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_DEFAULT_THREADS)
+}
+
 impl Default for RefOptions {
     fn default() -> Self {
         RefOptions {
             kv_type: KvType::F16,
             flash_attn: false,
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            threads: default_threads(),
             layers: None,
             layer_out_only: Vec::new(),
             stop_after_layer: None,
