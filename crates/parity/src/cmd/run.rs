@@ -74,7 +74,7 @@ pub struct Args {
     /// one: NAME or NAME@LAYER (`parity faults` lists them).
     #[arg(long, default_value = "none", value_parser = FaultSpec::parse)]
     pub fault: FaultSpec,
-    /// llama.cpp threads (default: all).
+    /// llama.cpp threads (default: the cores, at most 4: a captured run is faster with few).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Write the JSON report here.
