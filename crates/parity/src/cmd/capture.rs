@@ -47,7 +47,7 @@ pub struct Args {
     /// Flash attention (attention scores/probs become unavailable).
     #[arg(long)]
     pub flash_attn: bool,
-    /// CPU threads (default: all available).
+    /// llama.cpp threads (default: the cores, at most 4: a captured run is faster with few).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Capture one layer only.
