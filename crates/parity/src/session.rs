@@ -240,6 +240,10 @@ pub struct Pair {
     /// A second copy of our engine (same fault), for the free-running side
     /// of a comparison run pass by pass, loaded when first needed.
     free_running: Option<OurEngine>,
+    /// Unload llama.cpp once a whole reference is captured (one prompt:
+    /// `run`): its mapping of the model then leaves the process before our
+    /// engine maps the same pages again, so the peak holds them once.
+    pub release_llama_after_reference: bool,
 }
 
 impl Pair {
@@ -282,6 +286,7 @@ impl Pair {
             threads,
             oracle: None,
             free_running: None,
+            release_llama_after_reference: false,
         })
     }
 
@@ -533,6 +538,10 @@ impl Pair {
             Reference::Whole(c) => c,
             Reference::Chunked(tokens) => return Ok(Captured::Chunked(tokens)),
         };
+        if self.release_llama_after_reference {
+            // Loaded again if anything later needs it (the diagnosis may).
+            self.llama = None;
+        }
         // Ours, both ways: every global stage teacher-forced, free-running
         // only the embedding when the pass ends after the layers asked.
         let (n_prompt, sel) = (reference.tokens.len(), layers.as_deref());

@@ -125,6 +125,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         ..EngineOptions::new(args.backend)
     };
     let mut pair = Pair::load_with_cache(&model, eo, args.threads, reference_cache(args.no_cache))?;
+    // One prompt: llama.cpp is not needed once its capture is taken.
+    pair.release_llama_after_reference = true;
     if args.reference == ReferenceArg::Oracle {
         pair.use_oracle_reference(&model)?;
     }
