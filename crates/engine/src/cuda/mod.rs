@@ -35,6 +35,8 @@
 //!   printed to stderr when the backend is dropped (slower, for finding
 //!   where time goes; off by default).
 
+mod host;
+
 use crate::arch::ArchSpec;
 use crate::backend::{Backend, BackendOptions, Weight};
 use capture::KvType;
@@ -467,7 +469,7 @@ impl CudaBackend {
         // Into page-locked memory the copy is truly asynchronous, and cudarc
         // does not wait for a plain-slice destination: wait here.
         self.synchronize()?;
-        Ok(host.to_vec())
+        Ok(host::copy_to_fresh_vec(host))
     }
 
     /// Keep the matrix `w` on the GPU as `bytes`, rows of `ty` blocks in
