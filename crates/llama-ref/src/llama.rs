@@ -427,11 +427,10 @@ impl LlamaRef {
         hook: &mut Hook,
         step: usize,
         layers: &[usize],
-        layer_out_only: &[usize],
-        stop_after_layer: Option<usize>,
-        flash_attn: bool,
+        opts: &RefOptions,
         unavailable: &mut Vec<StageId>,
     ) -> Result<(), LlamaError> {
+        let (layer_out_only, stop_after_layer, flash_attn) = (&opts.layer_out_only, opts.stop_after_layer, opts.flash_attn);
         let expected = StageId::in_step(step, layers.iter().copied());
         let asked = |id: &StageId| match id.layer {
             Some(l) => (id.stage == Stage::LayerOut || !layer_out_only.contains(&l)) && stop_after_layer.is_none_or(|last| l <= last),
@@ -535,9 +534,7 @@ impl RefRun<'_> {
         }
         self.n_past += input.len();
         if self.opts.capture {
-            let (flash_attn, layers, out_only) = (self.opts.flash_attn, self.layers.clone(), self.opts.layer_out_only.clone());
-            let stop = self.opts.stop_after_layer;
-            self.llama.check_step(self.hook.get(), step, &layers, &out_only, stop, flash_attn, &mut self.unavailable)?;
+            self.llama.check_step(self.hook.get(), step, &self.layers, &self.opts, &mut self.unavailable)?;
         }
         if self.opts.stop_after_layer.is_some() {
             // The logits were not computed: llama.cpp's buffer holds nothing of this pass.

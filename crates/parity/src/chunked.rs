@@ -9,17 +9,23 @@
 //! The metrics are those of the whole tensors (`metrics::Placement`), so the
 //! report reads like any other.
 //!
+//! A comparison of some layers with no decode step goes further: every pass
+//! of both engines ends after the last layer asked (llama.cpp's eval
+//! callback stops its graph there), so neither the layers after it nor the
+//! final norm and logits are computed or compared.
+//!
 //! What this costs: llama.cpp's prefill runs in ubatches of [`CHUNK_TOKENS`]
-//! (its rounding is the same per row; its attention reads the cached keys of
-//! the earlier chunks, as in a long prompt's prefill anyway), the reference
-//! cache is not used (the captures are never whole), and there is no
-//! drill-down or diagnosis (both need the whole tensors): the report says so.
+//! (its chunks are its one-pass rows bit for bit, tested: its attention reads
+//! the earlier chunks' keys from its cache, as a one-pass prefill does), the
+//! reference cache is not used (the captures are never whole), and there is
+//! no drill-down or diagnosis (both need the whole tensors): the report says
+//! so.
 
 use crate::diff::{DiffBuilder, DiffReport, FreeRunningSummary};
 use crate::metrics::Placement;
 use crate::ours::Mode;
 use crate::progress::{Milestones, Progress, Unit};
-use crate::session::{check_memory, llama_working_bytes, pass_bytes, reference_bytes, reference_layers, Pair};
+use crate::session::{capture_bytes, check_memory, llama_working_bytes, pass_bytes, reference_bytes, reference_layers, Pair};
 use crate::thresholds::Comparison;
 use crate::verdict::Gates;
 use anyhow::{Context, Result};
@@ -49,13 +55,11 @@ fn chunk_above_bytes() -> u64 {
 /// capture (of the layers that feed the selection) and its working buffers,
 /// and our two captures.
 pub fn whole_bytes(d: &Dims, n_prompt: usize, n_decode: usize, layers: Option<&[usize]>) -> u64 {
-    let sel = layers;
     let (feeding, out_only) = reference_layers(layers, d.n_layer);
-    let all = |_: Stage| true;
     reference_bytes(d, n_prompt, n_decode, feeding.as_deref(), &out_only)
         + llama_working_bytes(d, n_prompt, n_prompt)
-        + crate::session::capture_bytes(d, n_prompt, n_decode, sel, &all)
-        + crate::session::capture_bytes(d, n_prompt, n_decode, sel, &|s| sel.is_none() || s == Stage::Embed)
+        + capture_bytes(d, n_prompt, n_decode, layers, &|_| true)
+        + capture_bytes(d, n_prompt, n_decode, layers, &|s| layers.is_none() || s == Stage::Embed)
 }
 
 /// What a comparison run chunk by chunk asks of llama.cpp.
@@ -194,8 +198,9 @@ pub fn compare(pair: &mut Pair, tokens: &[i32], prompt: &str, chat: bool, n_deco
     let mut seconds = [0f64; 4];
     let mut timed = |i: usize, t: Instant| seconds[i] += t.elapsed().as_secs_f64();
     for step in 0..=n_decode {
-        let passes: Vec<&[i32]> = if step == 0 { tokens.chunks(CHUNK_TOKENS).collect() } else { vec![&generated[step - 1..step]] };
-        let passes: Vec<Vec<i32>> = passes.into_iter().map(<[i32]>::to_vec).collect();
+        // Owned: a decode step's input is the token the step before pushed.
+        let passes: Vec<Vec<i32>> =
+            if step == 0 { tokens.chunks(CHUNK_TOKENS).map(<[i32]>::to_vec).collect() } else { vec![vec![generated[step - 1]]] };
         for input in passes {
             let t = Instant::now();
             let picked = run.pass(&input, step).with_context(|| format!("llama.cpp, step {step}"))?;
