@@ -386,14 +386,6 @@ impl Pair {
         self.dims
     }
 
-    /// The prompt's tokens (llama.cpp's tokenizer), checked against the context.
-    pub fn tokenize(&mut self, prompt: &str, chat: bool, n_decode: usize) -> Result<Vec<i32>> {
-        let n_ctx_train = self.n_ctx_train;
-        let tokens = self.llama()?.tokenize(prompt, chat)?;
-        check_context(tokens.len(), n_decode, n_ctx_train)?;
-        Ok(tokens)
-    }
-
     /// What a comparison run pass by pass uses at once: llama.cpp, our
     /// engine (teacher-forced) and a second copy of it (free-running: each
     /// needs its own KV cache), loaded now if not yet.
