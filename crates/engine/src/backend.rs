@@ -164,6 +164,17 @@ pub trait Backend {
         self.to_host(&buf)
     }
     fn from_host(&self, tensor: &Tensor) -> Result<Self::Buf>;
+    /// Start bringing `buf` to the host without waiting for it: `Some` when
+    /// the copy is already done (a host backend), `None` when it is in
+    /// flight and `finish_to_host` returns it, in the order started.
+    fn start_to_host(&self, buf: &Self::Buf) -> Result<Option<Tensor>> {
+        self.to_host(buf).map(Some)
+    }
+    /// Every copy `start_to_host` left in flight since the last call,
+    /// finished, in the order they were started.
+    fn finish_to_host(&self) -> Result<Vec<Tensor>> {
+        Ok(Vec::new())
+    }
     /// Rows `start..start + n` of a buffer seen as `[rows, last dim]`, on
     /// the host (the last logits row, without copying the others).
     fn rows_to_host(&self, buf: &Self::Buf, start: usize, n: usize) -> Result<Tensor>;

@@ -14,6 +14,12 @@ pub trait Checkpoints {
     fn wants(&self, id: &StageId) -> bool;
     /// Sees the host copy; returning `Some` replaces the tensor the forward pass continues with.
     fn visit(&mut self, id: &StageId, tensor: Tensor) -> Result<Option<Tensor>>;
+    /// Whether `visit` may replace this tensor. When it never does, the
+    /// forward pass need not wait for the copy: it is started and the
+    /// tensor visited once the pass is done (`Backend::start_to_host`).
+    fn may_replace(&self, _id: &StageId) -> bool {
+        true
+    }
     /// What the pass does with `layer` of `step`: compute it unless the
     /// checkpoints need nothing from it. The plan of a layer must be the
     /// same in every step (a layer skipped in the prefill has no KV cache).
@@ -88,6 +94,9 @@ impl Recorder {
 impl Checkpoints for Recorder {
     fn wants(&self, id: &StageId) -> bool {
         self.filter.accepts(id)
+    }
+    fn may_replace(&self, _id: &StageId) -> bool {
+        false
     }
     fn layer_plan(&self, _step: usize, layer: usize) -> LayerPlan {
         match self.end_after {

@@ -22,10 +22,20 @@ pub struct Model<B: Backend> {
     n_past: usize,
 }
 
+/// Host copies started during a pass and visited after it: (checkpoint,
+/// the copy when already done).
+type Pending = Vec<(StageId, Option<capture::Tensor>)>;
+
 /// Pass `buf` through checkpoint `id`: untouched (and not copied) unless
-/// someone asked for it; replaced when the checkpoint returns a tensor.
-fn checkpoint<B: Backend>(backend: &B, cps: &mut dyn Checkpoints, id: StageId, buf: B::Buf) -> Result<B::Buf> {
+/// someone asked for it; replaced when the checkpoint returns a tensor. A
+/// checkpoint that never replaces only starts the copy (`pending`): the pass
+/// goes on without waiting for it.
+fn checkpoint<B: Backend>(backend: &B, cps: &mut dyn Checkpoints, pending: &mut Pending, id: StageId, buf: B::Buf) -> Result<B::Buf> {
     if !cps.wants(&id) {
+        return Ok(buf);
+    }
+    if !cps.may_replace(&id) {
+        pending.push((id, backend.start_to_host(&buf)?));
         return Ok(buf);
     }
     let host = backend.to_host(&buf)?;
@@ -68,8 +78,27 @@ impl<B: Backend> Model<B> {
 
     /// One forward pass over `tokens` at positions `n_past..`, as step `step`
     /// (0 = prefill). Returns the last token's logits, or `None` when the
-    /// checkpoints ended the pass before them (`LayerPlan::Stop`).
+    /// checkpoints ended the pass before them (`LayerPlan::Stop`). Copies
+    /// started for checkpoints that never replace are finished and visited
+    /// after the pass.
     pub fn forward(&mut self, tokens: &[i32], step: usize, cps: &mut dyn Checkpoints) -> Result<Option<Vec<f32>>> {
+        let mut pending = Pending::new();
+        let result = self.forward_pass(tokens, step, cps, &mut pending);
+        // Finished even when the pass failed, so none is left in flight.
+        let mut in_flight = self.backend.finish_to_host()?.into_iter();
+        let logits = result?;
+        for (id, done) in pending {
+            let tensor = match done {
+                Some(t) => t,
+                None => in_flight.next().with_context(|| format!("checkpoint {id}: its host copy was never finished"))?,
+            };
+            ensure!(cps.visit(&id, tensor)?.is_none(), "checkpoint {id} replaced a tensor after saying it never does");
+        }
+        ensure!(in_flight.next().is_none(), "more host copies finished than started");
+        Ok(logits)
+    }
+
+    fn forward_pass(&mut self, tokens: &[i32], step: usize, cps: &mut dyn Checkpoints, pending: &mut Pending) -> Result<Option<Vec<f32>>> {
         if tokens.is_empty() {
             bail!("forward pass over no tokens");
         }
@@ -83,7 +112,7 @@ impl<B: Backend> Model<B> {
         let read_if = |bug: bool| if bug { Transposed } else { Rows };
 
         let mut x = self.backend.embed(tokens, read_if(global == Fault::EmbedTransposed))?;
-        x = checkpoint(&self.backend, cps, StageId::global(step, Stage::Embed), x)?;
+        x = checkpoint(&self.backend, cps, pending, StageId::global(step, Stage::Embed), x)?;
 
         // Whether `x` is stale: a skipped layer's output is not computed and
         // must be replaced (by a later given output) before anything reads it.
@@ -132,21 +161,21 @@ impl<B: Backend> Model<B> {
             let be = &self.backend;
             let norm_w = if f == Fault::NormWeightSwapped { Weight::FfnNorm(l) } else { Weight::AttnNorm(l) };
             let h = be.rms_norm(&x, norm_w, eps_l)?;
-            let h = checkpoint(be, cps, id(Stage::AttnNorm), h)?;
+            let h = checkpoint(be, cps, pending, id(Stage::AttnNorm), h)?;
 
             // `m(x, W)`: x as the matmul with W sees it (rounded in ggml numerics).
             let rnd = &self.rounding;
             let q = rnd.linear(be, &h, Weight::AttnQ(l), with_bias(Weight::AttnQBias(l)), read_if(f == Fault::QProjTransposed))?;
-            let q = checkpoint(be, cps, id(Stage::QProj), be.reshape(q, &[n, cfg.n_head, hd])?)?;
+            let q = checkpoint(be, cps, pending, id(Stage::QProj), be.reshape(q, &[n, cfg.n_head, hd])?)?;
             let k = rnd.linear(be, &h, Weight::AttnK(l), with_bias(Weight::AttnKBias(l)), Rows)?;
-            let k = checkpoint(be, cps, id(Stage::KProj), be.reshape(k, &[n, cfg.n_head_kv, hd])?)?;
+            let k = checkpoint(be, cps, pending, id(Stage::KProj), be.reshape(k, &[n, cfg.n_head_kv, hd])?)?;
             let v = rnd.linear(be, &h, Weight::AttnV(l), with_bias(Weight::AttnVBias(l)), Rows)?;
-            let v = checkpoint(be, cps, id(Stage::VProj), be.reshape(v, &[n, cfg.n_head_kv, hd])?)?;
+            let v = checkpoint(be, cps, pending, id(Stage::VProj), be.reshape(v, &[n, cfg.n_head_kv, hd])?)?;
 
             let q = be.rope(&q, rope_pos, rope_base, pairing)?;
-            let q = checkpoint(be, cps, id(Stage::QRope), q)?;
+            let q = checkpoint(be, cps, pending, id(Stage::QRope), q)?;
             let k = be.rope(&k, rope_pos, rope_base, pairing)?;
-            let k = checkpoint(be, cps, id(Stage::KRope), k)?;
+            let k = checkpoint(be, cps, pending, id(Stage::KRope), k)?;
             let k_twice = if f == Fault::KRoundedTwice { self.rounding.to_kv_type(be, &k)? } else { None };
             self.backend.kv_store(l, k_twice.as_ref().unwrap_or(&k), &v, kv_pos)?;
 
@@ -154,37 +183,37 @@ impl<B: Backend> Model<B> {
             let rnd = &self.rounding;
             let q_kv = rnd.for_kv_matmul(be, &q)?;
             let scores = be.attn_scores(l, q_kv.as_ref().unwrap_or(&q), mask_pos0, n_kv, f.head_map())?;
-            let scores = checkpoint(be, cps, id(Stage::AttnScores), scores)?;
+            let scores = checkpoint(be, cps, pending, id(Stage::AttnScores), scores)?;
             let probs = be.softmax_causal(&scores, scale, mask_pos0)?;
-            let probs = checkpoint(be, cps, id(Stage::AttnProbs), probs)?;
+            let probs = checkpoint(be, cps, pending, id(Stage::AttnProbs), probs)?;
             let probs_kv = rnd.for_kv_matmul(be, &probs)?;
             let ctx = be.attn_ctx(l, probs_kv.as_ref().unwrap_or(&probs), n_kv, f.head_map())?;
-            let ctx = checkpoint(be, cps, id(Stage::AttnCtx), ctx)?;
+            let ctx = checkpoint(be, cps, pending, id(Stage::AttnCtx), ctx)?;
             let ctx = be.reshape(ctx, &[n, cfg.n_head * hd])?;
             let attn = rnd.linear(be, &ctx, Weight::AttnOutput(l), None, read_if(f == Fault::OProjTransposed))?;
-            let attn = checkpoint(be, cps, id(Stage::AttnOut), attn)?;
+            let attn = checkpoint(be, cps, pending, id(Stage::AttnOut), attn)?;
             let resid = if f == Fault::ResidualDropped { attn } else { be.add(&x, &attn)? };
-            let resid = checkpoint(be, cps, id(Stage::AttnResidual), resid)?;
+            let resid = checkpoint(be, cps, pending, id(Stage::AttnResidual), resid)?;
 
             let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps_l)?;
-            let h = checkpoint(be, cps, id(Stage::FfnNorm), h)?;
+            let h = checkpoint(be, cps, pending, id(Stage::FfnNorm), h)?;
             let gate = rnd.linear(be, &h, Weight::FfnGate(l), None, Rows)?;
-            let gate = checkpoint(be, cps, id(Stage::FfnGate), gate)?;
+            let gate = checkpoint(be, cps, pending, id(Stage::FfnGate), gate)?;
             let up = rnd.linear(be, &h, Weight::FfnUp(l), None, Rows)?;
-            let up = checkpoint(be, cps, id(Stage::FfnUp), up)?;
+            let up = checkpoint(be, cps, pending, id(Stage::FfnUp), up)?;
             let act_fn = if f == Fault::WrongActivation { Activation::Gelu } else { Activation::Silu };
             let act = if f == Fault::SwigluSwapped { be.swiglu(&up, &gate, act_fn)? } else { be.swiglu(&gate, &up, act_fn)? };
-            let act = checkpoint(be, cps, id(Stage::FfnAct), act)?;
+            let act = checkpoint(be, cps, pending, id(Stage::FfnAct), act)?;
             let down = rnd.linear(be, &act, Weight::FfnDown(l), None, read_if(f == Fault::FfnDownTransposed))?;
-            let down = checkpoint(be, cps, id(Stage::FfnDown), down)?;
+            let down = checkpoint(be, cps, pending, id(Stage::FfnDown), down)?;
             let out = if f == Fault::ResidualWrongInput { be.add(&x, &down)? } else { be.add(&resid, &down)? };
-            x = checkpoint(be, cps, id(Stage::LayerOut), out)?;
+            x = checkpoint(be, cps, pending, id(Stage::LayerOut), out)?;
         }
 
         ensure!(!stale, "the final norm of step {step} would read a skipped layer's output");
         let be = &self.backend;
         let h = if global == Fault::FinalNormSkipped { x } else { be.rms_norm(&x, Weight::OutputNorm, eps)? };
-        let h = checkpoint(be, cps, StageId::global(step, Stage::FinalNorm), h)?;
+        let h = checkpoint(be, cps, pending, StageId::global(step, Stage::FinalNorm), h)?;
         let logits = self.rounding.linear(be, &h, Weight::Output, None, read_if(global == Fault::LmHeadTransposed))?;
         self.n_past = n_kv;
 
