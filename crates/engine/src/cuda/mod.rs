@@ -293,6 +293,26 @@ pub struct CudaBackend {
     /// through this buffer the H100 measured 0.6 GB/s, no faster: the cost
     /// is on the host side (the fresh vector each checkpoint lands in).
     staging: RefCell<Option<PinnedHostSlice<f32>>>,
+    /// Copies started for checkpoints and not yet waited for.
+    in_flight: RefCell<InFlight>,
+}
+
+/// Values (64 MiB) of the page-locked memory that started copies land in,
+/// one after another: a decode step's checkpoints all fit, so the step waits
+/// once instead of once per checkpoint; a prefill's wait when it is full.
+const IN_FLIGHT_VALUES: usize = 16 << 20;
+
+/// Device-to-host copies started by `start_to_host` and not yet waited for.
+#[derive(Default)]
+struct InFlight {
+    /// Page-locked memory they land in (grown for a tensor larger than it).
+    arena: Option<PinnedHostSlice<f32>>,
+    /// Values of the arena in use.
+    used: usize,
+    /// (offset in the arena, shape) of each copy in it, in the order started.
+    copies: Vec<(usize, Vec<usize>)>,
+    /// Copies already finished (the arena was full), in the order started.
+    done: Vec<Tensor>,
 }
 
 /// Let the device's default memory pool keep what is freed. Every buffer
@@ -430,7 +450,7 @@ impl CudaBackend {
             }
         };
         let profile = (std::env::var("QWEN2_PARITY_CUDA_PROFILE").as_deref() == Ok("1")).then(|| RefCell::new(BTreeMap::new()));
-        Ok(CudaBackend { cfg, opts, device_name, ctx, stream, blas, k, weights: HashMap::new(), cache, profile, staging: RefCell::new(None) })
+        Ok(CudaBackend { cfg, opts, device_name, ctx, stream, blas, k, weights: HashMap::new(), cache, profile, staging: RefCell::new(None), in_flight: RefCell::new(InFlight::default()) })
     }
 
     fn upload_weight(&mut self, w: Weight, data: &[f32]) -> Result<()> {
@@ -470,6 +490,22 @@ impl CudaBackend {
         // does not wait for a plain-slice destination: wait here.
         self.synchronize()?;
         Ok(host::copy_to_fresh_vec(host))
+    }
+
+    /// Wait for the copies in the arena and move them into fresh vectors,
+    /// emptying the arena.
+    fn drain_in_flight(&self, f: &mut InFlight) -> Result<()> {
+        if f.copies.is_empty() {
+            return Ok(());
+        }
+        self.synchronize()?;
+        let arena = f.arena.as_ref().context("copies in flight without their arena")?.as_slice().context("page-locked arena")?;
+        for (offset, shape) in f.copies.drain(..) {
+            let n = shape.iter().product::<usize>();
+            f.done.push(Tensor::new(shape, host::copy_to_fresh_vec(&arena[offset..offset + n])));
+        }
+        f.used = 0;
+        Ok(())
     }
 
     /// Keep the matrix `w` on the GPU as `bytes`, rows of `ty` blocks in
@@ -628,6 +664,47 @@ impl Backend for CudaBackend {
         ensure!(data.len() == buf.shape.iter().product::<usize>(), "buffer of {} values has shape {:?}", data.len(), buf.shape);
         self.prof_end("to_host", t0)?;
         Ok(Tensor::new(buf.shape.clone(), data))
+    }
+
+    fn start_to_host(&self, buf: &CudaBuf) -> Result<Option<Tensor>> {
+        let t0 = self.prof_start();
+        let n = buf.len();
+        let mut f = self.in_flight.borrow_mut();
+        let capacity = f.arena.as_ref().map_or(0, |a| a.len());
+        if f.used + n > capacity {
+            self.drain_in_flight(&mut f)?;
+            if n > capacity {
+                // Nothing is in flight into the old arena any more.
+                f.arena = None;
+                let len = n.max(IN_FLIGHT_VALUES);
+                // SAFETY: plain page-locked memory (flags 0), uninitialized:
+                // a range of it is only read after a copy into it finished.
+                f.arena = Some(unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.with_context(|| format!("allocating {} MiB of page-locked host memory", (len * 4) >> 20))?);
+            }
+        }
+        let offset = f.used;
+        let arena = f.arena.as_mut().expect("allocated above");
+        let dst = &mut arena.as_mut_slice().context("page-locked arena")?[offset..offset + n];
+        // Asynchronous into page-locked memory: `drain_in_flight` waits.
+        self.stream.memcpy_dtoh(&buf.data, dst).context("device-to-host copy")?;
+        f.copies.push((offset, buf.shape.clone()));
+        f.used += n;
+        self.prof_end("to_host", t0)?;
+        Ok(None)
+    }
+
+    fn finish_to_host(&self) -> Result<Vec<Tensor>> {
+        let t0 = self.prof_start();
+        let mut f = self.in_flight.borrow_mut();
+        if let Err(e) = self.drain_in_flight(&mut f) {
+            // Nothing of this pass is delivered; the next starts empty.
+            f.copies.clear();
+            f.done.clear();
+            f.used = 0;
+            return Err(e);
+        }
+        self.prof_end("to_host", t0)?;
+        Ok(std::mem::take(&mut f.done))
     }
 
     fn rows_to_host(&self, buf: &CudaBuf, start: usize, n: usize) -> Result<Tensor> {
