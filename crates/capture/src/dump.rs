@@ -53,6 +53,20 @@ pub struct CaptureConfig {
 }
 
 impl CaptureConfig {
+    /// A configuration with the model dimensions `d`, the rest default.
+    pub fn with_dims(d: Dims) -> CaptureConfig {
+        CaptureConfig {
+            n_layer: d.n_layer,
+            n_embd: d.n_embd,
+            n_head: d.n_head,
+            n_head_kv: d.n_head_kv,
+            head_dim: d.head_dim,
+            n_ff: d.n_ff,
+            n_vocab: d.n_vocab,
+            ..CaptureConfig::default()
+        }
+    }
+
     pub fn dims(&self) -> Dims {
         Dims {
             n_layer: self.n_layer,

@@ -319,11 +319,8 @@ impl LlamaRef {
         let mut generated = Vec::with_capacity(n_decode + 1);
         for step in 0..=n_decode {
             let input: Vec<i32> = if step == 0 { tokens.to_vec() } else { vec![generated[step - 1]] };
-            match run.pass(&input, step)? {
-                Some(picked) => generated.push(picked),
-                None if step == n_decode => {}
-                None => return Err(LlamaError::Input("decode steps need the logits, which stop_after_layer skips".into())),
-            }
+            // No token only when the pass ends after a layer: never with decode steps (checked above).
+            generated.extend(run.pass(&input, step)?);
             on_step(step + 1, n_decode + 1);
         }
         let tensors = run.take_tensors();
@@ -562,17 +559,10 @@ impl RefRun<'_> {
         CaptureConfig {
             kv_type: self.opts.kv_type.name().into(),
             flash_attn: self.opts.flash_attn,
-            n_layer: d.n_layer,
-            n_embd: d.n_embd,
-            n_head: d.n_head,
-            n_head_kv: d.n_head_kv,
-            head_dim: d.head_dim,
-            n_ff: d.n_ff,
-            n_vocab: d.n_vocab,
             layers: self.layers.clone(),
             n_decode,
             threads: self.threads,
-            ..CaptureConfig::default()
+            ..CaptureConfig::with_dims(d)
         }
     }
 }

@@ -270,19 +270,12 @@ fn capture_config(cfg: &Qwen2Config, kv_type: KvType, layers: Option<&[usize]>, 
     CaptureConfig {
         kv_type: kv_type.name().to_string(),
         flash_attn: false,
-        n_layer: cfg.n_layer,
-        n_embd: cfg.n_embd,
-        n_head: cfg.n_head,
-        n_head_kv: cfg.n_head_kv,
-        head_dim: cfg.head_dim,
-        n_ff: cfg.n_ff,
-        n_vocab: cfg.n_vocab,
         layers: layers.map_or_else(|| (0..cfg.n_layer).collect(), <[usize]>::to_vec),
         n_decode,
         threads: rayon::current_num_threads(),
         fed: if teacher_forced { "teacher-forced" } else { "" }.to_string(),
         ended_after_layer,
-        ..CaptureConfig::default()
+        ..CaptureConfig::with_dims(crate::session::dims_of(cfg))
     }
 }
 
