@@ -42,6 +42,78 @@ __device__ void kv_store(const float* __restrict__ k, const float* __restrict__ 
     }
 }
 
+// The three steps of attention as device functions, each with one fixed
+// order of f32 operations: the separate kernels (which materialise scores
+// and probabilities for checkpoints) and the fused one (which keeps them in
+// shared memory) call the same functions with the same block size, so both
+// paths give the same bits.
+
+// q.k of query row `qr` and cache row `kr`: FMA in order of d.
+template <typename T>
+__device__ __forceinline__ float dot_qk(const float* __restrict__ qr, const T* __restrict__ kc, u64 kr, int head_dim) {
+    float acc = 0.0f;
+    for (int d = 0; d < head_dim; ++d) acc = __fmaf_rn(qr[d], ld(kc, kr + d), acc);
+    return acc;
+}
+
+#define ATTN_THREADS 256
+
+// softmax(scale * s) of one row over keys 0..limit, 0 for limit..n_kv: max
+// subtracted, exponentials summed in f64. Block-wide (blockDim.x ==
+// ATTN_THREADS); `pr` may be `sr` (each j is read and then written by the
+// same thread, after the reductions).
+__device__ void softmax_row(const float* sr, float* pr, int limit, int n_kv, float scale, float* smax, double* ssum) {
+    float m = __int_as_float(0xff800000);  // -inf
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, __fmul_rn(scale, sr[j]));
+    smax[threadIdx.x] = m;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) smax[threadIdx.x] = fmaxf(smax[threadIdx.x], smax[threadIdx.x + s]);
+        __syncthreads();
+    }
+    m = smax[0];
+    double acc = 0.0;
+    for (int j = threadIdx.x; j < limit; j += blockDim.x) acc += (double)expf(__fsub_rn(__fmul_rn(scale, sr[j]), m));
+    ssum[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) ssum[threadIdx.x] += ssum[threadIdx.x + s];
+        __syncthreads();
+    }
+    const double inv = 1.0 / ssum[0];
+    for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
+        pr[j] = j < limit ? (float)((double)expf(__fsub_rn(__fmul_rn(scale, sr[j]), m)) * inv) : 0.0f;
+    }
+}
+
+// probs V for one (query, head): out[d] = sum_j p[j] V[j, kvh, d]. Block-wide
+// (blockDim.x == ATTN_THREADS, head_dim <= ATTN_THREADS): the keys are split
+// into ATTN_THREADS / head_dim contiguous parts, thread (part, d) sums its
+// part in order of j (zero probabilities skipped), and the parts are added in
+// order. `partial` is ATTN_THREADS floats of shared memory.
+template <typename T>
+__device__ void ctx_row(const float* pr, const T* __restrict__ vc, float* __restrict__ out, int n_kv, int head_dim,
+                        int n_head_kv, int kvh, float* partial) {
+    const int parts = blockDim.x / head_dim;
+    const int d = threadIdx.x % head_dim, part = threadIdx.x / head_dim;
+    float acc = 0.0f;
+    if (part < parts) {
+        const int chunk = (n_kv + parts - 1) / parts;
+        const int j1 = min(n_kv, (part + 1) * chunk);
+        for (int j = part * chunk; j < j1; ++j) {
+            const float p = pr[j];
+            if (p != 0.0f) acc = __fmaf_rn(p, ld(vc, ((u64)j * n_head_kv + kvh) * head_dim + d), acc);
+        }
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < head_dim) {
+        float s = partial[threadIdx.x];
+        for (int k = 1; k < parts; ++k) s += partial[k * head_dim + threadIdx.x];
+        out[threadIdx.x] = s;
+    }
+}
+
 // Raw scores q.k, one thread per (h, t, j); 0 beyond the causal limit.
 template <typename T>
 __device__ void attn_scores(const float* __restrict__ q, const T* __restrict__ kc, float* __restrict__ out,
@@ -58,33 +130,52 @@ __device__ void attn_scores(const float* __restrict__ q, const T* __restrict__ k
             continue;
         }
         const int kvh = kv_head(h, n_head, n_head_kv, head_map);
-        const float* qr = q + ((u64)t * n_head + h) * head_dim;
-        const u64 kr = ((u64)j * n_head_kv + kvh) * head_dim;
-        float acc = 0.0f;
-        for (int d = 0; d < head_dim; ++d) acc += qr[d] * ld(kc, kr + d);
-        out[i] = acc;
+        out[i] = dot_qk(q + ((u64)t * n_head + h) * head_dim, kc, ((u64)j * n_head_kv + kvh) * head_dim, head_dim);
     }
 }
 
-// probs V, one thread per (t, h, d); probs are 0 beyond the causal limit.
+// probs V, one block of ATTN_THREADS per (t, h); probs are 0 beyond the causal limit.
 template <typename T>
 __device__ void attn_ctx(const float* __restrict__ probs, const T* __restrict__ vc, float* __restrict__ out,
                          int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv, int head_map) {
-    const u64 total = (u64)n_tokens * n_head * head_dim;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
-        const int d = (int)(i % head_dim);
-        const u64 th = i / head_dim;
-        const int h = (int)(th % n_head);
-        const int t = (int)(th / n_head);
-        const int kvh = kv_head(h, n_head, n_head_kv, head_map);
-        const float* pr = probs + ((u64)h * n_tokens + t) * n_kv;
-        float acc = 0.0f;
-        for (int j = 0; j < n_kv; ++j) {
-            const float p = pr[j];
-            if (p != 0.0f) acc += p * ld(vc, ((u64)j * n_head_kv + kvh) * head_dim + d);
-        }
-        out[i] = acc;
+    __shared__ float partial[ATTN_THREADS];
+    const int t = blockIdx.x / n_head, h = blockIdx.x % n_head;
+    const int kvh = kv_head(h, n_head, n_head_kv, head_map);
+    ctx_row(probs + ((u64)h * n_tokens + t) * n_kv, vc, out + ((u64)t * n_head + h) * head_dim, n_kv, head_dim,
+            n_head_kv, kvh, partial);
+}
+
+// Scores, softmax and context in one kernel, one block of ATTN_THREADS per
+// (h, t): the row's scores and probabilities live in dynamic shared memory
+// (n_kv floats) and never reach global memory. The same functions, in the
+// same order, as attn_scores + softmax_causal (+ the f16 rounding of the
+// probabilities when round_probs, numerics ggml with an f16 cache) +
+// attn_ctx: the same bits.
+template <typename T>
+__device__ void attention(const float* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+                          float* __restrict__ out, int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv,
+                          int pos0, int head_map, float scale, int round_probs) {
+    extern __shared__ float row[];
+    __shared__ float smax[ATTN_THREADS];
+    __shared__ double ssum[ATTN_THREADS];
+    __shared__ float partial[ATTN_THREADS];
+    const int h = blockIdx.x / n_tokens, t = blockIdx.x % n_tokens;
+    const int kvh = kv_head(h, n_head, n_head_kv, head_map);
+    const float* qr = q + ((u64)t * n_head + h) * head_dim;
+    for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
+        row[j] = j > pos0 + t ? 0.0f : dot_qk(qr, kc, ((u64)j * n_head_kv + kvh) * head_dim, head_dim);
     }
+    __syncthreads();
+    softmax_row(row, row, min(pos0 + t + 1, n_kv), n_kv, scale, smax, ssum);
+    if (round_probs) {
+        for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
+            half_bits hb;
+            st(&hb, 0, row[j]);
+            row[j] = ld(&hb, 0);
+        }
+    }
+    __syncthreads();
+    ctx_row(row, vc, out + ((u64)t * n_head + h) * head_dim, n_kv, head_dim, n_head_kv, kvh, partial);
 }
 
 extern "C" __global__ void kv_store_f32(const float* k, const float* v, float* kc, float* vc, int n_tokens,
@@ -113,39 +204,25 @@ extern "C" __global__ void attn_ctx_f16(const float* probs, const half_bits* vc,
     attn_ctx<half_bits>(probs, vc, out, n_head, n_tokens, n_kv, head_dim, n_head_kv, head_map);
 }
 
-#define SOFTMAX_THREADS 256
-
-// softmax(scale * s) over keys 0..=pos0+t of each row (row = h * n_tokens + t),
-// max subtracted, f64 sum; entries beyond the causal limit are 0. One block per row.
+// softmax(scale * s) over keys 0..=pos0+t of each row (row = h * n_tokens + t);
+// entries beyond the causal limit are 0. One block of ATTN_THREADS per row.
 extern "C" __global__ void softmax_causal_f32(const float* __restrict__ scores, float* __restrict__ out,
                                               int n_tokens, int n_kv, float scale, int pos0) {
-    __shared__ float smax[SOFTMAX_THREADS];
-    __shared__ double ssum[SOFTMAX_THREADS];
+    __shared__ float smax[ATTN_THREADS];
+    __shared__ double ssum[ATTN_THREADS];
     const u64 row = blockIdx.x;
     const int t = (int)(row % n_tokens);
-    int limit = pos0 + t + 1;
-    if (limit > n_kv) limit = n_kv;
-    const float* sr = scores + row * n_kv;
-    float* pr = out + row * n_kv;
-    float m = __int_as_float(0xff800000);  // -inf
-    for (int j = threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, scale * sr[j]);
-    smax[threadIdx.x] = m;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) smax[threadIdx.x] = fmaxf(smax[threadIdx.x], smax[threadIdx.x + s]);
-        __syncthreads();
-    }
-    m = smax[0];
-    double acc = 0.0;
-    for (int j = threadIdx.x; j < limit; j += blockDim.x) acc += (double)expf(scale * sr[j] - m);
-    ssum[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) ssum[threadIdx.x] += ssum[threadIdx.x + s];
-        __syncthreads();
-    }
-    const double inv = 1.0 / ssum[0];
-    for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
-        pr[j] = j < limit ? (float)((double)expf(scale * sr[j] - m) * inv) : 0.0f;
-    }
+    softmax_row(scores + row * n_kv, out + row * n_kv, min(pos0 + t + 1, n_kv), n_kv, scale, smax, ssum);
+}
+
+extern "C" __global__ void attention_f32(const float* q, const float* kc, const float* vc, float* out, int n_head,
+                                         int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0, int head_map,
+                                         float scale, int round_probs) {
+    attention<float>(q, kc, vc, out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0, head_map, scale, round_probs);
+}
+extern "C" __global__ void attention_f16(const float* q, const half_bits* kc, const half_bits* vc, float* out,
+                                         int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0,
+                                         int head_map, float scale, int round_probs) {
+    attention<half_bits>(q, kc, vc, out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0, head_map, scale,
+                         round_probs);
 }

@@ -9,8 +9,9 @@
 // Kernels, one set per type (the type is a template parameter; the extern "C"
 // names carry its ggml name):
 //   dequant_<ty>  rows [0, n_rows) of a matrix into f32, row-major;
-//   gemv_<ty>     y[t, r] = sum_i W[r, i] x[t, i] for a few tokens (decode):
-//                 one warp per output row, the blocks read once for all tokens;
+//   gemv_<ty>     y[t, r] = sum_i W[r, i] x[t, i] (+ bias[r] when bias is not
+//                 null) for a few tokens (decode): one warp per output row,
+//                 the blocks read once for all tokens;
 //   get_rows_<ty> the embedding lookup: out[t, c] = W[tok[t], c], or with the
 //                 embed-transposed fault the flat element c * n_rows + tok[t].
 // `flags` bit 0: the q5-0-high-bit fault (Q5_0's second half takes bit
@@ -199,14 +200,6 @@ __device__ __forceinline__ float elem(const u8* row, int col, int flags) {
     return T::at(row + (u64)(col / T::BS) * T::TS, col % T::BS, flags);
 }
 
-template <typename T>
-__device__ void dequant(const u8* __restrict__ w, u64 row_bytes, float* __restrict__ out, int n_rows, int n_cols, int flags) {
-    const u64 total = (u64)n_rows * n_cols;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
-        const u64 r = i / n_cols;
-        out[i] = elem<T>(w + r * row_bytes, (int)(i % n_cols), flags);
-    }
-}
 
 // Eight consecutive elements base..base+7 of a row (base a multiple of 8;
 // every block size is 1 or a multiple of 8, so they share one block and
@@ -224,6 +217,93 @@ __device__ __forceinline__ void elems8(const u8* row, int base, int flags, float
     }
 }
 
+// The types of the real model's matrices, eight elements at a time with
+// the block's scales read once: the same f32 operations per element as
+// T::at (so the same values, bit for bit), without recomputing a scale
+// eight times. base % 8 == 0, so the eight share one scale.
+template <>
+__device__ __forceinline__ void elems8<Q8_0>(const u8* row, int base, int, float* v) {
+    const u8* blk = row + (u64)(base >> 5) * Q8_0::TS;
+    const float d = f16_at(blk);
+    const u8* q = blk + 2 + (base & 31);
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = mul((float)(signed char)q[e], d);
+}
+template <>
+__device__ __forceinline__ void elems8<Q5_0>(const u8* row, int base, int flags, float* v) {
+    const u8* blk = row + (u64)(base >> 5) * Q5_0::TS;
+    const int j0 = base & 31;
+    if (flags & 1) {
+        // The fault's dequantization, element by element.
+#pragma unroll
+        for (int e = 0; e < 8; e++) v[e] = Q5_0::at(blk, j0 + e, flags);
+        return;
+    }
+    const float d = f16_at(blk);
+    const unsigned int qh = u32_at(blk + 2);
+    const u8* qs = blk + 6 + (j0 & 15);
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        const int j = (j0 & 15) + e;
+        const int q = j0 < 16 ? (qs[e] & 0xF) | (((qh >> j) << 4) & 0x10) : (qs[e] >> 4) | ((qh >> (j + 12)) & 0x10);
+        v[e] = mul((float)(q - 16), d);
+    }
+}
+template <>
+__device__ __forceinline__ void elems8<Q4_K>(const u8* row, int base, int, float* v) {
+    const u8* blk = row + (u64)(base >> 8) * Q4_K::TS;
+    const int i = base & 255;
+    const int g = i >> 6, h = (i >> 5) & 1, l0 = i & 31;
+    int sc, m;
+    scale_min_k4(2 * g + h, blk + 4, sc, m);
+    const float d1 = mul(f16_at(blk), (float)sc);
+    const float m1 = mul(f16_at(blk + 2), (float)m);
+    const u8* q = blk + 16 + 32 * g + l0;
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = __fsub_rn(mul(d1, (float)(h ? q[e] >> 4 : q[e] & 0xF)), m1);
+}
+template <>
+__device__ __forceinline__ void elems8<Q6_K>(const u8* row, int base, int, float* v) {
+    const u8* blk = row + (u64)(base >> 8) * Q6_K::TS;
+    const int i = base & 255;
+    const int n = i >> 7, k = (i >> 5) & 3, l0 = i & 31;
+    const u8* lo = blk + 64 * n + l0 + ((k & 1) ? 32 : 0);
+    const u8* hi = blk + 128 + 32 * n + l0;
+    const float dsc = mul(f16_at(blk + 208), (float)(signed char)blk[192 + 8 * n + (l0 >> 4) + 2 * k]);
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        const int q = ((k >= 2 ? lo[e] >> 4 : lo[e] & 0xF) | (((hi[e] >> (2 * k)) & 3) << 4)) - 32;
+        v[e] = mul(dsc, (float)q);
+    }
+}
+
+// Rows of eight-element groups when the row length allows (one index
+// division per eight values, the scales read once), else element by element.
+template <typename T>
+__device__ void dequant(const u8* __restrict__ w, u64 row_bytes, float* __restrict__ out, int n_rows, int n_cols, int flags) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    if ((n_cols & 7) == 0) {
+        const unsigned int groups = (unsigned int)n_cols >> 3;
+        const u64 total = (u64)n_rows * groups;
+        for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+            const u64 r = i / groups;
+            const int c = (int)(i - r * groups) << 3;
+            float v[8];
+            elems8<T>(w + r * row_bytes, c, flags, v);
+            // 32-byte aligned: the buffer is, and n_cols is a multiple of 8.
+            float4* o = (float4*)(out + r * n_cols + c);
+            o[0] = make_float4(v[0], v[1], v[2], v[3]);
+            o[1] = make_float4(v[4], v[5], v[6], v[7]);
+        }
+        return;
+    }
+    const u64 total = (u64)n_rows * n_cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        const u64 r = i / n_cols;
+        out[i] = elem<T>(w + r * row_bytes, (int)(i % n_cols), flags);
+    }
+}
+
 // One warp per output row r; each lane takes 8 consecutive elements at a
 // time (a warp covers 256 values per step, reads of W and x coalesced),
 // dequantizes them once and multiplies them into every token's accumulator
@@ -231,8 +311,9 @@ __device__ __forceinline__ void elems8(const u8* row, int base, int flags, float
 // reduction. A row length that is not a multiple of 8 (plain types only)
 // ends element by element. Launch: blockDim GEMV_WARPS * 32.
 template <typename T>
-__device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x, float* __restrict__ y,
-                     int n_tokens, int n_rows, int n_cols, int flags) {
+__device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
+                     const float* __restrict__ bias, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
+                     int flags) {
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= n_rows) return;
@@ -264,7 +345,8 @@ __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __res
     for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
         float s = acc[t];
         for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
-        if (lane == 0 && t < n_tokens) y[(u64)t * n_rows + r] = s;
+        // The bias as add_bias_f32 adds it: one f32 addition to the sum.
+        if (lane == 0 && t < n_tokens) y[(u64)t * n_rows + r] = bias ? s + bias[r] : s;
     }
 }
 
@@ -287,9 +369,9 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
                                            int flags) {                                                            \
         dequant<T>(w, row_bytes, out, n_rows, n_cols, flags);                                                      \
     }                                                                                                              \
-    extern "C" __global__ void gemv_##T(const u8* w, u64 row_bytes, const float* x, float* y, int n_tokens,        \
-                                        int n_rows, int n_cols, int flags) {                                       \
-        gemv<T>(w, row_bytes, x, y, n_tokens, n_rows, n_cols, flags);                                              \
+    extern "C" __global__ void gemv_##T(const u8* w, u64 row_bytes, const float* x, const float* bias, float* y,  \
+                                        int n_tokens, int n_rows, int n_cols, int flags) {                         \
+        gemv<T>(w, row_bytes, x, bias, y, n_tokens, n_rows, n_cols, flags);                                        \
     }                                                                                                              \
     extern "C" __global__ void get_rows_##T(const u8* w, u64 row_bytes, const int* tokens, float* out,             \
                                             int n_tokens, int n_rows, int n_cols, int transposed, int flags) {     \

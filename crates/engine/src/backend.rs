@@ -178,6 +178,10 @@ pub trait Backend {
     /// Rows `start..start + n` of a buffer seen as `[rows, last dim]`, on
     /// the host (the last logits row, without copying the others).
     fn rows_to_host(&self, buf: &Self::Buf, start: usize, n: usize) -> Result<Tensor>;
+    /// Rows `start..start + n` of a buffer seen as `[rows, last dim]`, as a
+    /// new `[n, last dim]` buffer (the last position, for an LM head whose
+    /// other rows nobody reads).
+    fn rows(&self, buf: &Self::Buf, start: usize, n: usize) -> Result<Self::Buf>;
 
     /// Rows of `token_embd` for `tokens`: `[n_tokens, n_embd]` (`read`:
     /// `Transposed` takes column t of the buffer seen as `[n_embd, n_vocab]`).
@@ -197,6 +201,19 @@ pub trait Backend {
     fn softmax_causal(&self, scores: &Self::Buf, scale: f32, pos0: usize) -> Result<Self::Buf>;
     /// probs V, heads merged: `[n_tokens, n_head, head_dim]`.
     fn attn_ctx(&self, layer: usize, probs: &Self::Buf, n_kv: usize, head_map: HeadMap) -> Result<Self::Buf>;
+    /// Scores, softmax and context in one op, for a pass that observes
+    /// neither scores nor probabilities: the same values as
+    /// `attn_scores` + `softmax_causal` (+ the probabilities rounded to f16
+    /// when `round_probs`, numerics ggml with an f16 cache) + `attn_ctx`,
+    /// which is what this default does. A backend may fuse them (CUDA keeps
+    /// each row's scores in shared memory) but must give the same bits.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, layer: usize, q: &Self::Buf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool) -> Result<Self::Buf> {
+        let scores = self.attn_scores(layer, q, pos0, n_kv, head_map)?;
+        let probs = self.softmax_causal(&scores, scale, pos0)?;
+        let probs = if round_probs { self.round_rows(&probs, GgmlType::F16)? } else { probs };
+        self.attn_ctx(layer, &probs, n_kv, head_map)
+    }
     fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
     /// act(gate) * up (act: silu for Qwen2).
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, act: Activation) -> Result<Self::Buf>;

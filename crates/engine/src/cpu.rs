@@ -168,6 +168,10 @@ impl Backend for CpuBackend {
         Ok(Tensor::new(vec![n, cols], buf.data[start * cols..(start + n) * cols].to_vec()))
     }
 
+    fn rows(&self, buf: &Tensor, start: usize, n: usize) -> Result<Tensor> {
+        self.rows_to_host(buf, start, n)
+    }
+
     fn from_host(&self, tensor: &Tensor) -> Result<Tensor> {
         Ok(tensor.clone())
     }

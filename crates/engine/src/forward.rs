@@ -182,12 +182,19 @@ impl<B: Backend> Model<B> {
             let be = &self.backend;
             let rnd = &self.rounding;
             let q_kv = rnd.for_kv_matmul(be, &q)?;
-            let scores = be.attn_scores(l, q_kv.as_ref().unwrap_or(&q), mask_pos0, n_kv, f.head_map())?;
-            let scores = checkpoint(be, cps, pending, id(Stage::AttnScores), scores)?;
-            let probs = be.softmax_causal(&scores, scale, mask_pos0)?;
-            let probs = checkpoint(be, cps, pending, id(Stage::AttnProbs), probs)?;
-            let probs_kv = rnd.for_kv_matmul(be, &probs)?;
-            let ctx = be.attn_ctx(l, probs_kv.as_ref().unwrap_or(&probs), n_kv, f.head_map())?;
+            let q_kv = q_kv.as_ref().unwrap_or(&q);
+            // Scores and probabilities are [n_head, n_tokens, n_kv]: made
+            // only when a checkpoint asks for them, else one fused op.
+            let ctx = if cps.wants(&id(Stage::AttnScores)) || cps.wants(&id(Stage::AttnProbs)) {
+                let scores = be.attn_scores(l, q_kv, mask_pos0, n_kv, f.head_map())?;
+                let scores = checkpoint(be, cps, pending, id(Stage::AttnScores), scores)?;
+                let probs = be.softmax_causal(&scores, scale, mask_pos0)?;
+                let probs = checkpoint(be, cps, pending, id(Stage::AttnProbs), probs)?;
+                let probs_kv = rnd.for_kv_matmul(be, &probs)?;
+                be.attn_ctx(l, probs_kv.as_ref().unwrap_or(&probs), n_kv, f.head_map())?
+            } else {
+                be.attention(l, q_kv, scale, mask_pos0, n_kv, f.head_map(), rnd.kv_matmul_rounds())?
+            };
             let ctx = checkpoint(be, cps, pending, id(Stage::AttnCtx), ctx)?;
             let ctx = be.reshape(ctx, &[n, cfg.n_head * hd])?;
             let attn = rnd.linear(be, &ctx, Weight::AttnOutput(l), None, read_if(f == Fault::OProjTransposed))?;
@@ -214,17 +221,21 @@ impl<B: Backend> Model<B> {
         let be = &self.backend;
         let h = if global == Fault::FinalNormSkipped { x } else { be.rms_norm(&x, Weight::OutputNorm, eps)? };
         let h = checkpoint(be, cps, pending, StageId::global(step, Stage::FinalNorm), h)?;
-        let logits = self.rounding.linear(be, &h, Weight::Output, None, read_if(global == Fault::LmHeadTransposed))?;
-        self.n_past = n_kv;
-
         // Greedy decoding reads the last row only: unless the logits are
-        // asked for, only that row leaves the backend. When they are, the
-        // checkpoint takes the buffer itself (the last row of a replacement,
-        // if one is made).
+        // asked for, the LM head runs on that row alone (as llama.cpp's
+        // does for a batch that asks for the last token's logits). When
+        // they are, the checkpoint takes the buffer itself (the last row of
+        // a replacement, if one is made).
         let id = StageId::global(step, Stage::Logits);
+        let lm_head_read = read_if(global == Fault::LmHeadTransposed);
         if !cps.wants(&id) {
-            return Ok(Some(be.rows_to_host(&logits, n - 1, 1)?.data));
+            let last = if n == 1 { h } else { be.rows(&h, n - 1, 1)? };
+            let logits = self.rounding.linear(be, &last, Weight::Output, None, lm_head_read)?;
+            self.n_past = n_kv;
+            return Ok(Some(be.into_host(logits)?.data));
         }
+        let logits = self.rounding.linear(be, &h, Weight::Output, None, lm_head_read)?;
+        self.n_past = n_kv;
         let host = be.into_host(logits)?;
         let last_row = |t: &capture::Tensor| -> Result<Vec<f32>> {
             ensure!(t.len() == n * cfg.n_vocab, "logits of shape {:?} for {n} tokens", t.shape);

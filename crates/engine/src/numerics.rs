@@ -141,10 +141,18 @@ impl Rounding {
     /// Q before Q·K^T and the probabilities before probs·V: ggml converts
     /// them to the (f16) KV cache's type.
     pub fn for_kv_matmul<B: Backend>(&self, be: &B, x: &B::Buf) -> Result<Option<B::Buf>> {
-        match (self.numerics, self.kv_type) {
-            (Numerics::Ggml, KvType::F16) => round_rows(be, x, GgmlType::F16).map(Some),
-            _ => Ok(None),
+        if self.kv_matmul_rounds() {
+            round_rows(be, x, GgmlType::F16).map(Some)
+        } else {
+            Ok(None)
         }
+    }
+
+    /// Whether [`Rounding::for_kv_matmul`] rounds (to f16): numerics ggml
+    /// with an f16 cache, where ggml converts Q and the probabilities to the
+    /// cache's type before multiplying them with it.
+    pub fn kv_matmul_rounds(&self) -> bool {
+        matches!((self.numerics, self.kv_type), (Numerics::Ggml, KvType::F16))
     }
 }
 

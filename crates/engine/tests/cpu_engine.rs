@@ -52,6 +52,28 @@ fn checkpoints_observe_without_changing_the_result() {
     assert_eq!(shape(StageId::global(1, Stage::Logits)), vec![1, cfg.n_vocab]);
 }
 
+/// The forward pass fuses attention when no checkpoint observes scores or
+/// probabilities, and runs the LM head on the last row when nobody asks for
+/// the logits: for every fault, a pass observing only the global stages
+/// gives the bits of one observing every stage, and a pass observing none
+/// picks the same tokens.
+#[test]
+fn observing_fewer_stages_changes_no_bits_for_any_fault() {
+    for fault in Fault::all() {
+        let mut model = tiny_model(&SynthSpec::tiny(), KvType::F16, fault);
+        let (picked, all) = record(&mut model, 3);
+        let mut globals = Recorder::new(StageFilter { layers: Some(Vec::new()) }, "test");
+        assert_eq!(model.generate(&PROMPT, 3, None, &mut globals).unwrap(), picked, "fault {fault}");
+        assert_eq!(model.generate(&PROMPT, 3, None, &mut NoCheckpoints).unwrap(), picked, "fault {fault}");
+        assert_eq!(globals.tensors.len(), 3 * 4);
+        for (id, t) in &globals.tensors {
+            let want = &all.tensors[id].tensor.data;
+            let same = want.iter().zip(&t.tensor.data).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+            assert!(same && want.len() == t.tensor.data.len(), "fault {fault}: {id} differs between the two passes");
+        }
+    }
+}
+
 #[test]
 fn a_layer_filter_records_only_those_layers() {
     let mut model = tiny_model(&SynthSpec::tiny(), KvType::F32, Fault::None);

@@ -25,6 +25,7 @@ use engine::cpu::CpuBackend;
 use engine::cuda::{cuda_available, CudaBackend};
 use engine::fault::{Activation, Fault, FaultSpec, HeadMap, RopePairing, WeightRead};
 use engine::forward::Model;
+use engine::numerics::{Numerics, Rounding};
 use gguf::{GgmlType, Qwen2Config};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -349,6 +350,18 @@ fn attention_matches_prefill_and_decode() {
                         let cc = cpu.attn_ctx(layer, &pc, n_kv, map).unwrap();
                         let cg = host(&g, &g.attn_ctx(layer, &on_gpu(&g, &pc), n_kv, map).unwrap());
                         close(&format!("attn_ctx {what}"), &cc, &cg, 1e-5, 1e-5);
+                        // The fused kernel: the three GPU ops' bits (with and
+                        // without the f16 rounding of the probabilities).
+                        let qg = on_gpu(&g, &q);
+                        for round in [false, true] {
+                            let s3 = g.attn_scores(layer, &qg, pos0, n_kv, map).unwrap();
+                            let p3 = g.softmax_causal(&s3, scale, pos0).unwrap();
+                            let p3 = if round { g.round_rows(&p3, GgmlType::F16).unwrap() } else { p3 };
+                            let three = host(&g, &g.attn_ctx(layer, &p3, n_kv, map).unwrap());
+                            let fused = host(&g, &g.attention(layer, &qg, scale, pos0, n_kv, map, round).unwrap());
+                            assert_eq!(three.shape, fused.shape, "fused attention {what}: shape");
+                            assert_bits(&format!("fused attention {what} round_probs {round}"), &three.data, &fused.data);
+                        }
                     }
                     pos0 = n_kv;
                 }
@@ -428,6 +441,48 @@ fn forward_pass_matches_cpu_for_every_fault() {
                 let forced: Vec<i32> = (0..3).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
                 let worst = passes_agree(cpu, g, cfg, fault, &prompt, &forced, kv, &format!("cfg{ci}"));
                 println!("cfg{ci} kv {kv:?} fault {fault}: max |cpu - cuda| = {worst:e}");
+            }
+        }
+    }
+}
+
+/// A pass that observes only the global stages (attention fused, scores
+/// and probabilities never made) gives the bits of a pass that observes
+/// every stage: the final norm and the logits of every step, in exact and
+/// ggml numerics (f16 probabilities), with f16 and f32 caches; every fault
+/// on the small shape (the masks and positions the faults change must
+/// reach the fused kernel as they reach the three).
+#[test]
+fn observing_fewer_stages_changes_no_bits() {
+    if !gpu() {
+        return;
+    }
+    for (ci, cfg) in configs().iter().enumerate() {
+        let faults: Vec<Fault> = if ci == 1 { Fault::all().collect() } else { vec![Fault::None] };
+        for (kv, numerics, fault) in faults.iter().flat_map(|&f| {
+            [KvType::F16, KvType::F32].into_iter().flat_map(move |kv| [Numerics::Exact, Numerics::Ggml].map(|n| (kv, n, f)))
+        }) {
+            {
+                let types: HashMap<Weight, GgmlType> = weights(cfg, 0).into_keys().map(|w| (w, GgmlType::F32)).collect();
+                let rounding = Rounding::new(numerics, kv, &types).unwrap();
+                let mut rng = ChaCha8Rng::seed_from_u64(23);
+                let prompt: Vec<i32> = (0..9).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
+                let forced: Vec<i32> = (0..3).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
+                let run = |filter: StageFilter| {
+                    let (_, g) = backends(cfg, kv, 300 + ci as u64);
+                    let mut m = Model::new(g, cfg.clone(), FaultSpec::from(fault)).with_rounding(rounding.clone());
+                    let mut r = Recorder::new(filter, "cuda");
+                    m.generate(&prompt, forced.len(), Some(&forced), &mut r).unwrap();
+                    r
+                };
+                let all = run(StageFilter::default());
+                let globals = run(StageFilter { layers: Some(Vec::new()) });
+                assert!(globals.tensors.keys().all(|id| id.layer.is_none()), "the filter kept a layer stage");
+                assert_eq!(globals.tensors.len(), 3 * (forced.len() + 1), "embed, final norm and logits of each step");
+                for (id, t) in &globals.tensors {
+                    let a = &all.tensors.get(id).unwrap_or_else(|| panic!("{id} missing from the full capture")).tensor;
+                    assert_bits(&format!("cfg{ci} {kv:?} {numerics:?} fault {fault} {id}"), &a.data, &t.tensor.data);
+                }
             }
         }
     }

@@ -6,7 +6,7 @@ use engine::backend::{Backend, BackendOptions};
 use capture::KvType;
 use capture::{argmax, Capture, CaptureConfig, CapturedTensor, StageId};
 use std::collections::BTreeMap;
-use engine::checkpoint::{Checkpoints, Isolate, Recorder, StageFilter};
+use engine::checkpoint::{Checkpoints, Isolate, NoCheckpoints, Recorder, StageFilter};
 use engine::cpu::CpuBackend;
 pub use engine::cuda::cuda_available;
 use engine::cuda::CudaBackend;
@@ -231,6 +231,18 @@ impl OurEngine {
             c.config.numerics = numerics.name().to_string();
             c
         })
+    }
+}
+
+impl OurEngine {
+    /// Prefill `tokens` and decode `n_decode` greedy steps with no
+    /// checkpoint at all, as a plain inference engine runs: the tokens
+    /// picked (the "none" rows of `parity bench`).
+    pub fn generate_unobserved(&mut self, tokens: &[i32], n_decode: usize) -> Result<Vec<i32>> {
+        match &mut self.model {
+            Loaded::Cpu(model) => model.generate(tokens, n_decode, None, &mut NoCheckpoints),
+            Loaded::Cuda(model) => model.generate(tokens, n_decode, None, &mut NoCheckpoints),
+        }
     }
 }
 

@@ -30,12 +30,16 @@
 //! - **Checkpoints**: ops only launch kernels; [`Backend::to_host`] is the one
 //!   device-to-host copy and is synchronous (the stream is synchronized and
 //!   any asynchronous kernel error surfaces there, with context).
-//! - **Profile**: with `QWEN2_PARITY_CUDA_PROFILE=1` every op synchronizes
-//!   the stream after it and adds its wall time to a per-op table that is
-//!   printed to stderr when the backend is dropped (slower, for finding
-//!   where time goes; off by default).
+//! - **Attention** that no checkpoint observes is one fused kernel per
+//!   (head, query) row, its scores in shared memory ([`Backend::attention`]);
+//!   the three separate kernels run only when scores or probabilities are
+//!   asked for. Both call the same device functions: the same bits.
+//! - **Profile**: with `QWEN2_PARITY_CUDA_PROFILE=1` each op is bracketed by
+//!   events and its host time is measured; the per-op table is printed to
+//!   stderr when the backend is dropped (see `profile.rs`; off by default).
 
 mod host;
+mod profile;
 
 use crate::arch::ArchSpec;
 use crate::backend::{Backend, BackendOptions, Weight};
@@ -48,9 +52,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use cudarc::nvrtc::Ptx;
 use gguf::{GgmlType, GgufFile, Qwen2Config};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 /// The one message every "no GPU here" path starts with.
 pub const NO_DEVICE: &str = "no CUDA device: use --backend cpu";
@@ -66,8 +69,12 @@ const SOURCES: [(&str, &str); 5] = [
 
 /// Threads per block of the element-wise (grid-stride) kernels.
 const BLOCK: u32 = 256;
-/// Threads per block of the row kernels (must match NORM_THREADS / SOFTMAX_THREADS in the .cu files).
+/// Threads per block of the row kernels (must match NORM_THREADS / ATTN_THREADS in the .cu files).
 const ROW_BLOCK: u32 = 256;
+/// Keys up to which the fused attention kernel keeps a row of scores in
+/// shared memory (32 KiB, under the 48 KiB every launch may have); longer
+/// rows take the three kernels that materialise them.
+const FUSED_ATTENTION_MAX_KV: usize = 8192;
 /// Rows of activations up to which a quantized linear is a GEMV over the
 /// blocks (must match GEMV_MAX_TOKENS in quant.cu).
 pub const GEMV_MAX_TOKENS: usize = 8;
@@ -189,6 +196,8 @@ struct Kernels {
     attn_ctx_f32: CudaFunction,
     attn_ctx_f16: CudaFunction,
     softmax_causal: CudaFunction,
+    attention_f32: CudaFunction,
+    attention_f16: CudaFunction,
 }
 
 impl Kernels {
@@ -228,6 +237,8 @@ impl Kernels {
             attn_ctx_f32: f("attention.cu", "attn_ctx_f32")?,
             attn_ctx_f16: f("attention.cu", "attn_ctx_f16")?,
             softmax_causal: f("attention.cu", "softmax_causal_f32")?,
+            attention_f32: f("attention.cu", "attention_f32")?,
+            attention_f16: f("attention.cu", "attention_f16")?,
         })
     }
 }
@@ -285,8 +296,8 @@ pub struct CudaBackend {
     k: Kernels,
     weights: HashMap<Weight, DeviceWeight>,
     cache: KvCache,
-    /// Per-op (calls, seconds) when `QWEN2_PARITY_CUDA_PROFILE=1`.
-    profile: Option<RefCell<BTreeMap<&'static str, (u64, f64)>>>,
+    /// Per-op GPU and host time when `QWEN2_PARITY_CUDA_PROFILE=1`.
+    profile: Option<profile::Profile>,
     /// Page-locked host memory every device-to-host copy lands in first,
     /// grown to the largest checkpoint seen. Pageable copies measured
     /// 0.7 GB/s on the H200 (90% of a prefill with every stage captured);
@@ -412,6 +423,8 @@ impl CudaBackend {
         cuda_available().map_err(|e| anyhow!(e))?;
         ensure!(cfg.n_head > 0 && cfg.n_head_kv > 0 && cfg.n_head.is_multiple_of(cfg.n_head_kv), "n_head {} is not a multiple of n_head_kv {}", cfg.n_head, cfg.n_head_kv);
         ensure!(cfg.head_dim.is_multiple_of(2), "head_dim {} is odd: RoPE needs pairs", cfg.head_dim);
+        // The attention kernels give each (query, head) one block of ROW_BLOCK threads, one or more per dimension.
+        ensure!(cfg.head_dim <= ROW_BLOCK as usize, "head_dim {} is over {ROW_BLOCK}, which the CUDA attention kernels do not support", cfg.head_dim);
         ensure!(opts.max_ctx > 0, "max_ctx must be positive");
         let ctx = CudaContext::new(0).context("creating a CUDA context on device 0")?;
         // SAFETY: this backend uses one stream for every allocation, kernel and
@@ -449,7 +462,7 @@ impl CudaBackend {
                 KvCache::F16 { k, v }
             }
         };
-        let profile = (std::env::var("QWEN2_PARITY_CUDA_PROFILE").as_deref() == Ok("1")).then(|| RefCell::new(BTreeMap::new()));
+        let profile = profile::Profile::from_env();
         Ok(CudaBackend { cfg, opts, device_name, ctx, stream, blas, k, weights: HashMap::new(), cache, profile, staging: RefCell::new(None), in_flight: RefCell::new(InFlight::default()) })
     }
 
@@ -606,20 +619,16 @@ impl CudaBackend {
     }
 
     /// Start timing an op (only when profiling).
-    fn prof_start(&self) -> Option<Instant> {
-        self.profile.as_ref().map(|_| Instant::now())
+    fn prof_start(&self) -> Result<Option<profile::OpTimer>> {
+        self.profile.as_ref().map(|p| p.start(&self.stream)).transpose()
     }
 
-    /// End timing `op`: wait for its kernels, add its wall time.
-    fn prof_end(&self, op: &'static str, started: Option<Instant>) -> Result<()> {
-        if let (Some(p), Some(t)) = (&self.profile, started) {
-            self.synchronize()?;
-            let mut table = p.borrow_mut();
-            let e = table.entry(op).or_insert((0, 0.0));
-            e.0 += 1;
-            e.1 += t.elapsed().as_secs_f64();
+    /// End timing `op` (nothing is waited for: see [`profile`]).
+    fn prof_end(&self, op: &'static str, started: Option<profile::OpTimer>) -> Result<()> {
+        match (&self.profile, started) {
+            (Some(p), Some(t)) => p.end(op, t, &self.stream),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
@@ -659,7 +668,7 @@ impl Backend for CudaBackend {
     }
 
     fn to_host(&self, buf: &CudaBuf) -> Result<Tensor> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         let data = self.copy_to_host(&buf.data)?;
         ensure!(data.len() == buf.shape.iter().product::<usize>(), "buffer of {} values has shape {:?}", data.len(), buf.shape);
         self.prof_end("to_host", t0)?;
@@ -667,7 +676,7 @@ impl Backend for CudaBackend {
     }
 
     fn start_to_host(&self, buf: &CudaBuf) -> Result<Option<Tensor>> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         let n = buf.len();
         let mut f = self.in_flight.borrow_mut();
         let capacity = f.arena.as_ref().map_or(0, |a| a.len());
@@ -694,7 +703,7 @@ impl Backend for CudaBackend {
     }
 
     fn finish_to_host(&self) -> Result<Vec<Tensor>> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         let mut f = self.in_flight.borrow_mut();
         if let Err(e) = self.drain_in_flight(&mut f) {
             // Nothing of this pass is delivered; the next starts empty.
@@ -708,12 +717,20 @@ impl Backend for CudaBackend {
     }
 
     fn rows_to_host(&self, buf: &CudaBuf, start: usize, n: usize) -> Result<Tensor> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         let cols = *buf.shape.last().ok_or_else(|| anyhow!("rows of a scalar"))?;
         ensure!((start + n) * cols <= buf.len(), "rows {start}..{} of a buffer of shape {:?}", start + n, buf.shape);
         let data = self.copy_to_host(&buf.data.slice(start * cols..(start + n) * cols))?;
         self.prof_end("to_host", t0)?;
         Ok(Tensor::new(vec![n, cols], data))
+    }
+
+    fn rows(&self, buf: &CudaBuf, start: usize, n: usize) -> Result<CudaBuf> {
+        let cols = *buf.shape.last().ok_or_else(|| anyhow!("rows of a scalar"))?;
+        ensure!((start + n) * cols <= buf.len(), "rows {start}..{} of a buffer of shape {:?}", start + n, buf.shape);
+        let mut out = self.alloc(vec![n, cols])?;
+        self.stream.memcpy_dtod(&buf.data.slice(start * cols..(start + n) * cols), &mut out.data).context("device-to-device copy")?;
+        Ok(out)
     }
 
     fn from_host(&self, tensor: &Tensor) -> Result<CudaBuf> {
@@ -723,7 +740,7 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, tokens: &[i32], read: WeightRead) -> Result<CudaBuf> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         ensure!(!tokens.is_empty(), "no tokens");
         if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.cfg.n_vocab) {
             bail!("token id {bad} out of range (n_vocab {})", self.cfg.n_vocab);
@@ -754,7 +771,7 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &CudaBuf, weight: Weight, eps: f32) -> Result<CudaBuf> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         let w = self.vector(weight)?;
         let n_cols = *x.shape.last().ok_or_else(|| anyhow!("rms_norm of a scalar"))?;
         ensure!(w.len() == n_cols, "rms_norm: weight {weight:?} has {} values, rows have {n_cols}", w.len());
@@ -783,7 +800,7 @@ impl Backend for CudaBackend {
     /// A quantized matrix and at most [`GEMV_MAX_TOKENS`] rows of `x` (read
     /// as rows) take the GEMV kernel over the blocks instead.
     fn linear(&self, x: &CudaBuf, weight: Weight, bias: Option<Weight>, read: WeightRead) -> Result<CudaBuf> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         let (n_out, n_in) = match self.weight(weight)? {
             DeviceWeight::F32(w) if w.shape.len() == 2 => (w.shape[0], w.shape[1]),
             DeviceWeight::F32(_) => bail!("linear: {weight:?} is not a matrix"),
@@ -798,14 +815,32 @@ impl Backend for CudaBackend {
             shape = vec![n, n_out];
         }
         let mut y = self.alloc(shape)?;
+        let bias = match bias {
+            Some(bw) => {
+                let bvec = self.vector(bw)?;
+                ensure!(bvec.len() == n_out, "bias {bw:?} has {} values, output rows {n_out}", bvec.len());
+                Some(bvec)
+            }
+            None => None,
+        };
+        // Whether the bias still has to be added after the product.
+        let mut bias_left = bias;
         let path = match self.weight(weight)? {
             DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } if read == WeightRead::Rows && n <= GEMV_MAX_TOKENS => {
                 let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(n_in, "cols")?);
                 let rb = *row_bytes as u64;
                 let cfg = LaunchConfig { grid_dim: (n_out.div_ceil(GEMV_WARPS as usize) as u32, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+                let no_bias: u64 = 0;
                 let mut b = self.stream.launch_builder(&self.k.quant[ty].gemv);
-                b.arg(data).arg(&rb).arg(&x.data).arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(flags);
-                // SAFETY: the blocks hold n_out rows of row_bytes (checked at upload); x is [n, n_in], y [n, n_out], n <= GEMV_MAX_TOKENS.
+                b.arg(data).arg(&rb).arg(&x.data);
+                match bias_left.take() {
+                    Some(bvec) => b.arg(&bvec.data),
+                    // A null `const float*`: the kernel adds no bias.
+                    None => b.arg(&no_bias),
+                };
+                b.arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(flags);
+                // SAFETY: the blocks hold n_out rows of row_bytes (checked at upload); x is [n, n_in], y [n, n_out],
+                // n <= GEMV_MAX_TOKENS; the bias, when given, holds n_out values (checked above).
                 unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv_{} for {weight:?}", ty.name()))?;
                 "linear (gemv on blocks)"
             }
@@ -833,9 +868,7 @@ impl Backend for CudaBackend {
                 path
             }
         };
-        if let Some(bw) = bias {
-            let bvec = self.vector(bw)?;
-            ensure!(bvec.len() == n_out, "bias {bw:?} has {} values, output rows {n_out}", bvec.len());
+        if let Some(bvec) = bias_left {
             let (nr, nc) = (i32_of(n, "rows")?, i32_of(n_out, "cols")?);
             let cfg = grid_for(y.len());
             let mut b = self.stream.launch_builder(&self.k.add_bias);
@@ -847,7 +880,7 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, x: &CudaBuf, pos0: usize, freq_base: f32, pairing: RopePairing) -> Result<CudaBuf> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         ensure!(x.shape.len() == 3, "rope expects [n_tokens, n_heads, head_dim], got {:?}", x.shape);
         let (nt, nh, hd) = (x.shape[0], x.shape[1], x.shape[2]);
         ensure!(hd.is_multiple_of(2), "rope: odd head_dim {hd}");
@@ -866,7 +899,7 @@ impl Backend for CudaBackend {
     }
 
     fn kv_store(&mut self, layer: usize, k: &CudaBuf, v: &CudaBuf, pos0: usize) -> Result<()> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         self.check_layer(layer)?;
         let kv_row = self.cfg.n_head_kv * self.cfg.head_dim;
         ensure!(k.shape == v.shape, "kv_store: K {:?} and V {:?} differ", k.shape, v.shape);
@@ -897,7 +930,7 @@ impl Backend for CudaBackend {
     }
 
     fn attn_scores(&self, layer: usize, q: &CudaBuf, pos0: usize, n_kv: usize, head_map: HeadMap) -> Result<CudaBuf> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         self.check_layer(layer)?;
         ensure!(q.shape.len() == 3 && q.shape[2] == self.cfg.head_dim, "attn_scores: q {:?} is not [n_tokens, n_head, {}]", q.shape, self.cfg.head_dim);
         ensure!(n_kv > 0 && n_kv <= self.opts.max_ctx, "attn_scores: n_kv {n_kv} outside 1..={}", self.opts.max_ctx);
@@ -928,7 +961,7 @@ impl Backend for CudaBackend {
     }
 
     fn softmax_causal(&self, scores: &CudaBuf, scale: f32, pos0: usize) -> Result<CudaBuf> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         ensure!(scores.shape.len() == 3, "softmax_causal expects [n_head, n_tokens, n_kv], got {:?}", scores.shape);
         let (nh, nt, n_kv) = (scores.shape[0], scores.shape[1], scores.shape[2]);
         let mut out = self.alloc(scores.shape.clone())?;
@@ -941,7 +974,7 @@ impl Backend for CudaBackend {
     }
 
     fn attn_ctx(&self, layer: usize, probs: &CudaBuf, n_kv: usize, head_map: HeadMap) -> Result<CudaBuf> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         self.check_layer(layer)?;
         ensure!(probs.shape.len() == 3 && probs.shape[2] == n_kv, "attn_ctx: probs {:?} is not [n_head, n_tokens, {n_kv}]", probs.shape);
         ensure!(n_kv <= self.opts.max_ctx, "attn_ctx: n_kv {n_kv} beyond the cache capacity {}", self.opts.max_ctx);
@@ -950,7 +983,7 @@ impl Backend for CudaBackend {
         let hm = self.head_map_code(nh, head_map)?;
         let mut out = self.alloc(vec![nt, nh, hd])?;
         let a = [i32_of(nh, "n_head")?, i32_of(nt, "n_tokens")?, i32_of(n_kv, "n_kv")?, i32_of(hd, "head_dim")?, i32_of(self.cfg.n_head_kv, "n_head_kv")?, hm];
-        let cfg = grid_for(out.len());
+        let cfg = rows_grid(nt * nh)?;
         let mut b = match &self.cache {
             KvCache::F32 { v, .. } => {
                 let mut b = self.stream.launch_builder(&self.k.attn_ctx_f32);
@@ -972,8 +1005,51 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn attention(&self, layer: usize, q: &CudaBuf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool) -> Result<CudaBuf> {
+        if n_kv > FUSED_ATTENTION_MAX_KV {
+            let scores = self.attn_scores(layer, q, pos0, n_kv, head_map)?;
+            let probs = self.softmax_causal(&scores, scale, pos0)?;
+            let probs = if round_probs { self.round_rows(&probs, GgmlType::F16)? } else { probs };
+            return self.attn_ctx(layer, &probs, n_kv, head_map);
+        }
+        let t0 = self.prof_start()?;
+        self.check_layer(layer)?;
+        ensure!(q.shape.len() == 3 && q.shape[2] == self.cfg.head_dim, "attention: q {:?} is not [n_tokens, n_head, {}]", q.shape, self.cfg.head_dim);
+        ensure!(n_kv > 0 && n_kv <= self.opts.max_ctx, "attention: n_kv {n_kv} outside 1..={}", self.opts.max_ctx);
+        let (nt, nh, hd) = (q.shape[0], q.shape[1], q.shape[2]);
+        let hm = self.head_map_code(nh, head_map)?;
+        let mut out = self.alloc(vec![nt, nh, hd])?;
+        let a = [i32_of(nh, "n_head")?, i32_of(nt, "n_tokens")?, i32_of(n_kv, "n_kv")?, i32_of(hd, "head_dim")?, i32_of(self.cfg.n_head_kv, "n_head_kv")?, i32_of(pos0, "pos0")?, hm];
+        let mut cfg = rows_grid(nh * nt)?;
+        cfg.shared_mem_bytes = (n_kv * 4) as u32;
+        let round: i32 = round_probs.into();
+        let mut b = match &self.cache {
+            KvCache::F32 { k, v } => {
+                let mut b = self.stream.launch_builder(&self.k.attention_f32);
+                b.arg(&q.data).arg(&k[layer]).arg(&v[layer]);
+                b
+            }
+            KvCache::F16 { k, v } => {
+                let mut b = self.stream.launch_builder(&self.k.attention_f16);
+                b.arg(&q.data).arg(&k[layer]).arg(&v[layer]);
+                b
+            }
+        };
+        b.arg(&mut out.data);
+        for v in &a {
+            b.arg(v);
+        }
+        b.arg(&scale).arg(&round);
+        // SAFETY: q is [nt, nh, hd], the layer's caches hold max_ctx >= n_kv
+        // rows of n_head_kv * hd, out is [nt, nh, hd]; the dynamic shared
+        // memory holds the n_kv scores of one row (n_kv <= FUSED_ATTENTION_MAX_KV).
+        unsafe { b.launch(cfg) }.context("launching attention")?;
+        self.prof_end("attention (fused)", t0)?;
+        Ok(out)
+    }
+
     fn add(&self, a: &CudaBuf, b: &CudaBuf) -> Result<CudaBuf> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         ensure!(a.len() == b.len(), "add: shapes {:?} and {:?} differ in size", a.shape, b.shape);
         let mut out = self.alloc(a.shape.clone())?;
         let n = out.len() as u64;
@@ -986,7 +1062,7 @@ impl Backend for CudaBackend {
     }
 
     fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, act: Activation) -> Result<CudaBuf> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         ensure!(gate.len() == up.len(), "swiglu: shapes {:?} and {:?} differ in size", gate.shape, up.shape);
         let mut out = self.alloc(gate.shape.clone())?;
         let n = out.len() as u64;
@@ -1003,7 +1079,7 @@ impl Backend for CudaBackend {
     }
 
     fn round_rows(&self, x: &CudaBuf, ty: GgmlType) -> Result<CudaBuf> {
-        let t0 = self.prof_start();
+        let t0 = self.prof_start()?;
         let width = *x.shape.last().ok_or_else(|| anyhow!("round_rows of a scalar"))?;
         let mut out = CudaBuf { data: self.stream.clone_dtod(&x.data).context("device-to-device copy")?, shape: x.shape.clone() };
         let n = out.len() as u64;
@@ -1064,13 +1140,9 @@ impl Drop for CudaBackend {
         // Let queued work finish before the buffers go; errors here have nowhere to go.
         let _ = self.ctx.synchronize();
         if let Some(p) = &self.profile {
-            let table = p.borrow();
-            let total: f64 = table.values().map(|e| e.1).sum();
-            let mut rows: Vec<_> = table.iter().collect();
-            rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-            eprintln!("cuda profile ({}): {total:.3} s in ops", self.device_name);
-            for (op, (calls, secs)) in rows {
-                eprintln!("  {op:<28} {calls:>7} calls {:>9.3} ms {:>5.1}%", secs * 1e3, 100.0 * secs / total.max(1e-12));
+            match p.report(&self.device_name) {
+                Ok(table) => eprint!("{table}"),
+                Err(e) => eprintln!("cuda profile: {e:#}"),
             }
         }
     }

@@ -19,7 +19,7 @@ pub struct Args {
     pub model: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: BackendKind,
-    /// How our engine rounds activations (ggml numerics round on the host).
+    /// How our engine rounds activations (ggml numerics add the rounding kernels).
     #[arg(long, value_enum, default_value = "ggml")]
     pub numerics: NumericsArg,
     /// Prompt length in tokens (synthetic ids, deterministic).
@@ -28,6 +28,11 @@ pub struct Args {
     /// Decode steps after the prefill.
     #[arg(long, default_value_t = 0)]
     pub decode: usize,
+    /// Which checkpoint sets to time: none (no checkpoint at all), globals
+    /// (embedding, final norm and all-position logits captured), all (every
+    /// stage of every layer).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none,globals,all")]
+    pub checkpoints: Vec<CheckpointSet>,
     /// Timed repetitions per mode (after one warm-up).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
@@ -53,6 +58,14 @@ pub struct Args {
 }
 
 
+/// A set of checkpoints `parity bench` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckpointSet {
+    None,
+    Globals,
+    All,
+}
+
 pub fn run(args: &Args) -> Result<ExitCode> {
     if args.tokens == 0 || args.repeat == 0 {
         bail!("--tokens and --repeat must be at least 1");
@@ -75,8 +88,16 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if let Some(bytes) = engine.device_weight_bytes() {
         println!("weights held on the GPU: {:.1} MiB (file: {:.1} MiB)", bytes as f64 / 1048576.0, model_file.gguf.file_size() as f64 / 1048576.0);
     }
-    for (label, layers) in [("global stages only", Some(vec![])), ("all stages captured", None)] {
-        let (times, checkpoints) = time_runs(&mut engine, &tokens, args.decode, layers, args.repeat)?;
+    for set in &args.checkpoints {
+        let (label, layers) = match set {
+            CheckpointSet::None => ("no checkpoint", None),
+            CheckpointSet::Globals => ("global stages only", Some(Some(vec![]))),
+            CheckpointSet::All => ("all stages captured", Some(None)),
+        };
+        let (times, checkpoints) = match layers {
+            None => (time_unobserved(&mut engine, &tokens, args.decode, args.repeat)?, 0),
+            Some(layers) => time_runs(&mut engine, &tokens, args.decode, layers, args.repeat)?,
+        };
         println!(
             "{label:>20}: {} tokens + {} decode steps: median {:.3} s over {} runs ({checkpoints} checkpoints)",
             args.tokens,
@@ -92,6 +113,19 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 /// the same as bench/llama_cuda_bench.cpp feeds llama.cpp).
 fn synthetic_tokens(n: usize, n_vocab: usize) -> Vec<i32> {
     (0..n).map(|i| ((i * 7919 + 13) % n_vocab) as i32).collect()
+}
+
+/// Seconds of `repeat` runs with no checkpoint at all, after one warm-up.
+fn time_unobserved(engine: &mut OurEngine, tokens: &[i32], decode: usize, repeat: usize) -> Result<Vec<f64>> {
+    let mut times = Vec::new();
+    for i in 0..=repeat {
+        let t = Instant::now();
+        engine.generate_unobserved(tokens, decode)?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times)
 }
 
 /// Seconds of `repeat` runs after one warm-up, and the checkpoints a run took.
@@ -127,11 +161,16 @@ fn side_by_side(args: &Args, llama_path: &std::path::Path) -> Result<ExitCode> {
     let mut ours = Vec::new();
     for &p in &prompts {
         let tokens = synthetic_tokens(p, cfg.n_vocab);
-        for (all_checkpoints, layers) in [(false, Some(vec![])), (true, None)] {
-            let (prefill, _) = time_runs(&mut engine, &tokens, 0, layers.clone(), args.repeat)?;
+        // "none": no checkpoint at all, as llama.cpp runs; "all": every stage captured.
+        for (all_checkpoints, layers) in [(false, None), (true, Some(None))] {
+            let timed = |engine: &mut OurEngine, decode| match &layers {
+                None => time_unobserved(engine, &tokens, decode, args.repeat),
+                Some(layers) => time_runs(engine, &tokens, decode, layers.clone(), args.repeat).map(|(t, _)| t),
+            };
+            let prefill = timed(&mut engine, 0)?;
             done += args.repeat as u64 + 1;
             progress.set(done, total, &format!("{p} tokens"));
-            let (whole, _) = time_runs(&mut engine, &tokens, n_decode, layers, args.repeat)?;
+            let whole = timed(&mut engine, n_decode)?;
             done += args.repeat as u64 + 1;
             progress.set(done, total, &format!("{p} tokens + {n_decode} steps"));
             let prefill_s = median(prefill);
@@ -152,7 +191,7 @@ fn side_by_side(args: &Args, llama_path: &std::path::Path) -> Result<ExitCode> {
         args.repeat
     );
     println!("ratio: llama.cpp's time over ours (above 1: ours is faster); ours' decode step = (prefill + {n_decode} steps - prefill) / {n_decode}");
-    println!("our checkpoints: none = the embedding, final norm and last logits only; all = every stage of every layer");
+    println!("our checkpoints: none = no checkpoint at all (the last logits only, as llama.cpp); all = every stage of every layer");
     println!("{}", sbs::table(&records));
     if let Some(out) = &args.json {
         let json = serde_json::to_string_pretty(&records)?;
