@@ -7,7 +7,9 @@
 //   head_map 2 (ratio):   kv head = h * n_head_kv / n_head (the grouped map, spelled differently)
 // Layouts: q [n_tokens, n_head, head_dim]; scores/probs [n_head, n_tokens, n_kv];
 // ctx [n_tokens, n_head, head_dim]. Query t sits at position pos0 + t and may
-// attend keys 0..=pos0+t.
+// attend keys 0..=pos0+t. `step_pos` (kv_store, attention), when not null,
+// is added to pos0 and n_kv: a recorded decode step (a CUDA graph) takes each
+// replay's position from device memory.
 
 typedef unsigned long long u64;
 typedef unsigned short half_bits;
@@ -33,7 +35,8 @@ __device__ __forceinline__ int kv_head(int h, int n_head, int n_head_kv, int hea
 // K and V rows [n_tokens, kv_row] into the cache rows pos0.. (kv_row = n_head_kv * head_dim).
 template <typename T>
 __device__ void kv_store(const float* __restrict__ k, const float* __restrict__ v, T* __restrict__ kc,
-                         T* __restrict__ vc, int n_tokens, int kv_row, int pos0) {
+                         T* __restrict__ vc, int n_tokens, int kv_row, int pos0, const int* __restrict__ step_pos) {
+    if (step_pos) pos0 += *step_pos;
     const u64 total = (u64)n_tokens * kv_row;
     const u64 off = (u64)pos0 * kv_row;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
@@ -154,7 +157,11 @@ __device__ void attn_ctx(const float* __restrict__ probs, const T* __restrict__ 
 template <typename T>
 __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
                           float* __restrict__ out, int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv,
-                          int pos0, int head_map, float scale, int round_probs) {
+                          int pos0, int head_map, float scale, int round_probs, const int* __restrict__ step_pos) {
+    if (step_pos) {
+        pos0 += *step_pos;
+        n_kv += *step_pos;
+    }
     extern __shared__ float row[];
     __shared__ float smax[ATTN_THREADS];
     __shared__ double ssum[ATTN_THREADS];
@@ -179,12 +186,12 @@ __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc,
 }
 
 extern "C" __global__ void kv_store_f32(const float* k, const float* v, float* kc, float* vc, int n_tokens,
-                                        int kv_row, int pos0) {
-    kv_store<float>(k, v, kc, vc, n_tokens, kv_row, pos0);
+                                        int kv_row, int pos0, const int* step_pos) {
+    kv_store<float>(k, v, kc, vc, n_tokens, kv_row, pos0, step_pos);
 }
 extern "C" __global__ void kv_store_f16(const float* k, const float* v, half_bits* kc, half_bits* vc,
-                                        int n_tokens, int kv_row, int pos0) {
-    kv_store<half_bits>(k, v, kc, vc, n_tokens, kv_row, pos0);
+                                        int n_tokens, int kv_row, int pos0, const int* step_pos) {
+    kv_store<half_bits>(k, v, kc, vc, n_tokens, kv_row, pos0, step_pos);
 }
 extern "C" __global__ void attn_scores_f32(const float* q, const float* kc, float* out, int n_head, int n_tokens,
                                            int n_kv, int head_dim, int n_head_kv, int pos0, int head_map) {
@@ -217,12 +224,13 @@ extern "C" __global__ void softmax_causal_f32(const float* __restrict__ scores, 
 
 extern "C" __global__ void attention_f32(const float* q, const float* kc, const float* vc, float* out, int n_head,
                                          int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0, int head_map,
-                                         float scale, int round_probs) {
-    attention<float>(q, kc, vc, out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0, head_map, scale, round_probs);
+                                         float scale, int round_probs, const int* step_pos) {
+    attention<float>(q, kc, vc, out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0, head_map, scale, round_probs,
+                     step_pos);
 }
 extern "C" __global__ void attention_f16(const float* q, const half_bits* kc, const half_bits* vc, float* out,
                                          int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0,
-                                         int head_map, float scale, int round_probs) {
+                                         int head_map, float scale, int round_probs, const int* step_pos) {
     attention<half_bits>(q, kc, vc, out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0, head_map, scale,
-                         round_probs);
+                         round_probs, step_pos);
 }

@@ -224,6 +224,33 @@ pub trait Backend {
     /// `gguf::quant::round_like_ggml` (numerics ggml). Rows that are not
     /// whole blocks of `ty` are left as they are.
     fn round_rows(&self, x: &Self::Buf, ty: GgmlType) -> Result<Self::Buf>;
+
+    // Recorded decode steps (CUDA graphs; a backend that does not record
+    // keeps these defaults). `key` names what the recorded pass depends on
+    // besides the backend (the fault, the numerics): a pass recorded under
+    // one key is never replayed under another.
+
+    /// The logits `[n_vocab]` of the pass recorded under `key`, run for
+    /// `token` at position `pos0`; `None` when none is recorded under `key`.
+    fn replay_step(&mut self, _key: u64, _token: i32, _pos0: usize) -> Result<Option<Vec<f32>>> {
+        Ok(None)
+    }
+    /// Start recording the ops of a single-token pass at `pos0` instead of
+    /// running them; false when this backend does not record (now or ever).
+    fn begin_recording(&mut self, _key: u64, _pos0: usize) -> Result<bool> {
+        Ok(false)
+    }
+    /// End the recording with its pass's logits `[1, n_vocab]`. Nothing has
+    /// run yet: `replay_step` runs it.
+    fn end_recording(&mut self, _logits: Self::Buf) -> Result<()> {
+        Ok(())
+    }
+    /// Abandon a recording whose pass failed; the backend records no more.
+    fn abort_recording(&mut self, _why: &str) {}
+    /// How decode steps run: recorded or op by op, and why (for reports).
+    fn recording_status(&self) -> String {
+        format!("op by op (the {} backend does not record)", self.name())
+    }
 }
 
 /// What every backend is built with, besides the weights.

@@ -26,6 +26,12 @@ pub trait Checkpoints {
     fn layer_plan(&self, _step: usize, _layer: usize) -> LayerPlan {
         LayerPlan::Run
     }
+    /// True only when `wants` is false for every stage and every layer
+    /// runs: the pass is what a plain engine runs (and a backend may replay
+    /// a recording of it).
+    fn observes_nothing(&self) -> bool {
+        false
+    }
 }
 
 /// What the forward pass does with one layer.
@@ -49,6 +55,9 @@ pub struct NoCheckpoints;
 impl Checkpoints for NoCheckpoints {
     fn wants(&self, _: &StageId) -> bool {
         false
+    }
+    fn observes_nothing(&self) -> bool {
+        true
     }
     fn visit(&mut self, _: &StageId, _: Tensor) -> Result<Option<Tensor>> {
         Ok(None)

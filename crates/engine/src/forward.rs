@@ -3,7 +3,7 @@
 
 use crate::arch::ArchSpec;
 use crate::backend::{Backend, Weight};
-use crate::checkpoint::{Checkpoints, LayerPlan};
+use crate::checkpoint::{Checkpoints, LayerPlan, NoCheckpoints};
 use crate::fault::{Activation, Fault, FaultSpec, WeightRead};
 use crate::numerics::Rounding;
 use capture::{argmax, Stage, StageId};
@@ -20,6 +20,16 @@ pub struct Model<B: Backend> {
     pub rounding: Rounding,
     /// Positions already in the KV cache.
     n_past: usize,
+}
+
+/// How a forward pass ended.
+enum PassEnd<Buf> {
+    /// Before the logits (`LayerPlan::Stop`).
+    Stopped,
+    /// The last token's logits, on the host.
+    Host(Vec<f32>),
+    /// The last token's logits `[1, n_vocab]`, left on the device.
+    Device(Buf),
 }
 
 /// Host copies started during a pass and visited after it: (checkpoint,
@@ -82,11 +92,20 @@ impl<B: Backend> Model<B> {
     /// started for checkpoints that never replace are finished and visited
     /// after the pass.
     pub fn forward(&mut self, tokens: &[i32], step: usize, cps: &mut dyn Checkpoints) -> Result<Option<Vec<f32>>> {
+        if step > 0 && tokens.len() == 1 && cps.observes_nothing() && self.rounding.stays_on_device() {
+            if let Some(logits) = self.recorded_step(tokens[0], step)? {
+                return Ok(Some(logits));
+            }
+        }
         let mut pending = Pending::new();
-        let result = self.forward_pass(tokens, step, cps, &mut pending);
+        let result = self.forward_pass(tokens, step, cps, &mut pending, false);
         // Finished even when the pass failed, so none is left in flight.
         let mut in_flight = self.backend.finish_to_host()?.into_iter();
-        let logits = result?;
+        let logits = match result? {
+            PassEnd::Stopped => None,
+            PassEnd::Host(logits) => Some(logits),
+            PassEnd::Device(_) => bail!("a pass kept its logits on the device without being asked to"),
+        };
         for (id, done) in pending {
             let tensor = match done {
                 Some(t) => t,
@@ -98,7 +117,52 @@ impl<B: Backend> Model<B> {
         Ok(logits)
     }
 
-    fn forward_pass(&mut self, tokens: &[i32], step: usize, cps: &mut dyn Checkpoints, pending: &mut Pending) -> Result<Option<Vec<f32>>> {
+    /// What a recorded decode step depends on besides the backend: the
+    /// fault and the numerics (`Backend::begin_recording`).
+    fn recording_key(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (format!("{:?}", self.fault), self.rounding.numerics.name(), format!("{:?}", self.rounding.kv_type)).hash(&mut h);
+        h.finish()
+    }
+
+    /// An unobserved decode step through a recording of its pass (a CUDA
+    /// graph): replayed when one is recorded under this model's key, else
+    /// recorded first; `None` when the backend does not record, or the
+    /// recording failed (the step then runs op by op, and
+    /// `Backend::recording_status` says why).
+    fn recorded_step(&mut self, token: i32, step: usize) -> Result<Option<Vec<f32>>> {
+        let (key, pos0) = (self.recording_key(), self.n_past);
+        if let Some(logits) = self.backend.replay_step(key, token, pos0)? {
+            self.n_past = pos0 + 1;
+            return Ok(Some(logits));
+        }
+        if !self.backend.begin_recording(key, pos0)? {
+            return Ok(None);
+        }
+        let mut pending = Pending::new();
+        let recorded = self.forward_pass(&[token], step, &mut NoCheckpoints, &mut pending, true);
+        // Recording ran nothing: the step is still to come.
+        self.n_past = pos0;
+        match recorded {
+            Ok(PassEnd::Device(logits)) => self.backend.end_recording(logits)?,
+            Ok(_) => {
+                self.backend.abort_recording("the recorded pass did not end with its logits on the device");
+                return Ok(None);
+            }
+            Err(e) => {
+                self.backend.abort_recording(&format!("{e:#}"));
+                return Ok(None);
+            }
+        }
+        let logits = self.backend.replay_step(key, token, pos0)?.context("a decode step just recorded did not replay")?;
+        self.n_past = pos0 + 1;
+        Ok(Some(logits))
+    }
+
+    /// `logits_on_device`: an unobserved pass ends with its last logits row
+    /// on the device (for a recording) instead of on the host.
+    fn forward_pass(&mut self, tokens: &[i32], step: usize, cps: &mut dyn Checkpoints, pending: &mut Pending, logits_on_device: bool) -> Result<PassEnd<B::Buf>> {
         if tokens.is_empty() {
             bail!("forward pass over no tokens");
         }
@@ -132,7 +196,7 @@ impl<B: Backend> Model<B> {
                 }
                 LayerPlan::Stop => {
                     self.n_past = n_kv;
-                    return Ok(None);
+                    return Ok(PassEnd::Stopped);
                 }
             }
             // The fault, if it acts in this layer: each variant below is the
@@ -232,7 +296,10 @@ impl<B: Backend> Model<B> {
             let last = if n == 1 { h } else { be.rows(&h, n - 1, 1)? };
             let logits = self.rounding.linear(be, &last, Weight::Output, None, lm_head_read)?;
             self.n_past = n_kv;
-            return Ok(Some(be.into_host(logits)?.data));
+            if logits_on_device {
+                return Ok(PassEnd::Device(logits));
+            }
+            return Ok(PassEnd::Host(be.into_host(logits)?.data));
         }
         let logits = self.rounding.linear(be, &h, Weight::Output, None, lm_head_read)?;
         self.n_past = n_kv;
@@ -243,8 +310,8 @@ impl<B: Backend> Model<B> {
         };
         let last = last_row(&host)?;
         match cps.visit(&id, host)? {
-            Some(replacement) => Ok(Some(last_row(&replacement)?)),
-            None => Ok(Some(last)),
+            Some(replacement) => Ok(PassEnd::Host(last_row(&replacement)?)),
+            None => Ok(PassEnd::Host(last)),
         }
     }
 

@@ -148,6 +148,13 @@ impl Rounding {
         }
     }
 
+    /// Whether every rounding is a backend op: false when a q8_1 min
+    /// correction is computed on the host (a recorded decode step must not
+    /// leave the device).
+    pub fn stays_on_device(&self) -> bool {
+        self.numerics == Numerics::Exact || self.mins.is_empty()
+    }
+
     /// Whether [`Rounding::for_kv_matmul`] rounds (to f16): numerics ggml
     /// with an f16 cache, where ggml converts Q and the probabilities to the
     /// cache's type before multiplying them with it.

@@ -20,7 +20,7 @@ use engine::arch::ArchSpec;
 use engine::backend::{Backend, BackendOptions, Weight};
 use capture::KvType;
 use capture::Tensor;
-use engine::checkpoint::{Recorder, StageFilter};
+use engine::checkpoint::{NoCheckpoints, Recorder, StageFilter};
 use engine::cpu::CpuBackend;
 use engine::cuda::{cuda_available, CudaBackend};
 use engine::fault::{Activation, Fault, FaultSpec, HeadMap, RopePairing, WeightRead};
@@ -682,15 +682,10 @@ fn block_weights_linear_and_embed_match_cpu() {
     }
 }
 
-/// A whole pass (prefill, then decode steps through the GEMV) with every
-/// matrix kept as blocks in the real model's mix of types, for every fault.
-#[test]
-fn forward_pass_on_block_weights_matches_cpu() {
-    if !gpu() {
-        return;
-    }
-    let cfg = block_config();
-    let mut rng = ChaCha8Rng::seed_from_u64(35);
+/// A random model of `cfg` whose matrices are blocks in the real model's
+/// mix of types: the f32 values (for the CPU oracle) and the blocks.
+#[allow(clippy::type_complexity)]
+fn block_model(cfg: &Qwen2Config, rng: &mut ChaCha8Rng) -> (HashMap<Weight, Tensor>, Vec<(Weight, GgmlType, Vec<u8>)>) {
     let type_of = |w: Weight| match w {
         Weight::TokenEmbd => GgmlType::Q4_K,
         Weight::Output => GgmlType::Q8_0,
@@ -698,10 +693,10 @@ fn forward_pass_on_block_weights_matches_cpu() {
         Weight::AttnOutput(_) => GgmlType::Q4_K,
         _ => GgmlType::Q5_0,
     };
-    let mut f32_weights = weights(&cfg, 36);
+    let mut f32_weights = weights(cfg, 36);
     let mut blocks = Vec::new();
-    for w in Weight::all(&ArchSpec::qwen2(&cfg), cfg.n_layer) {
-        let shape = w.shape(&cfg);
+    for w in Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer) {
+        let shape = w.shape(cfg);
         if shape.len() != 2 {
             continue;
         }
@@ -717,10 +712,70 @@ fn forward_pass_on_block_weights_matches_cpu() {
             GgmlType::Q6_K => 0.1 / (64.0 * 16.0),
             other => panic!("no scale for {}", other.name()),
         };
-        let bytes = random_blocks_scaled(&mut rng, ty, n, d);
+        let bytes = random_blocks_scaled(rng, ty, n, d);
         f32_weights.insert(w, Tensor::new(shape, gguf::dequant::dequantize(ty, &bytes, n).unwrap()));
         blocks.push((w, ty, bytes));
     }
+    (f32_weights, blocks)
+}
+
+/// Decode steps replayed from a recording (a CUDA graph) give the bits of
+/// the same steps run op by op: for every fault (those that move positions
+/// must follow each replay's position), both caches, and two sequences (the
+/// second replays the recording over a reset cache).
+#[test]
+fn recorded_decode_steps_give_the_bits_of_op_by_op() {
+    if !gpu() {
+        return;
+    }
+    let cfg = block_config();
+    let mut rng = ChaCha8Rng::seed_from_u64(37);
+    let (f32_weights, blocks) = block_model(&cfg, &mut rng);
+    let prompt: Vec<i32> = (0..5).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
+    let forced: Vec<i32> = (0..6).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
+    for kv in [KvType::F32, KvType::F16] {
+        for fault in Fault::all() {
+            let make = |record: bool| {
+                let opts = BackendOptions { kv_type: kv, max_ctx: MAX_CTX, dequant_bug: None };
+                let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
+                for (w, ty, bytes) in &blocks {
+                    g.upload_blocks(*w, *ty, bytes, 0).unwrap();
+                }
+                if !record {
+                    g.disable_recording("the test's op-by-op model");
+                }
+                Model::new(g, cfg.clone(), FaultSpec::from(fault))
+            };
+            let (mut recorded, mut plain) = (make(true), make(false));
+            for seq in 0..2 {
+                recorded.reset().unwrap();
+                plain.reset().unwrap();
+                for (step, tokens) in std::iter::once(prompt.as_slice()).chain(forced.chunks(1)).enumerate() {
+                    let a = recorded.forward(tokens, step, &mut NoCheckpoints).unwrap().expect("logits");
+                    let b = plain.forward(tokens, step, &mut NoCheckpoints).unwrap().expect("logits");
+                    assert_bits(&format!("kv {kv:?} fault {fault} sequence {seq} step {step}"), &b, &a);
+                }
+            }
+            let status = recorded.backend.recording_status();
+            println!("kv {kv:?} fault {fault}: {status}");
+            if fault == Fault::None {
+                assert!(status.starts_with("recorded"), "the correct engine's steps were not recorded: {status}");
+            }
+            assert!(plain.backend.recording_status().starts_with("op by op"));
+        }
+    }
+}
+
+/// A whole pass (prefill, then decode steps through the GEMV) with every
+/// matrix kept as blocks in the real model's mix of types, for every fault.
+#[test]
+fn forward_pass_on_block_weights_matches_cpu() {
+    if !gpu() {
+        return;
+    }
+    let cfg = block_config();
+    let mut rng = ChaCha8Rng::seed_from_u64(35);
+    let (f32_weights, blocks) = block_model(&cfg, &mut rng);
     let prompt: Vec<i32> = (0..11).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
     let forced: Vec<i32> = (0..4).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
     for kv in [KvType::F32, KvType::F16] {

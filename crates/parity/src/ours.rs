@@ -152,6 +152,14 @@ impl OurEngine {
         }
     }
 
+    /// How unobserved decode steps run: recorded (a CUDA graph) or op by op, and why.
+    pub fn recording_status(&self) -> String {
+        match &self.model {
+            Loaded::Cpu(model) => model.backend.recording_status(),
+            Loaded::Cuda(model) => model.backend.recording_status(),
+        }
+    }
+
     /// The numerics mode the engine rounds in now (its rounding holds it).
     pub fn numerics(&self) -> Numerics {
         match &self.model {

@@ -38,6 +38,7 @@
 //!   events and its host time is measured; the per-op table is printed to
 //!   stderr when the backend is dropped (see `profile.rs`; off by default).
 
+mod graph;
 mod host;
 mod profile;
 
@@ -306,6 +307,10 @@ pub struct CudaBackend {
     staging: RefCell<Option<PinnedHostSlice<f32>>>,
     /// Copies started for checkpoints and not yet waited for.
     in_flight: RefCell<InFlight>,
+    /// The recorded decode step, or why none is (`graph.rs`).
+    recording: graph::Recording,
+    /// Token and position of the step a recorded pass replays.
+    step: graph::StepInputs,
 }
 
 /// Values (64 MiB) of the page-locked memory that started copies land in,
@@ -463,7 +468,35 @@ impl CudaBackend {
             }
         };
         let profile = profile::Profile::from_env();
-        Ok(CudaBackend { cfg, opts, device_name, ctx, stream, blas, k, weights: HashMap::new(), cache, profile, staging: RefCell::new(None), in_flight: RefCell::new(InFlight::default()) })
+        let recording = if profile.is_some() {
+            graph::Recording::Off("op by op: the profile times each op with events, which a recording cannot hold".into())
+        } else if std::env::var("QWEN2_PARITY_CUDA_GRAPHS").as_deref() == Ok("0") {
+            graph::Recording::Off("op by op: QWEN2_PARITY_CUDA_GRAPHS=0".into())
+        } else if opts.max_ctx > FUSED_ATTENTION_MAX_KV {
+            graph::Recording::Off(format!("op by op: a cache of {} positions is longer than the fused attention's {FUSED_ATTENTION_MAX_KV}", opts.max_ctx))
+        } else {
+            graph::Recording::Idle
+        };
+        let step = graph::StepInputs {
+            token: stream.alloc_zeros::<i32>(1).context("allocating the step's token")?,
+            pos: stream.alloc_zeros::<i32>(1).context("allocating the step's position")?,
+        };
+        Ok(CudaBackend {
+            cfg,
+            opts,
+            device_name,
+            ctx,
+            stream,
+            blas,
+            k,
+            weights: HashMap::new(),
+            cache,
+            profile,
+            staging: RefCell::new(None),
+            in_flight: RefCell::new(InFlight::default()),
+            recording,
+            step,
+        })
     }
 
     fn upload_weight(&mut self, w: Weight, data: &[f32]) -> Result<()> {
@@ -636,6 +669,32 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Run every decode step op by op from now on (`why` goes to
+    /// `recording_status`): for A/B timings and tests.
+    pub fn disable_recording(&mut self, why: &str) {
+        self.recording = graph::Recording::Off(format!("op by op: {why}"));
+    }
+
+    /// A position as the position-taking kernels get it: `(value, step_pos)`.
+    /// Outside a recording, the position itself and a null pointer; while
+    /// recording the step at `pos0`, the position relative to `pos0` and the
+    /// device int each replay writes its own position into (the kernels add
+    /// the two), so the recorded kernels follow the replayed step.
+    fn position(&self, pos: usize) -> Result<(i32, u64)> {
+        match &self.recording {
+            graph::Recording::Capturing { pos0, .. } => {
+                let rel = i32_of(pos, "position")? - i32_of(*pos0, "position")?;
+                let (ptr, _sync) = self.step.pos.device_ptr(&self.stream);
+                Ok((rel, ptr))
+            }
+            _ => Ok((i32_of(pos, "position")?, 0)),
+        }
+    }
+
+    fn capturing(&self) -> bool {
+        matches!(self.recording, graph::Recording::Capturing { .. })
+    }
+
     fn head_map_code(&self, n_head: usize, head_map: HeadMap) -> Result<i32> {
         ensure!(n_head.is_multiple_of(self.cfg.n_head_kv), "{n_head} query heads are not a multiple of {} KV heads", self.cfg.n_head_kv);
         Ok(match head_map {
@@ -745,7 +804,15 @@ impl Backend for CudaBackend {
         if let Some(&bad) = tokens.iter().find(|&&t| t < 0 || t as usize >= self.cfg.n_vocab) {
             bail!("token id {bad} out of range (n_vocab {})", self.cfg.n_vocab);
         }
-        let ids = self.stream.clone_htod(tokens).context("uploading token ids")?;
+        // A recorded pass reads the token each replay writes into `step.token`.
+        let uploaded;
+        let ids = if self.capturing() {
+            ensure!(tokens.len() == 1, "a recorded pass embeds one token, not {}", tokens.len());
+            &self.step.token
+        } else {
+            uploaded = self.stream.clone_htod(tokens).context("uploading token ids")?;
+            &uploaded
+        };
         let n_embd = self.cfg.n_embd;
         let mut out = self.alloc(vec![tokens.len(), n_embd])?;
         let (nt, ne, nv) = (i32_of(tokens.len(), "n_tokens")?, i32_of(n_embd, "n_embd")?, i32_of(self.cfg.n_vocab, "n_vocab")?);
@@ -754,14 +821,14 @@ impl Backend for CudaBackend {
         match self.weight(Weight::TokenEmbd)? {
             DeviceWeight::F32(table) => {
                 let mut b = self.stream.launch_builder(&self.k.embed);
-                b.arg(&table.data).arg(&ids).arg(&mut out.data).arg(&nt).arg(&ne).arg(&nv).arg(&transposed);
+                b.arg(&table.data).arg(ids).arg(&mut out.data).arg(&nt).arg(&ne).arg(&nv).arg(&transposed);
                 // SAFETY: ids are range-checked above; table is [n_vocab, n_embd], out [n_tokens, n_embd].
                 unsafe { b.launch(cfg) }.context("launching embed_f32")?;
             }
             DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } => {
                 let rb = *row_bytes as u64;
                 let mut b = self.stream.launch_builder(&self.k.quant[ty].get_rows);
-                b.arg(data).arg(&rb).arg(&ids).arg(&mut out.data).arg(&nt).arg(&nv).arg(&ne).arg(&transposed).arg(flags);
+                b.arg(data).arg(&rb).arg(ids).arg(&mut out.data).arg(&nt).arg(&nv).arg(&ne).arg(&transposed).arg(flags);
                 // SAFETY: as above; the blocks hold n_vocab rows of row_bytes (checked at upload).
                 unsafe { b.launch(cfg) }.with_context(|| format!("launching get_rows_{}", ty.name()))?;
             }
@@ -885,14 +952,16 @@ impl Backend for CudaBackend {
         let (nt, nh, hd) = (x.shape[0], x.shape[1], x.shape[2]);
         ensure!(hd.is_multiple_of(2), "rope: odd head_dim {hd}");
         let mut out = self.alloc(x.shape.clone())?;
-        let (nt_, nh_, hd_, p0) = (i32_of(nt, "n_tokens")?, i32_of(nh, "n_heads")?, i32_of(hd, "head_dim")?, i32_of(pos0, "pos0")?);
+        let (nt_, nh_, hd_) = (i32_of(nt, "n_tokens")?, i32_of(nh, "n_heads")?, i32_of(hd, "head_dim")?);
+        let (p0, step_pos) = self.position(pos0)?;
         i32_of(pos0 + nt, "last position")?;
         let pairing: i32 = match pairing {
             RopePairing::Neox => 0,
             RopePairing::Adjacent => 1,
         };
         let mut b = self.stream.launch_builder(&self.k.rope);
-        b.arg(&x.data).arg(&mut out.data).arg(&nt_).arg(&nh_).arg(&hd_).arg(&p0).arg(&freq_base).arg(&pairing);
+        b.arg(&x.data).arg(&mut out.data).arg(&nt_).arg(&nh_).arg(&hd_).arg(&p0).arg(&freq_base).arg(&pairing).arg(&step_pos);
+        // SAFETY: x and out are [nt, nh, hd]; step_pos is null or the step's device int.
         unsafe { b.launch(grid_for(nt * nh * hd / 2)) }.context("launching rope_f32")?;
         self.prof_end("rope", t0)?;
         Ok(out)
@@ -911,17 +980,18 @@ impl Backend for CudaBackend {
         ensure!(shape_ok, "kv_store: K of shape {:?} is not [n_tokens, {}, {}]", k.shape, self.cfg.n_head_kv, self.cfg.head_dim);
         let nt = k.len() / kv_row;
         ensure!(pos0 + nt <= self.opts.max_ctx, "kv_store: positions {pos0}..{} beyond the cache capacity {}", pos0 + nt, self.opts.max_ctx);
-        let (nt_, row_, p0) = (i32_of(nt, "n_tokens")?, i32_of(kv_row, "kv_row")?, i32_of(pos0, "pos0")?);
+        let (nt_, row_) = (i32_of(nt, "n_tokens")?, i32_of(kv_row, "kv_row")?);
+        let (p0, step_pos) = self.position(pos0)?;
         let cfg = grid_for(k.len());
         match &mut self.cache {
             KvCache::F32 { k: kc, v: vc } => {
                 let mut b = self.stream.launch_builder(&self.k.kv_store_f32);
-                b.arg(&k.data).arg(&v.data).arg(&mut kc[layer]).arg(&mut vc[layer]).arg(&nt_).arg(&row_).arg(&p0);
+                b.arg(&k.data).arg(&v.data).arg(&mut kc[layer]).arg(&mut vc[layer]).arg(&nt_).arg(&row_).arg(&p0).arg(&step_pos);
                 unsafe { b.launch(cfg) }.context("launching kv_store_f32")?;
             }
             KvCache::F16 { k: kc, v: vc } => {
                 let mut b = self.stream.launch_builder(&self.k.kv_store_f16);
-                b.arg(&k.data).arg(&v.data).arg(&mut kc[layer]).arg(&mut vc[layer]).arg(&nt_).arg(&row_).arg(&p0);
+                b.arg(&k.data).arg(&v.data).arg(&mut kc[layer]).arg(&mut vc[layer]).arg(&nt_).arg(&row_).arg(&p0).arg(&step_pos);
                 unsafe { b.launch(cfg) }.context("launching kv_store_f16")?;
             }
         }
@@ -930,6 +1000,8 @@ impl Backend for CudaBackend {
     }
 
     fn attn_scores(&self, layer: usize, q: &CudaBuf, pos0: usize, n_kv: usize, head_map: HeadMap) -> Result<CudaBuf> {
+        // Its output's size follows n_kv: a recording could not replay it.
+        ensure!(!self.capturing(), "attn_scores in a recorded pass");
         let t0 = self.prof_start()?;
         self.check_layer(layer)?;
         ensure!(q.shape.len() == 3 && q.shape[2] == self.cfg.head_dim, "attn_scores: q {:?} is not [n_tokens, n_head, {}]", q.shape, self.cfg.head_dim);
@@ -1019,9 +1091,13 @@ impl Backend for CudaBackend {
         let (nt, nh, hd) = (q.shape[0], q.shape[1], q.shape[2]);
         let hm = self.head_map_code(nh, head_map)?;
         let mut out = self.alloc(vec![nt, nh, hd])?;
-        let a = [i32_of(nh, "n_head")?, i32_of(nt, "n_tokens")?, i32_of(n_kv, "n_kv")?, i32_of(hd, "head_dim")?, i32_of(self.cfg.n_head_kv, "n_head_kv")?, i32_of(pos0, "pos0")?, hm];
+        let (p0, step_pos) = self.position(pos0)?;
+        let (n_kv_arg, _) = self.position(n_kv)?;
+        let a = [i32_of(nh, "n_head")?, i32_of(nt, "n_tokens")?, n_kv_arg, i32_of(hd, "head_dim")?, i32_of(self.cfg.n_head_kv, "n_head_kv")?, p0, hm];
         let mut cfg = rows_grid(nh * nt)?;
-        cfg.shared_mem_bytes = (n_kv * 4) as u32;
+        // A recorded kernel serves every later length: room for the longest row.
+        let longest = if self.capturing() { self.opts.max_ctx } else { n_kv };
+        cfg.shared_mem_bytes = (longest * 4) as u32;
         let round: i32 = round_probs.into();
         let mut b = match &self.cache {
             KvCache::F32 { k, v } => {
@@ -1039,10 +1115,11 @@ impl Backend for CudaBackend {
         for v in &a {
             b.arg(v);
         }
-        b.arg(&scale).arg(&round);
+        b.arg(&scale).arg(&round).arg(&step_pos);
         // SAFETY: q is [nt, nh, hd], the layer's caches hold max_ctx >= n_kv
         // rows of n_head_kv * hd, out is [nt, nh, hd]; the dynamic shared
-        // memory holds the n_kv scores of one row (n_kv <= FUSED_ATTENTION_MAX_KV).
+        // memory holds the n_kv scores of one row (n_kv <= FUSED_ATTENTION_MAX_KV;
+        // recording: max_ctx, which replays never pass, <= FUSED_ATTENTION_MAX_KV).
         unsafe { b.launch(cfg) }.context("launching attention")?;
         self.prof_end("attention (fused)", t0)?;
         Ok(out)
@@ -1116,6 +1193,85 @@ impl Backend for CudaBackend {
         launched.with_context(|| format!("launching the {} rounding", ty.name()))?;
         self.prof_end("round_rows", t0)?;
         Ok(out)
+    }
+
+    fn replay_step(&mut self, key: u64, token: i32, pos0: usize) -> Result<Option<Vec<f32>>> {
+        if matches!(&self.recording, graph::Recording::Ready(step) if step.key != key) {
+            // Recorded under other settings: record again.
+            self.recording = graph::Recording::Idle;
+        }
+        let graph::Recording::Ready(step) = &self.recording else {
+            return Ok(None);
+        };
+        ensure!(token >= 0 && (token as usize) < self.cfg.n_vocab, "token id {token} out of range (n_vocab {})", self.cfg.n_vocab);
+        ensure!(pos0 < self.opts.max_ctx, "position {pos0} beyond the cache capacity {}", self.opts.max_ctx);
+        let pos = i32_of(pos0, "position")?;
+        self.stream.memcpy_htod(&[token], &mut self.step.token).context("writing the step's token")?;
+        self.stream.memcpy_htod(&[pos], &mut self.step.pos).context("writing the step's position")?;
+        step.graph.launch().context("launching the recorded decode step")?;
+        // SAFETY: `step.logits` is the graph's allocation of n_vocab f32,
+        // live from this launch until freed; the slice frees it when dropped
+        // below (after the copy, in stream order), as the graph's next launch
+        // requires.
+        let logits = unsafe { self.stream.upgrade_device_ptr::<f32>(step.logits, self.cfg.n_vocab) };
+        let host = self.copy_to_host(&logits);
+        drop(logits);
+        Ok(Some(host?))
+    }
+
+    fn begin_recording(&mut self, key: u64, pos0: usize) -> Result<bool> {
+        match self.recording {
+            graph::Recording::Idle => {}
+            graph::Recording::Ready(_) => self.recording = graph::Recording::Idle,
+            graph::Recording::Off(_) => return Ok(false),
+            graph::Recording::Capturing { .. } => bail!("a recording started inside another"),
+        }
+        self.stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .context("starting to record a decode step (stream capture)")?;
+        self.recording = graph::Recording::Capturing { key, pos0 };
+        Ok(true)
+    }
+
+    fn end_recording(&mut self, logits: CudaBuf) -> Result<()> {
+        let graph::Recording::Capturing { key, .. } = self.recording else {
+            bail!("end_recording without a recording");
+        };
+        ensure!(logits.len() == self.cfg.n_vocab, "a recorded pass ended with {} logits, not {}", logits.len(), self.cfg.n_vocab);
+        // The graph allocates the logits at each launch; the replay frees them.
+        let ptr = logits.data.leak();
+        let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
+        match self.stream.end_capture(flags) {
+            Ok(Some(graph)) => {
+                self.recording = graph::Recording::Ready(graph::StepGraph { key, graph, logits: ptr });
+                Ok(())
+            }
+            Ok(None) => {
+                self.recording = graph::Recording::Off("op by op: stream capture recorded no graph".into());
+                bail!("recording a decode step gave no graph")
+            }
+            Err(e) => {
+                self.recording = graph::Recording::Off(format!("op by op: recording failed ({e})"));
+                Err(e).context("recording a decode step (stream capture)")
+            }
+        }
+    }
+
+    fn abort_recording(&mut self, why: &str) {
+        if self.capturing() {
+            // Discard what was captured; the capture's own error, if any, is `why`.
+            if let Ok(Some(g)) = self.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0)) {
+                drop(g);
+            }
+        }
+        self.recording = graph::Recording::Off(format!("op by op: recording a decode step failed: {why}"));
+    }
+
+    fn recording_status(&self) -> String {
+        match &self.recording {
+            graph::Recording::Off(why) => why.clone(),
+            _ => "recorded: an unobserved decode step is one CUDA graph, replayed".into(),
+        }
     }
 
     fn reset_cache(&mut self) -> Result<()> {

@@ -88,6 +88,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if let Some(bytes) = engine.device_weight_bytes() {
         println!("weights held on the GPU: {:.1} MiB (file: {:.1} MiB)", bytes as f64 / 1048576.0, model_file.gguf.file_size() as f64 / 1048576.0);
     }
+    println!("decode steps with no checkpoint: {}", engine.recording_status());
     for set in &args.checkpoints {
         let (label, layers) = match set {
             CheckpointSet::None => ("no checkpoint", None),
