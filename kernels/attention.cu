@@ -51,10 +51,14 @@ __device__ void kv_store(const float* __restrict__ k, const float* __restrict__ 
 // shared memory) call the same functions with the same block size, so both
 // paths give the same bits.
 
-// q.k of query row `qr` and cache row `kr`: FMA in order of d.
+// q.k of query row `qr` and cache row `kr`: FMA in order of d. Unrolled so
+// that the loads of several d are in flight at once (the FMAs still chain
+// in order): one key's dot product is otherwise a chain of head_dim
+// memory latencies.
 template <typename T>
 __device__ __forceinline__ float dot_qk(const float* __restrict__ qr, const T* __restrict__ kc, u64 kr, int head_dim) {
     float acc = 0.0f;
+#pragma unroll 16
     for (int d = 0; d < head_dim; ++d) acc = __fmaf_rn(qr[d], ld(kc, kr + d), acc);
     return acc;
 }
@@ -103,9 +107,13 @@ __device__ void ctx_row(const float* pr, const T* __restrict__ vc, float* __rest
     if (part < parts) {
         const int chunk = (n_kv + parts - 1) / parts;
         const int j1 = min(n_kv, (part + 1) * chunk);
+        // A select, not a branch, skips zero probabilities (a zero times an
+        // infinite V would be NaN): the loop unrolls and its loads overlap.
+#pragma unroll 8
         for (int j = part * chunk; j < j1; ++j) {
             const float p = pr[j];
-            if (p != 0.0f) acc = __fmaf_rn(p, ld(vc, ((u64)j * n_head_kv + kvh) * head_dim + d), acc);
+            const float t = __fmaf_rn(p, ld(vc, ((u64)j * n_head_kv + kvh) * head_dim + d), acc);
+            acc = p != 0.0f ? t : acc;
         }
     }
     partial[threadIdx.x] = acc;

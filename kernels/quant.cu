@@ -10,8 +10,8 @@
 // names carry its ggml name):
 //   dequant_<ty>  rows [0, n_rows) of a matrix into f32, row-major;
 //   gemv_<ty>     y[t, r] = sum_i W[r, i] x[t, i] (+ bias[r] when bias is not
-//                 null) for a few tokens (decode): one warp per output row,
-//                 the blocks read once for all tokens;
+//                 null) for a few tokens (decode): 1 to 8 warps per output
+//                 row, the blocks read once for all tokens;
 //   get_rows_<ty> the embedding lookup: out[t, c] = W[tok[t], c], or with the
 //                 embed-transposed fault the flat element c * n_rows + tok[t].
 // `flags` bit 0: the q5-0-high-bit fault (Q5_0's second half takes bit
@@ -304,49 +304,67 @@ __device__ void dequant(const u8* __restrict__ w, u64 row_bytes, float* __restri
     }
 }
 
-// One warp per output row r; each lane takes 8 consecutive elements at a
-// time (a warp covers 256 values per step, reads of W and x coalesced),
-// dequantizes them once and multiplies them into every token's accumulator
-// (f32, FMA allowed: accumulation order is not ggml's anyway), then a warp
-// reduction. A row length that is not a multiple of 8 (plain types only)
-// ends element by element. Launch: blockDim GEMV_WARPS * 32.
+// `warps_per_row` warps per output row r (1, 2, 4 or 8; a block holds
+// GEMV_WARPS / warps_per_row rows). Each lane takes 8 consecutive elements
+// at a time (a warp covers 256 values per step, reads of W and x
+// coalesced), the row's warps interleaved 256 values apart; it dequantizes
+// them once and multiplies them into every token's accumulator (f32, FMA
+// allowed: accumulation order is not ggml's anyway). Each warp reduces its
+// lanes, then the row's warps are added in order. A row length that is not
+// a multiple of 8 (plain types only) ends element by element. Several warps
+// per row keep a matrix of few rows (896 or 128 of them in Qwen2-0.5B's
+// attention) from leaving most of the GPU idle while each warp walks a long
+// row. Launch: blockDim GEMV_WARPS * 32.
 template <typename T>
 __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
                      const float* __restrict__ bias, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
-                     int flags) {
-    const int lane = threadIdx.x & 31;
-    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= n_rows) return;
-    const u8* row = w + (u64)r * row_bytes;
+                     int flags, int warps_per_row) {
+    __shared__ float partial[GEMV_WARPS][GEMV_MAX_TOKENS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r = blockIdx.x * (GEMV_WARPS / warps_per_row) + warp / warps_per_row;
+    const int part = warp % warps_per_row;
     float acc[GEMV_MAX_TOKENS];
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[t] = 0.0f;
-    const int n8 = n_cols & ~7;
-    for (int base = lane * 8; base < n8; base += 256) {
-        float v[8];
-        elems8<T>(row, base, flags, v);
+    if (r < n_rows) {
+        const u8* row = w + (u64)r * row_bytes;
+        const int n8 = n_cols & ~7;
+        const int stride = 256 * warps_per_row;
+#pragma unroll 2
+        for (int base = (part * 32 + lane) * 8; base < n8; base += stride) {
+            float v[8];
+            elems8<T>(row, base, flags, v);
 #pragma unroll
-        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-            if (t < n_tokens) {
-                const float* xt = x + (u64)t * n_cols + base;
+            for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+                if (t < n_tokens) {
+                    const float* xt = x + (u64)t * n_cols + base;
 #pragma unroll
-                for (int e = 0; e < 8; e++) acc[t] += v[e] * xt[e];
+                    for (int e = 0; e < 8; e++) acc[t] += v[e] * xt[e];
+                }
             }
         }
-    }
-    for (int c = n8 + lane; c < n_cols; c += 32) {
-        const float v = elem<T>(row, c, flags);
+        for (int c = n8 + part * 32 + lane; c < n_cols; c += 32 * warps_per_row) {
+            const float v = elem<T>(row, c, flags);
 #pragma unroll
-        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-            if (t < n_tokens) acc[t] += v * x[(u64)t * n_cols + c];
+            for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+                if (t < n_tokens) acc[t] += v * x[(u64)t * n_cols + c];
+            }
         }
     }
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
         float s = acc[t];
         for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
-        // The bias as add_bias_f32 adds it: one f32 addition to the sum.
-        if (lane == 0 && t < n_tokens) y[(u64)t * n_rows + r] = bias ? s + bias[r] : s;
+        if (lane == 0) partial[warp][t] = s;
+    }
+    __syncthreads();
+    if (lane == 0 && part == 0 && r < n_rows) {
+        for (int t = 0; t < n_tokens; t++) {
+            float s = partial[warp][t];
+            for (int k = 1; k < warps_per_row; k++) s += partial[warp + k][t];
+            // The bias as add_bias_f32 adds it: one f32 addition to the sum.
+            y[(u64)t * n_rows + r] = bias ? s + bias[r] : s;
+        }
     }
 }
 
@@ -370,8 +388,8 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
         dequant<T>(w, row_bytes, out, n_rows, n_cols, flags);                                                      \
     }                                                                                                              \
     extern "C" __global__ void gemv_##T(const u8* w, u64 row_bytes, const float* x, const float* bias, float* y,  \
-                                        int n_tokens, int n_rows, int n_cols, int flags) {                         \
-        gemv<T>(w, row_bytes, x, bias, y, n_tokens, n_rows, n_cols, flags);                                        \
+                                        int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row) {      \
+        gemv<T>(w, row_bytes, x, bias, y, n_tokens, n_rows, n_cols, flags, warps_per_row);                         \
     }                                                                                                              \
     extern "C" __global__ void get_rows_##T(const u8* w, u64 row_bytes, const int* tokens, float* out,             \
                                             int n_tokens, int n_rows, int n_cols, int transposed, int flags) {     \

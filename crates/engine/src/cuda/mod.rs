@@ -79,8 +79,21 @@ const FUSED_ATTENTION_MAX_KV: usize = 8192;
 /// Rows of activations up to which a quantized linear is a GEMV over the
 /// blocks (must match GEMV_MAX_TOKENS in quant.cu).
 pub const GEMV_MAX_TOKENS: usize = 8;
-/// Output rows per GEMV block, one per warp (GEMV_WARPS in quant.cu).
+/// Warps per GEMV block (GEMV_WARPS in quant.cu).
 const GEMV_WARPS: u32 = 8;
+/// Warps a GEMV aims to run at once: a matrix of fewer rows than this
+/// gives each row several warps (see [`gemv_warps_per_row`]).
+const GEMV_TARGET_WARPS: usize = 32_768;
+
+/// Warps per output row of a GEMV over `n_rows` rows: 1, 2, 4 or 8, the
+/// most that keeps `n_rows * warps` within [`GEMV_TARGET_WARPS`].
+fn gemv_warps_per_row(n_rows: usize) -> u32 {
+    let mut w = 1;
+    while w < GEMV_WARPS && n_rows * (w as usize) * 2 <= GEMV_TARGET_WARPS {
+        w *= 2;
+    }
+    w
+}
 
 /// The ggml types `kernels/quant.cu` reads, with the suffix of their kernels' names.
 const QUANT_TYPES: [(GgmlType, &str); 13] = [
@@ -439,7 +452,9 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx)?;
         let device_name = ctx.name().context("cuDeviceGetName")?;
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured
+        // into a graph (recorded decode steps, `graph.rs`).
+        let stream = ctx.new_stream().context("creating a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
         let k = Kernels::load(&ctx)?;
         let per_layer = opts
@@ -896,7 +911,10 @@ impl Backend for CudaBackend {
             DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } if read == WeightRead::Rows && n <= GEMV_MAX_TOKENS => {
                 let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(n_in, "cols")?);
                 let rb = *row_bytes as u64;
-                let cfg = LaunchConfig { grid_dim: (n_out.div_ceil(GEMV_WARPS as usize) as u32, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+                let wpr = gemv_warps_per_row(n_out);
+                let rows_per_block = (GEMV_WARPS / wpr) as usize;
+                let cfg = LaunchConfig { grid_dim: (n_out.div_ceil(rows_per_block) as u32, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+                let wpr_arg = wpr as i32;
                 let no_bias: u64 = 0;
                 let mut b = self.stream.launch_builder(&self.k.quant[ty].gemv);
                 b.arg(data).arg(&rb).arg(&x.data);
@@ -905,7 +923,7 @@ impl Backend for CudaBackend {
                     // A null `const float*`: the kernel adds no bias.
                     None => b.arg(&no_bias),
                 };
-                b.arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(flags);
+                b.arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(flags).arg(&wpr_arg);
                 // SAFETY: the blocks hold n_out rows of row_bytes (checked at upload); x is [n, n_in], y [n, n_out],
                 // n <= GEMV_MAX_TOKENS; the bias, when given, holds n_out values (checked above).
                 unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv_{} for {weight:?}", ty.name()))?;
@@ -1226,9 +1244,11 @@ impl Backend for CudaBackend {
             graph::Recording::Off(_) => return Ok(false),
             graph::Recording::Capturing { .. } => bail!("a recording started inside another"),
         }
-        self.stream
-            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .context("starting to record a decode step (stream capture)")?;
+        let mode = cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        if let Err(e) = self.stream.begin_capture(mode) {
+            self.recording = graph::Recording::Off(format!("op by op: the stream cannot be recorded ({e})"));
+            return Ok(false);
+        }
         self.recording = graph::Recording::Capturing { key, pos0 };
         Ok(true)
     }
