@@ -1,5 +1,5 @@
 // Element-wise kernels of the CUDA backend: embedding lookup, bias add,
-// residual add, SwiGLU. All f32, row-major, grid-stride loops with 64-bit
+// residual add. All f32, row-major, grid-stride loops with 64-bit
 // indices so any size works (no multiple-of-block-size assumption).
 // Compiled at run time by NVRTC; no headers needed.
 
@@ -32,14 +32,4 @@ extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __r
     }
 }
 
-// act(gate) * up. act 0: silu(g) = g / (1 + exp(-g)); act 1 (a fault):
-// gelu, tanh approximation, 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
-extern "C" __global__ void swiglu_f32(const float* __restrict__ gate, const float* __restrict__ up,
-                                      float* __restrict__ out, u64 n, int act) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        float g = gate[i];
-        float a = act == 0 ? g / (1.0f + expf(-g))
-                           : 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
-        out[i] = a * up[i];
-    }
-}
+// swiglu_f32 is in quant.cu, beside the gated GEMV that shares its activation.

@@ -12,6 +12,7 @@
 //   gemv_<ty>     y[t, r] = sum_i W[r, i] x[t, i] (+ bias[r] when bias is not
 //                 null) for a few tokens (decode): 1 to 8 warps per output
 //                 row, the blocks read once for all tokens;
+//   gemv_glu_<ty> act(x Wa^T) * (x Wb^T), the FFN's gate, up and SwiGLU in one;
 //   get_rows_<ty> the embedding lookup: out[t, c] = W[tok[t], c], or with the
 //                 embed-transposed fault the flat element c * n_rows + tok[t].
 // `flags` bit 0: the q5-0-high-bit fault (Q5_0's second half takes bit
@@ -315,6 +316,55 @@ __device__ void dequant(const u8* __restrict__ w, u64 row_bytes, float* __restri
 // per row keep a matrix of few rows (896 or 128 of them in Qwen2-0.5B's
 // attention) from leaving most of the GPU idle while each warp walks a long
 // row. Launch: blockDim GEMV_WARPS * 32.
+
+// This thread's share of row `row` times every token of x, into acc.
+template <typename T>
+__device__ __forceinline__ void row_dot(const u8* __restrict__ row, const float* __restrict__ x, int n_tokens,
+                                        int n_cols, int flags, int part, int lane, int warps_per_row, float* acc) {
+    const int n8 = n_cols & ~7;
+    const int stride = 256 * warps_per_row;
+#pragma unroll 2
+    for (int base = (part * 32 + lane) * 8; base < n8; base += stride) {
+        float v[8];
+        elems8<T>(row, base, flags, v);
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+            if (t < n_tokens) {
+                const float* xt = x + (u64)t * n_cols + base;
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[t] += v[e] * xt[e];
+            }
+        }
+    }
+    for (int c = n8 + part * 32 + lane; c < n_cols; c += 32 * warps_per_row) {
+        const float v = elem<T>(row, c, flags);
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+            if (t < n_tokens) acc[t] += v * x[(u64)t * n_cols + c];
+        }
+    }
+}
+
+// Reduce acc over the warp's lanes, then over the row's warps in order:
+// `sums[t]` on lane 0 of the row's first warp (true is returned there).
+__device__ __forceinline__ bool row_sums(float* acc, float (*partial)[GEMV_MAX_TOKENS], int warp, int lane, int part,
+                                         int warps_per_row, int n_tokens, float* sums) {
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+        float s = acc[t];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+        if (lane == 0) partial[warp][t] = s;
+    }
+    __syncthreads();
+    if (lane != 0 || part != 0) return false;
+    for (int t = 0; t < n_tokens; t++) {
+        float s = partial[warp][t];
+        for (int k = 1; k < warps_per_row; k++) s += partial[warp + k][t];
+        sums[t] = s;
+    }
+    return true;
+}
+
 template <typename T>
 __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
                      const float* __restrict__ bias, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
@@ -326,45 +376,57 @@ __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __res
     float acc[GEMV_MAX_TOKENS];
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[t] = 0.0f;
-    if (r < n_rows) {
-        const u8* row = w + (u64)r * row_bytes;
-        const int n8 = n_cols & ~7;
-        const int stride = 256 * warps_per_row;
-#pragma unroll 2
-        for (int base = (part * 32 + lane) * 8; base < n8; base += stride) {
-            float v[8];
-            elems8<T>(row, base, flags, v);
-#pragma unroll
-            for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-                if (t < n_tokens) {
-                    const float* xt = x + (u64)t * n_cols + base;
-#pragma unroll
-                    for (int e = 0; e < 8; e++) acc[t] += v[e] * xt[e];
-                }
-            }
-        }
-        for (int c = n8 + part * 32 + lane; c < n_cols; c += 32 * warps_per_row) {
-            const float v = elem<T>(row, c, flags);
-#pragma unroll
-            for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-                if (t < n_tokens) acc[t] += v * x[(u64)t * n_cols + c];
-            }
-        }
-    }
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-        float s = acc[t];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
-        if (lane == 0) partial[warp][t] = s;
-    }
-    __syncthreads();
-    if (lane == 0 && part == 0 && r < n_rows) {
+    if (r < n_rows) row_dot<T>(w + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc);
+    float sums[GEMV_MAX_TOKENS];
+    if (row_sums(acc, partial, warp, lane, part, warps_per_row, n_tokens, sums) && r < n_rows) {
         for (int t = 0; t < n_tokens; t++) {
-            float s = partial[warp][t];
-            for (int k = 1; k < warps_per_row; k++) s += partial[warp + k][t];
             // The bias as add_bias_f32 adds it: one f32 addition to the sum.
-            y[(u64)t * n_rows + r] = bias ? s + bias[r] : s;
+            y[(u64)t * n_rows + r] = bias ? sums[t] + bias[r] : sums[t];
         }
+    }
+}
+
+// The gated activation act(g) * u of swiglu_f32 (below) and gemv_glu: act 0,
+// silu(g) = g / (1 + exp(-g)); act 1 (a fault): gelu, tanh approximation,
+// 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))).
+__device__ __forceinline__ float gated(float g, float u, int act) {
+    const float a = act == 0 ? g / (1.0f + expf(-g))
+                             : 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g)));
+    return a * u;
+}
+
+// y[t, r] = act(x Wa^T)[t, r] * (x Wb^T)[t, r]: the FFN's gate, up and
+// SwiGLU in one pass over x, each product summed as gemv sums it (so the
+// bits of gemv, gemv, swiglu_f32). Wa and Wb share type and shape.
+template <typename T>
+__device__ void gemv_glu(const u8* __restrict__ wa, const u8* __restrict__ wb, u64 row_bytes,
+                         const float* __restrict__ x, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
+                         int flags, int warps_per_row, int act) {
+    __shared__ float partial[GEMV_WARPS][GEMV_MAX_TOKENS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r = blockIdx.x * (GEMV_WARPS / warps_per_row) + warp / warps_per_row;
+    const int part = warp % warps_per_row;
+    float acc_a[GEMV_MAX_TOKENS], acc_b[GEMV_MAX_TOKENS];
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc_a[t] = acc_b[t] = 0.0f;
+    if (r < n_rows) {
+        row_dot<T>(wa + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc_a);
+        row_dot<T>(wb + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc_b);
+    }
+    float ga[GEMV_MAX_TOKENS], gb[GEMV_MAX_TOKENS];
+    const bool first = row_sums(acc_a, partial, warp, lane, part, warps_per_row, n_tokens, ga);
+    __syncthreads();
+    row_sums(acc_b, partial, warp, lane, part, warps_per_row, n_tokens, gb);
+    if (first && r < n_rows) {
+        for (int t = 0; t < n_tokens; t++) y[(u64)t * n_rows + r] = gated(ga[t], gb[t], act);
+    }
+}
+
+// act(gate) * up, element-wise (see `gated`).
+extern "C" __global__ void swiglu_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                      float* __restrict__ out, u64 n, int act) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        out[i] = gated(gate[i], up[i], act);
     }
 }
 
@@ -390,6 +452,11 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
     extern "C" __global__ void gemv_##T(const u8* w, u64 row_bytes, const float* x, const float* bias, float* y,  \
                                         int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row) {      \
         gemv<T>(w, row_bytes, x, bias, y, n_tokens, n_rows, n_cols, flags, warps_per_row);                         \
+    }                                                                                                              \
+    extern "C" __global__ void gemv_glu_##T(const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y,  \
+                                            int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row,    \
+                                            int act) {                                                             \
+        gemv_glu<T>(wa, wb, row_bytes, x, y, n_tokens, n_rows, n_cols, flags, warps_per_row, act);                 \
     }                                                                                                              \
     extern "C" __global__ void get_rows_##T(const u8* w, u64 row_bytes, const int* tokens, float* out,             \
                                             int n_tokens, int n_rows, int n_cols, int transposed, int flags) {     \

@@ -214,6 +214,17 @@ pub trait Backend {
         let probs = if round_probs { self.round_rows(&probs, GgmlType::F16)? } else { probs };
         self.attn_ctx(layer, &probs, n_kv, head_map)
     }
+    /// `act(x Wa^T) * (x Wb^T)`: the FFN's two projections and SwiGLU for
+    /// a pass that observes none of the three (Wa is the gate, or the up
+    /// projection under the swapped-SwiGLU fault). The same values as two
+    /// `linear`s and `swiglu`, which is what this default does; a backend
+    /// may fuse them (CUDA reads x once, in one kernel) but must give the
+    /// same bits.
+    fn gated_linear(&self, x: &Self::Buf, a: Weight, b: Weight, act: Activation) -> Result<Self::Buf> {
+        let ya = self.linear(x, a, None, WeightRead::Rows)?;
+        let yb = self.linear(x, b, None, WeightRead::Rows)?;
+        self.swiglu(&ya, &yb, act)
+    }
     fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
     /// act(gate) * up (act: silu for Qwen2).
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, act: Activation) -> Result<Self::Buf>;

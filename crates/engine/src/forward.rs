@@ -268,13 +268,22 @@ impl<B: Backend> Model<B> {
 
             let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps_l)?;
             let h = checkpoint(be, cps, pending, id(Stage::FfnNorm), h)?;
-            let gate = rnd.linear(be, &h, Weight::FfnGate(l), None, Rows)?;
-            let gate = checkpoint(be, cps, pending, id(Stage::FfnGate), gate)?;
-            let up = rnd.linear(be, &h, Weight::FfnUp(l), None, Rows)?;
-            let up = checkpoint(be, cps, pending, id(Stage::FfnUp), up)?;
             let act_fn = if f == Fault::WrongActivation { Activation::Gelu } else { Activation::Silu };
-            let act = if f == Fault::SwigluSwapped { be.swiglu(&up, &gate, act_fn)? } else { be.swiglu(&gate, &up, act_fn)? };
-            let act = checkpoint(be, cps, pending, id(Stage::FfnAct), act)?;
+            let (gate_w, up_w) = (Weight::FfnGate(l), Weight::FfnUp(l));
+            let ffn_observed = [Stage::FfnGate, Stage::FfnUp, Stage::FfnAct].iter().any(|&st| cps.wants(&id(st)));
+            let act = if !ffn_observed && rnd.same_matmul_input(gate_w, up_w) {
+                // Gate and up are made only when a checkpoint asks for them, else one fused op.
+                let input = rnd.for_matmul(be, &h, gate_w)?;
+                let (a, b) = if f == Fault::SwigluSwapped { (up_w, gate_w) } else { (gate_w, up_w) };
+                be.gated_linear(input.as_ref().unwrap_or(&h), a, b, act_fn)?
+            } else {
+                let gate = rnd.linear(be, &h, gate_w, None, Rows)?;
+                let gate = checkpoint(be, cps, pending, id(Stage::FfnGate), gate)?;
+                let up = rnd.linear(be, &h, up_w, None, Rows)?;
+                let up = checkpoint(be, cps, pending, id(Stage::FfnUp), up)?;
+                let act = if f == Fault::SwigluSwapped { be.swiglu(&up, &gate, act_fn)? } else { be.swiglu(&gate, &up, act_fn)? };
+                checkpoint(be, cps, pending, id(Stage::FfnAct), act)?
+            };
             let down = rnd.linear(be, &act, Weight::FfnDown(l), None, read_if(f == Fault::FfnDownTransposed))?;
             let down = checkpoint(be, cps, pending, id(Stage::FfnDown), down)?;
             let out = if f == Fault::ResidualWrongInput { be.add(&x, &down)? } else { be.add(&resid, &down)? };

@@ -148,6 +148,16 @@ impl Rounding {
         }
     }
 
+    /// Whether ggml's matmuls with `a` and with `b` see the same input and
+    /// add nothing after the product (no q8_1 min correction): then one
+    /// [`Rounding::for_matmul`] of x serves both.
+    pub fn same_matmul_input(&self, a: Weight, b: Weight) -> bool {
+        match self.numerics {
+            Numerics::Exact => true,
+            Numerics::Ggml => self.vec_dot.get(&a) == self.vec_dot.get(&b) && !self.mins.contains_key(&a) && !self.mins.contains_key(&b),
+        }
+    }
+
     /// Whether every rounding is a backend op: false when a q8_1 min
     /// correction is computed on the host (a recorded decode step must not
     /// leave the device).

@@ -682,6 +682,39 @@ fn block_weights_linear_and_embed_match_cpu() {
     }
 }
 
+/// The fused gate/up/SwiGLU GEMV gives the bits of two GEMVs and the
+/// element-wise SwiGLU, for every block type, both activations, and the
+/// swapped order; above GEMV_MAX_TOKENS rows it is the three ops.
+#[test]
+fn gated_gemv_gives_the_bits_of_two_gemvs_and_swiglu() {
+    if !gpu() {
+        return;
+    }
+    let cfg = block_config();
+    let opts = BackendOptions { kv_type: KvType::F16, max_ctx: MAX_CTX, dequant_bug: None };
+    let mut rng = ChaCha8Rng::seed_from_u64(39);
+    let (gate, up) = (Weight::FfnGate(0), Weight::FfnUp(0));
+    for ty in BLOCK_TYPES {
+        let mut g = CudaBackend::from_weights(cfg.clone(), weights(&cfg, 40), opts).unwrap();
+        let n = cfg.n_ff * cfg.n_embd;
+        g.upload_blocks(gate, ty, &random_blocks(&mut rng, ty, n), 0).unwrap();
+        g.upload_blocks(up, ty, &random_blocks(&mut rng, ty, n), 0).unwrap();
+        for n_tokens in [1, 3, engine::cuda::GEMV_MAX_TOKENS, engine::cuda::GEMV_MAX_TOKENS + 1] {
+            let x = on_gpu(&g, &rand_tensor(&mut rng, &[n_tokens, cfg.n_embd], 1.0));
+            for act in [Activation::Silu, Activation::Gelu] {
+                for (a, b) in [(gate, up), (up, gate)] {
+                    let ya = g.linear(&x, a, None, WeightRead::Rows).unwrap();
+                    let yb = g.linear(&x, b, None, WeightRead::Rows).unwrap();
+                    let three = host(&g, &g.swiglu(&ya, &yb, act).unwrap());
+                    let fused = host(&g, &g.gated_linear(&x, a, b, act).unwrap());
+                    assert_eq!(three.shape, fused.shape);
+                    assert_bits(&format!("gated gemv {} n{n_tokens} {act:?} {a:?}", ty.name()), &three.data, &fused.data);
+                }
+            }
+        }
+    }
+}
+
 /// A random model of `cfg` whose matrices are blocks in the real model's
 /// mix of types: the f32 values (for the CPU oracle) and the blocks.
 #[allow(clippy::type_complexity)]

@@ -189,6 +189,7 @@ impl CudaBuf {
 struct QuantKernels {
     dequant: CudaFunction,
     gemv: CudaFunction,
+    gemv_glu: CudaFunction,
     get_rows: CudaFunction,
 }
 
@@ -229,6 +230,7 @@ impl Kernels {
             let q = QuantKernels {
                 dequant: f("quant.cu", &format!("dequant_{suffix}"))?,
                 gemv: f("quant.cu", &format!("gemv_{suffix}"))?,
+                gemv_glu: f("quant.cu", &format!("gemv_glu_{suffix}"))?,
                 get_rows: f("quant.cu", &format!("get_rows_{suffix}"))?,
             };
             quant.insert(ty, q);
@@ -241,7 +243,7 @@ impl Kernels {
             embed: f("elementwise.cu", "embed_f32")?,
             add_bias: f("elementwise.cu", "add_bias_f32")?,
             add: f("elementwise.cu", "add_f32")?,
-            swiglu: f("elementwise.cu", "swiglu_f32")?,
+            swiglu: f("quant.cu", "swiglu_f32")?,
             rms_norm: f("norm.cu", "rms_norm_f32")?,
             rope: f("rope.cu", "rope_f32")?,
             kv_store_f32: f("attention.cu", "kv_store_f32")?,
@@ -384,6 +386,14 @@ fn grid_for(n: usize) -> LaunchConfig {
 fn rows_grid(rows: usize) -> Result<LaunchConfig> {
     let rows = u32::try_from(rows).ok().filter(|&r| r < i32::MAX as u32).ok_or_else(|| anyhow!("{rows} rows: too many for one launch"))?;
     Ok(LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (ROW_BLOCK, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// The `act` argument of swiglu_f32 and gemv_glu.
+fn activation_code(act: Activation) -> i32 {
+    match act {
+        Activation::Silu => 0,
+        Activation::Gelu => 1,
+    }
 }
 
 fn i32_of(v: usize, what: &str) -> Result<i32> {
@@ -1143,6 +1153,41 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn gated_linear(&self, x: &CudaBuf, a: Weight, b: Weight, act: Activation) -> Result<CudaBuf> {
+        let n_in = *x.shape.last().ok_or_else(|| anyhow!("gated_linear of a scalar"))?;
+        let n = x.len() / n_in.max(1);
+        let fused = match (self.weight(a)?, self.weight(b)?) {
+            (
+                DeviceWeight::Blocks { ty, data: wa, rows, cols, row_bytes, flags },
+                DeviceWeight::Blocks { ty: ty_b, data: wb, rows: rows_b, cols: cols_b, row_bytes: rb_b, flags: flags_b },
+            ) if ty == ty_b && rows == rows_b && cols == cols_b && row_bytes == rb_b && flags == flags_b && n <= GEMV_MAX_TOKENS => {
+                Some((*ty, wa, wb, *rows, *cols, *row_bytes, *flags))
+            }
+            _ => None,
+        };
+        let Some((ty, wa, wb, n_out, cols, row_bytes, flags)) = fused else {
+            let ya = self.linear(x, a, None, WeightRead::Rows)?;
+            let yb = self.linear(x, b, None, WeightRead::Rows)?;
+            return self.swiglu(&ya, &yb, act);
+        };
+        let t0 = self.prof_start()?;
+        ensure!(n_in == cols, "gated_linear: x rows have {n_in} values, {a:?} expects {cols}");
+        let mut y = self.alloc(vec![n, n_out])?;
+        let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(cols, "cols")?);
+        let rb = row_bytes as u64;
+        let wpr = gemv_warps_per_row(n_out);
+        let rows_per_block = (GEMV_WARPS / wpr) as usize;
+        let cfg = LaunchConfig { grid_dim: (n_out.div_ceil(rows_per_block) as u32, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
+        let (wpr_arg, act_code) = (wpr as i32, activation_code(act));
+        let mut l = self.stream.launch_builder(&self.k.quant[&ty].gemv_glu);
+        l.arg(wa).arg(wb).arg(&rb).arg(&x.data).arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code);
+        // SAFETY: both matrices hold n_out rows of row_bytes (checked at upload, and equal above); x is [n, cols],
+        // y [n, n_out], n <= GEMV_MAX_TOKENS.
+        unsafe { l.launch(cfg) }.with_context(|| format!("launching gemv_glu_{} for {a:?} and {b:?}", ty.name()))?;
+        self.prof_end("gated linear (gemv on blocks)", t0)?;
+        Ok(y)
+    }
+
     fn add(&self, a: &CudaBuf, b: &CudaBuf) -> Result<CudaBuf> {
         let t0 = self.prof_start()?;
         ensure!(a.len() == b.len(), "add: shapes {:?} and {:?} differ in size", a.shape, b.shape);
@@ -1162,10 +1207,7 @@ impl Backend for CudaBackend {
         let mut out = self.alloc(gate.shape.clone())?;
         let n = out.len() as u64;
         let cfg = grid_for(out.len());
-        let code: i32 = match act {
-            Activation::Silu => 0,
-            Activation::Gelu => 1,
-        };
+        let code = activation_code(act);
         let mut l = self.stream.launch_builder(&self.k.swiglu);
         l.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n).arg(&code);
         unsafe { l.launch(cfg) }.context("launching swiglu_f32")?;
