@@ -41,6 +41,7 @@
 mod graph;
 mod host;
 mod profile;
+mod ptx_cache;
 
 use crate::arch::ArchSpec;
 use crate::backend::{Backend, BackendOptions, Weight};
@@ -142,26 +143,31 @@ fn probe() -> Result<(), String> {
     }
 }
 
-/// NVRTC output for every kernel file, compiled once per process.
+/// NVRTC output for every kernel file, compiled once per process (and kept
+/// on disk between processes: `ptx_cache.rs`).
 fn ptx() -> Result<&'static [(&'static str, Ptx)]> {
     static PTX: OnceLock<Result<Vec<(&'static str, Ptx)>, String>> = OnceLock::new();
     let compiled = PTX.get_or_init(|| {
-        SOURCES
-            .iter()
-            .map(|(name, src)| {
-                let opts = cudarc::nvrtc::CompileOptions {
-                    name: Some(name.to_string()),
-                    // Accurate math: no fast-math, IEEE division and sqrt, no flush to zero.
-                    ftz: Some(false),
-                    prec_div: Some(true),
-                    prec_sqrt: Some(true),
-                    ..Default::default()
-                };
-                cudarc::nvrtc::compile_ptx_with_opts(*src, opts)
-                    .map(|p| (*name, p))
-                    .map_err(|e| format!("NVRTC failed to compile kernels/{name}: {e:?}"))
-            })
-            .collect()
+        // One thread per file: the slowest file (quant.cu) sets the time.
+        std::thread::scope(|scope| {
+            let jobs: Vec<_> = SOURCES
+                .iter()
+                .map(|(name, src)| {
+                    scope.spawn(move || {
+                        let opts = cudarc::nvrtc::CompileOptions {
+                            name: Some(name.to_string()),
+                            // Accurate math: no fast-math, IEEE division and sqrt, no flush to zero.
+                            ftz: Some(false),
+                            prec_div: Some(true),
+                            prec_sqrt: Some(true),
+                            ..Default::default()
+                        };
+                        ptx_cache::compile(name, src, opts).map(|p| (*name, p))
+                    })
+                })
+                .collect();
+            jobs.into_iter().map(|j| j.join().map_err(|_| "NVRTC panicked".to_string()).and_then(|r| r)).collect()
+        })
     });
     match compiled {
         Ok(v) => Ok(v.as_slice()),
