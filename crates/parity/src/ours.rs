@@ -135,7 +135,7 @@ impl OurEngine {
                 // Probe before cudarc touches the driver: it panics where libcuda is missing.
                 cuda_available().map_err(anyhow::Error::msg)?;
                 let be = CudaBackend::load_observed(gguf, cfg, opts, &mut on_weight).context("loading the model on the CUDA backend")?;
-                crate::progress::note(&format!("ours-cuda: device {}", be.device_name()));
+                crate::progress::note(&format!("ours-cuda: device {}; {}", be.device_name(), be.matmul_arithmetic()));
                 Loaded::Cuda(Model::new(be, cfg.clone(), fault).with_rounding(rounding))
             }
         };
@@ -149,6 +149,14 @@ impl OurEngine {
         match &self.model {
             Loaded::Cpu(_) => None,
             Loaded::Cuda(model) => Some(model.backend.weight_bytes()),
+        }
+    }
+
+    /// The arithmetic of the engine's matmuls (CUDA: f32 or TF32 tensor cores).
+    pub fn matmul_arithmetic(&self) -> &'static str {
+        match &self.model {
+            Loaded::Cpu(_) => "matmuls in f64 (the CPU oracle)",
+            Loaded::Cuda(model) => model.backend.matmul_arithmetic(),
         }
     }
 

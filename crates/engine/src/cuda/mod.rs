@@ -22,7 +22,9 @@
 //!   [`CudaBackend::linear`] for the transpose flags), plus a bias kernel;
 //!   cuBLAS's default math mode for sgemm keeps f32 (no TF32). Both see the
 //!   CPU oracle's weights exactly, so CUDA vs CPU differs only by f32
-//!   summation order.
+//!   summation order. `QWEN2_PARITY_CUDA_TF32=1` puts cuBLAS in TF32 mode
+//!   (tensor cores, operands rounded to 10-bit mantissas): a faster prefill
+//!   with numerics of its own, stated in every run's log.
 //! - **KV cache** per layer `[max_ctx, n_head_kv, head_dim]` on the GPU, f16
 //!   (raw 16-bit words, round-to-nearest-even on store, as ggml's f32->f16) or
 //!   f32 per [`BackendOptions::kv_type`]. GQA is an index map inside the
@@ -332,6 +334,8 @@ pub struct CudaBackend {
     recording: graph::Recording,
     /// Token and position of the step a recorded pass replays.
     step: graph::StepInputs,
+    /// cuBLAS multiplies in TF32 on tensor cores (`QWEN2_PARITY_CUDA_TF32=1`).
+    tf32: bool,
 }
 
 /// Values (64 MiB) of the page-locked memory that started copies land in,
@@ -472,6 +476,13 @@ impl CudaBackend {
         // into a graph (recorded decode steps, `graph.rs`).
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
+        let tf32 = std::env::var("QWEN2_PARITY_CUDA_TF32").as_deref() == Ok("1");
+        if tf32 {
+            use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+            // SAFETY: the handle was just created and is not used concurrently.
+            let status = unsafe { cublasSetMathMode(*blas.handle(), cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH) };
+            ensure!(status == cublasStatus_t::CUBLAS_STATUS_SUCCESS, "cublasSetMathMode(TF32): {status:?}");
+        }
         let k = Kernels::load(&ctx)?;
         let per_layer = opts
             .max_ctx
@@ -527,6 +538,7 @@ impl CudaBackend {
             in_flight: RefCell::new(InFlight::default()),
             recording,
             step,
+            tf32,
         })
     }
 
@@ -650,6 +662,16 @@ impl CudaBackend {
     }
 
     /// The device's name, as the driver reports it (e.g. "NVIDIA H100 80GB HBM3").
+    /// The arithmetic of the matmuls, for every run's log: f32 everywhere,
+    /// or TF32 tensor cores for the matmuls of more than GEMV_MAX_TOKENS rows.
+    pub fn matmul_arithmetic(&self) -> &'static str {
+        if self.tf32 {
+            "prefill matmuls in TF32 on tensor cores (QWEN2_PARITY_CUDA_TF32=1: inputs rounded to 10-bit mantissas), decode GEMVs in f32"
+        } else {
+            "matmuls in f32 (cuBLAS sgemm without TF32, f32 GEMVs)"
+        }
+    }
+
     pub fn device_name(&self) -> &str {
         &self.device_name
     }

@@ -88,7 +88,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if let Some(bytes) = engine.device_weight_bytes() {
         println!("weights held on the GPU: {:.1} MiB (file: {:.1} MiB)", bytes as f64 / 1048576.0, model_file.gguf.file_size() as f64 / 1048576.0);
     }
-    println!("decode steps with no checkpoint: {}", engine.recording_status());
+    println!("{}; decode steps with no checkpoint: {}", engine.matmul_arithmetic(), engine.recording_status());
     for set in &args.checkpoints {
         let (label, layers) = match set {
             CheckpointSet::None => ("no checkpoint", None),
@@ -193,6 +193,7 @@ fn side_by_side(args: &Args, llama_path: &std::path::Path) -> Result<ExitCode> {
     );
     println!("ratio: llama.cpp's time over ours (above 1: ours is faster); ours' decode step = (prefill + {n_decode} steps - prefill) / {n_decode}");
     println!("our checkpoints: none = no checkpoint at all (the last logits only, as llama.cpp); all = every stage of every layer");
+    println!("our arithmetic: {}; decode steps with no checkpoint: {}", engine.matmul_arithmetic(), engine.recording_status());
     println!("{}", sbs::table(&records));
     if let Some(out) = &args.json {
         let json = serde_json::to_string_pretty(&records)?;
