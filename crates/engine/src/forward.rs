@@ -145,7 +145,12 @@ impl<B: Backend> Model<B> {
         // Recording ran nothing: the step is still to come.
         self.n_past = pos0;
         match recorded {
-            Ok(PassEnd::Device(logits)) => self.backend.end_recording(logits)?,
+            Ok(PassEnd::Device(logits)) => {
+                if let Err(e) = self.backend.end_recording(logits) {
+                    self.backend.abort_recording(&format!("{e:#}"));
+                    return Ok(None);
+                }
+            }
             Ok(_) => {
                 self.backend.abort_recording("the recorded pass did not end with its logits on the device");
                 return Ok(None);

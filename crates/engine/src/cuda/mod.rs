@@ -744,6 +744,14 @@ impl CudaBackend {
         }
     }
 
+    /// Drop the errors cudarc set aside during a failed capture (buffers
+    /// freed into an invalidated capture): they belong to the abandoned
+    /// recording, and cudarc would otherwise return one from the next
+    /// unrelated call.
+    fn forget_capture_errors(&self) {
+        let _ = self.ctx.check_err();
+    }
+
     fn capturing(&self) -> bool {
         matches!(self.recording, graph::Recording::Capturing { .. })
     }
@@ -1337,10 +1345,12 @@ impl Backend for CudaBackend {
                 Ok(())
             }
             Ok(None) => {
+                self.forget_capture_errors();
                 self.recording = graph::Recording::Off("op by op: stream capture recorded no graph".into());
                 bail!("recording a decode step gave no graph")
             }
             Err(e) => {
+                self.forget_capture_errors();
                 self.recording = graph::Recording::Off(format!("op by op: recording failed ({e})"));
                 Err(e).context("recording a decode step (stream capture)")
             }
@@ -1354,6 +1364,7 @@ impl Backend for CudaBackend {
                 drop(g);
             }
         }
+        self.forget_capture_errors();
         self.recording = graph::Recording::Off(format!("op by op: recording a decode step failed: {why}"));
     }
 
