@@ -209,10 +209,7 @@ pub trait Backend {
     /// each row's scores in shared memory) but must give the same bits.
     #[allow(clippy::too_many_arguments)]
     fn attention(&self, layer: usize, q: &Self::Buf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool) -> Result<Self::Buf> {
-        let scores = self.attn_scores(layer, q, pos0, n_kv, head_map)?;
-        let probs = self.softmax_causal(&scores, scale, pos0)?;
-        let probs = if round_probs { self.round_rows(&probs, GgmlType::F16)? } else { probs };
-        self.attn_ctx(layer, &probs, n_kv, head_map)
+        attention_in_three_ops(self, layer, q, scale, pos0, n_kv, head_map, round_probs)
     }
     /// `act(x Wa^T) * (x Wb^T)`: the FFN's two projections and SwiGLU for
     /// a pass that observes none of the three (Wa is the gate, or the up
@@ -262,6 +259,16 @@ pub trait Backend {
     fn recording_status(&self) -> String {
         format!("op by op (the {} backend does not record)", self.name())
     }
+}
+
+/// [`Backend::attention`] as its three ops (the default, and CUDA's path
+/// for rows too long for its fused kernel).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_in_three_ops<B: Backend + ?Sized>(be: &B, layer: usize, q: &B::Buf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool) -> Result<B::Buf> {
+    let scores = be.attn_scores(layer, q, pos0, n_kv, head_map)?;
+    let probs = be.softmax_causal(&scores, scale, pos0)?;
+    let probs = if round_probs { be.round_rows(&probs, GgmlType::F16)? } else { probs };
+    be.attn_ctx(layer, &probs, n_kv, head_map)
 }
 
 /// What every backend is built with, besides the weights.

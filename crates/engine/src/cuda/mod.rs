@@ -1143,10 +1143,7 @@ impl Backend for CudaBackend {
 
     fn attention(&self, layer: usize, q: &CudaBuf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool) -> Result<CudaBuf> {
         if n_kv > FUSED_ATTENTION_MAX_KV {
-            let scores = self.attn_scores(layer, q, pos0, n_kv, head_map)?;
-            let probs = self.softmax_causal(&scores, scale, pos0)?;
-            let probs = if round_probs { self.round_rows(&probs, GgmlType::F16)? } else { probs };
-            return self.attn_ctx(layer, &probs, n_kv, head_map);
+            return crate::backend::attention_in_three_ops(self, layer, q, scale, pos0, n_kv, head_map, round_probs);
         }
         let t0 = self.prof_start()?;
         self.check_layer(layer)?;
