@@ -158,29 +158,49 @@ __device__ void attn_ctx(const float* __restrict__ probs, const T* __restrict__ 
 
 // Scores, softmax and context in one kernel, one block of ATTN_THREADS per
 // (h, t): the row's scores and probabilities live in dynamic shared memory
-// (n_kv floats) and never reach global memory. The same functions, in the
-// same order, as attn_scores + softmax_causal (+ the f16 rounding of the
-// probabilities when round_probs, numerics ggml with an f16 cache) +
-// attn_ctx: the same bits.
+// (n_kv floats) and never reach global memory. The keys are read
+// `tile_keys` at a time into shared memory by the whole block (coalesced:
+// consecutive threads, consecutive elements of a key), then each thread
+// takes the dot product of one key as dot_qk takes it from the cache (a
+// thread walking its own key row in global memory costs one L1 wavefront
+// per lane and load: 30 times slower at 512 keys). The same functions, in
+// the same order, as attn_scores + softmax_causal (+ the f16 rounding of
+// the probabilities when round_probs, numerics ggml with an f16 cache) +
+// attn_ctx: the same bits. Dynamic shared memory: n_kv floats of scores,
+// then tile_keys key rows of key_stride elements of T (the host pads a row to
+// an odd number of 32-bit words, so lanes reading rows side by side hit
+// different banks).
 template <typename T>
 __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
                           float* __restrict__ out, int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv,
-                          int pos0, int head_map, float scale, int round_probs, const int* __restrict__ step_pos) {
+                          int pos0, int head_map, float scale, int round_probs, const int* __restrict__ step_pos,
+                          int max_kv, int tile_keys, int key_stride) {
     if (step_pos) {
         pos0 += *step_pos;
         n_kv += *step_pos;
     }
     extern __shared__ float row[];
+    // After the scores of the longest row this launch may see (max_kv, the
+    // recorded step's cache length), 16-byte aligned.
+    T* tile = (T*)(row + ((max_kv + 3) & ~3));
     __shared__ float smax[ATTN_THREADS];
     __shared__ double ssum[ATTN_THREADS];
     __shared__ float partial[ATTN_THREADS];
     const int h = blockIdx.x / n_tokens, t = blockIdx.x % n_tokens;
     const int kvh = kv_head(h, n_head, n_head_kv, head_map);
     const float* qr = q + ((u64)t * n_head + h) * head_dim;
-    for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
-        row[j] = j > pos0 + t ? 0.0f : dot_qk(qr, kc, ((u64)j * n_head_kv + kvh) * head_dim, head_dim);
+    const int limit = min(pos0 + t + 1, n_kv);
+    for (int j = limit + threadIdx.x; j < n_kv; j += blockDim.x) row[j] = 0.0f;
+    for (int j0 = 0; j0 < limit; j0 += tile_keys) {
+        const int nk = min(tile_keys, limit - j0);
+        for (int i = threadIdx.x; i < nk * head_dim; i += blockDim.x) {
+            const int key = i / head_dim, d = i - key * head_dim;
+            tile[key * key_stride + d] = kc[((u64)(j0 + key) * n_head_kv + kvh) * head_dim + d];
+        }
+        __syncthreads();
+        for (int jj = threadIdx.x; jj < nk; jj += blockDim.x) row[j0 + jj] = dot_qk(qr, tile, (u64)jj * key_stride, head_dim);
+        __syncthreads();
     }
-    __syncthreads();
     softmax_row(row, row, min(pos0 + t + 1, n_kv), n_kv, scale, smax, ssum);
     if (round_probs) {
         for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
@@ -232,13 +252,15 @@ extern "C" __global__ void softmax_causal_f32(const float* __restrict__ scores, 
 
 extern "C" __global__ void attention_f32(const float* q, const float* kc, const float* vc, float* out, int n_head,
                                          int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0, int head_map,
-                                         float scale, int round_probs, const int* step_pos) {
+                                         float scale, int round_probs, const int* step_pos, int max_kv,
+                                         int tile_keys, int key_stride) {
     attention<float>(q, kc, vc, out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0, head_map, scale, round_probs,
-                     step_pos);
+                     step_pos, max_kv, tile_keys, key_stride);
 }
 extern "C" __global__ void attention_f16(const float* q, const half_bits* kc, const half_bits* vc, float* out,
                                          int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0,
-                                         int head_map, float scale, int round_probs, const int* step_pos) {
+                                         int head_map, float scale, int round_probs, const int* step_pos,
+                                         int max_kv, int tile_keys, int key_stride) {
     attention<half_bits>(q, kc, vc, out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0, head_map, scale,
-                         round_probs, step_pos);
+                         round_probs, step_pos, max_kv, tile_keys, key_stride);
 }

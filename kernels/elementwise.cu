@@ -25,6 +25,17 @@ extern "C" __global__ void add_bias_f32(float* __restrict__ y, const float* __re
     }
 }
 
+// y[r, c] = y[r, c] * scales[r] (+ b[c] when b is not null): the tensor-core
+// prefill's product scaled back (rows_to_f16 in quant.cu), then its bias.
+extern "C" __global__ void scale_rows_add_bias(float* __restrict__ y, const float* __restrict__ scales,
+                                               const float* __restrict__ b, int n_rows, int n_cols) {
+    u64 total = (u64)n_rows * (u64)n_cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        const float v = y[i] * scales[i / (u64)n_cols];
+        y[i] = b ? v + b[i % (u64)n_cols] : v;
+    }
+}
+
 extern "C" __global__ void add_f32(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
                                    u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {

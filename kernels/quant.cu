@@ -9,9 +9,11 @@
 // Kernels, one set per type (the type is a template parameter; the extern "C"
 // names carry its ggml name):
 //   dequant_<ty>  rows [0, n_rows) of a matrix into f32, row-major;
+//   dequant_f16_<ty> the same values rounded to f16 (tensor-core prefill);
 //   gemv_<ty>     y[t, r] = sum_i W[r, i] x[t, i] (+ bias[r] when bias is not
-//                 null) for a few tokens (decode): 1 to 8 warps per output
-//                 row, the blocks read once for all tokens;
+//                 null) (residual[t, r] + that, when residual is not null)
+//                 for a few tokens (decode): 1 to 8 warps per output row,
+//                 the blocks read once for all tokens;
 //   gemv_glu_<ty> act(x Wa^T) * (x Wb^T), the FFN's gate, up and SwiGLU in one;
 //   get_rows_<ty> the embedding lookup: out[t, c] = W[tok[t], c], or with the
 //                 embed-transposed fault the flat element c * n_rows + tok[t].
@@ -278,10 +280,35 @@ __device__ __forceinline__ void elems8<Q6_K>(const u8* row, int base, int, float
     }
 }
 
+// An f32 value as f16 bits, rounded to nearest even (PTX cvt; no headers).
+__device__ __forceinline__ unsigned short to_f16(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+
+// Stores of dequantized values: f32 as they are, or f16 (the tensor-core
+// prefill's weights, rounded to nearest even).
+__device__ __forceinline__ void store1(float* o, float v) { *o = v; }
+__device__ __forceinline__ void store1(unsigned short* o, float v) { *o = to_f16(v); }
+// Eight values at o, which is aligned to eight elements.
+__device__ __forceinline__ void store8(float* o, const float* v) {
+    float4* o4 = (float4*)o;
+    o4[0] = make_float4(v[0], v[1], v[2], v[3]);
+    o4[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(unsigned short* o, const float* v) {
+    unsigned int p[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) p[k] = (unsigned int)to_f16(v[2 * k]) | ((unsigned int)to_f16(v[2 * k + 1]) << 16);
+    *(uint4*)o = make_uint4(p[0], p[1], p[2], p[3]);
+}
+
 // Rows of eight-element groups when the row length allows (one index
 // division per eight values, the scales read once), else element by element.
-template <typename T>
-__device__ void dequant(const u8* __restrict__ w, u64 row_bytes, float* __restrict__ out, int n_rows, int n_cols, int flags) {
+// O: float (dequant_<ty>) or f16 bits (dequant_f16_<ty>).
+template <typename T, typename O>
+__device__ void dequant(const u8* __restrict__ w, u64 row_bytes, O* __restrict__ out, int n_rows, int n_cols, int flags) {
     const u64 stride = (u64)gridDim.x * blockDim.x;
     if ((n_cols & 7) == 0) {
         const unsigned int groups = (unsigned int)n_cols >> 3;
@@ -291,17 +318,15 @@ __device__ void dequant(const u8* __restrict__ w, u64 row_bytes, float* __restri
             const int c = (int)(i - r * groups) << 3;
             float v[8];
             elems8<T>(w + r * row_bytes, c, flags, v);
-            // 32-byte aligned: the buffer is, and n_cols is a multiple of 8.
-            float4* o = (float4*)(out + r * n_cols + c);
-            o[0] = make_float4(v[0], v[1], v[2], v[3]);
-            o[1] = make_float4(v[4], v[5], v[6], v[7]);
+            // Aligned to eight elements: the buffer is, and n_cols is a multiple of 8.
+            store8(out + r * n_cols + c, v);
         }
         return;
     }
     const u64 total = (u64)n_rows * n_cols;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
         const u64 r = i / n_cols;
-        out[i] = elem<T>(w + r * row_bytes, (int)(i % n_cols), flags);
+        store1(out + i, elem<T>(w + r * row_bytes, (int)(i % n_cols), flags));
     }
 }
 
@@ -365,23 +390,61 @@ __device__ __forceinline__ bool row_sums(float* acc, float (*partial)[GEMV_MAX_T
     return true;
 }
 
+// The bytes of the block's rows r0 .. r0 + n - 1 (contiguous in the
+// matrix of total_bytes) into shared memory, with 16-byte loads that the
+// whole block issues at once: the weights then cross from memory in one
+// coalesced wave instead of the lanes' scattered byte loads, each waiting
+// on the last (a GEMV reads every weight once; its speed is the number of
+// bytes in flight). Returns where row r0 starts in `stage`. The matrix
+// starts 256-byte aligned (cudaMalloc); the range is widened to 16 bytes,
+// and a last 16 bytes that would pass the matrix's end are read byte by byte.
+__device__ const u8* stage_rows(const u8* __restrict__ w, u64 row_bytes, int n_rows, int r0, int n, uint4* stage) {
+    const u64 total = (u64)n_rows * row_bytes;
+    const u64 start = (u64)r0 * row_bytes;
+    const u64 end = min(start + (u64)n * row_bytes, total);
+    const u64 a0 = start & ~(u64)15;
+    const u64 n16 = (end - a0 + 15) >> 4;
+    for (u64 i = threadIdx.x; i < n16; i += blockDim.x) {
+        const u64 at = a0 + i * 16;
+        if (at + 16 <= total) {
+            stage[i] = *(const uint4*)(w + at);
+        } else {
+            u8* d = (u8*)(stage + i);
+            for (int k = 0; k < 16; k++) d[k] = at + k < total ? w[at + k] : 0;
+        }
+    }
+    __syncthreads();
+    return (const u8*)stage + (start - a0);
+}
+
+// `staged`: the block's rows are first copied to shared memory (stage_rows;
+// the launch gives GEMV_WARPS / warps_per_row rows of dynamic shared memory
+// plus 16 bytes per matrix), else read where they are. The same bytes,
+// the same operations: the same bits either way.
 template <typename T>
 __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
-                     const float* __restrict__ bias, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
-                     int flags, int warps_per_row) {
+                     const float* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ y,
+                     int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged) {
     __shared__ float partial[GEMV_WARPS][GEMV_MAX_TOKENS];
+    extern __shared__ uint4 stage[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int r = blockIdx.x * (GEMV_WARPS / warps_per_row) + warp / warps_per_row;
+    const int rows_per_block = GEMV_WARPS / warps_per_row;
+    const int r0 = blockIdx.x * rows_per_block;
+    const int r = r0 + warp / warps_per_row;
     const int part = warp % warps_per_row;
+    const u8* rows = staged ? stage_rows(w, row_bytes, n_rows, r0, min(rows_per_block, n_rows - r0), stage) - (u64)r0 * row_bytes : w;
     float acc[GEMV_MAX_TOKENS];
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[t] = 0.0f;
-    if (r < n_rows) row_dot<T>(w + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc);
+    if (r < n_rows) row_dot<T>(rows + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc);
     float sums[GEMV_MAX_TOKENS];
     if (row_sums(acc, partial, warp, lane, part, warps_per_row, n_tokens, sums) && r < n_rows) {
         for (int t = 0; t < n_tokens; t++) {
-            // The bias as add_bias_f32 adds it: one f32 addition to the sum.
-            y[(u64)t * n_rows + r] = bias ? sums[t] + bias[r] : sums[t];
+            // The bias as add_bias_f32 adds it: one f32 addition to the sum;
+            // the residual as add_f32 adds it (residual + product).
+            const u64 i = (u64)t * n_rows + r;
+            const float v = bias ? sums[t] + bias[r] : sums[t];
+            y[i] = residual ? residual[i] + v : v;
         }
     }
 }
@@ -401,17 +464,29 @@ __device__ __forceinline__ float gated(float g, float u, int act) {
 template <typename T>
 __device__ void gemv_glu(const u8* __restrict__ wa, const u8* __restrict__ wb, u64 row_bytes,
                          const float* __restrict__ x, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
-                         int flags, int warps_per_row, int act) {
+                         int flags, int warps_per_row, int act, int staged) {
     __shared__ float partial[GEMV_WARPS][GEMV_MAX_TOKENS];
+    extern __shared__ uint4 stage[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int r = blockIdx.x * (GEMV_WARPS / warps_per_row) + warp / warps_per_row;
+    const int rows_per_block = GEMV_WARPS / warps_per_row;
+    const int r0 = blockIdx.x * rows_per_block;
+    const int r = r0 + warp / warps_per_row;
     const int part = warp % warps_per_row;
+    const u8* rows_a = wa;
+    const u8* rows_b = wb;
+    if (staged) {
+        // Wa's rows, then Wb's, each region starting 16-byte aligned.
+        const int n = min(rows_per_block, n_rows - r0);
+        const u64 region = ((u64)rows_per_block * row_bytes + 31) / 16;
+        rows_a = stage_rows(wa, row_bytes, n_rows, r0, n, stage) - (u64)r0 * row_bytes;
+        rows_b = stage_rows(wb, row_bytes, n_rows, r0, n, stage + region) - (u64)r0 * row_bytes;
+    }
     float acc_a[GEMV_MAX_TOKENS], acc_b[GEMV_MAX_TOKENS];
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc_a[t] = acc_b[t] = 0.0f;
     if (r < n_rows) {
-        row_dot<T>(wa + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc_a);
-        row_dot<T>(wb + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc_b);
+        row_dot<T>(rows_a + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc_a);
+        row_dot<T>(rows_b + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc_b);
     }
     float ga[GEMV_MAX_TOKENS], gb[GEMV_MAX_TOKENS];
     const bool first = row_sums(acc_a, partial, warp, lane, part, warps_per_row, n_tokens, ga);
@@ -449,14 +524,19 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
                                            int flags) {                                                            \
         dequant<T>(w, row_bytes, out, n_rows, n_cols, flags);                                                      \
     }                                                                                                              \
-    extern "C" __global__ void gemv_##T(const u8* w, u64 row_bytes, const float* x, const float* bias, float* y,  \
-                                        int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row) {      \
-        gemv<T>(w, row_bytes, x, bias, y, n_tokens, n_rows, n_cols, flags, warps_per_row);                         \
+    extern "C" __global__ void dequant_f16_##T(const u8* w, u64 row_bytes, unsigned short* out, int n_rows,       \
+                                               int n_cols, int flags) {                                            \
+        dequant<T>(w, row_bytes, out, n_rows, n_cols, flags);                                                      \
+    }                                                                                                              \
+    extern "C" __global__ void gemv_##T(const u8* w, u64 row_bytes, const float* x, const float* bias,            \
+                                        const float* residual, float* y, int n_tokens, int n_rows, int n_cols,     \
+                                        int flags, int warps_per_row, int staged) {                                \
+        gemv<T>(w, row_bytes, x, bias, residual, y, n_tokens, n_rows, n_cols, flags, warps_per_row, staged);       \
     }                                                                                                              \
     extern "C" __global__ void gemv_glu_##T(const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y,  \
                                             int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row,    \
-                                            int act) {                                                             \
-        gemv_glu<T>(wa, wb, row_bytes, x, y, n_tokens, n_rows, n_cols, flags, warps_per_row, act);                 \
+                                            int act, int staged) {                                                 \
+        gemv_glu<T>(wa, wb, row_bytes, x, y, n_tokens, n_rows, n_cols, flags, warps_per_row, act, staged);         \
     }                                                                                                              \
     extern "C" __global__ void get_rows_##T(const u8* w, u64 row_bytes, const int* tokens, float* out,             \
                                             int n_tokens, int n_rows, int n_cols, int transposed, int flags) {     \
@@ -590,4 +670,42 @@ extern "C" __global__ void round_q8_k(float* __restrict__ x, u64 n_blocks) {
     q = q < 127 ? q : 127;
     const signed char q8 = (signed char)q;
     p[t] = __fmul_rn(__fdiv_rn(1.0f, iscale), (float)q8);
+}
+
+// ---- activations for the tensor-core prefill (QWEN2_PARITY_CUDA_MATMUL=f16) ----
+
+#define F16_ROW_THREADS 256
+
+// Row r of x [n_rows, n_cols] as f16 bits, scaled by a power of two so that
+// its largest magnitude lands in [2^14, 2^15): f16 keeps its 11 bits for
+// every row however large its activations (f16 overflows at 65504) or
+// small, and the scaling is exact. `scales[r]` is the factor to multiply
+// the product back by (1 for a row of zeros, or with a NaN or infinity,
+// which then reaches the product as it is). One block of F16_ROW_THREADS per row.
+extern "C" __global__ void rows_to_f16(const float* __restrict__ x, unsigned short* __restrict__ out,
+                                       float* __restrict__ scales, int n_cols) {
+    __shared__ float smax[F16_ROW_THREADS];
+    const u64 row = blockIdx.x;
+    const float* xr = x + row * (u64)n_cols;
+    float m = 0.0f;
+    for (int c = threadIdx.x; c < n_cols; c += blockDim.x) m = fmaxf(m, fabsf(xr[c]));
+    // fmaxf drops NaN: a row with one becomes 1-scaled and keeps it below.
+    for (int c = threadIdx.x; c < n_cols; c += blockDim.x) if (xr[c] != xr[c]) m = __int_as_float(0x7f800000);
+    smax[threadIdx.x] = m;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) smax[threadIdx.x] = fmaxf(smax[threadIdx.x], smax[threadIdx.x + s]);
+        __syncthreads();
+    }
+    m = smax[0];
+    int e = 0;
+    if (m > 0.0f && m <= 3.4e38f) {
+        frexpf(m, &e);  // m = f * 2^e, 0.5 <= f < 1
+    } else {
+        e = 15;  // zeros, NaN or infinity: unscaled
+    }
+    // x * 2^(15 - e) has magnitudes below 2^15.
+    const float up = ldexpf(1.0f, 15 - e);
+    if (threadIdx.x == 0) scales[row] = ldexpf(1.0f, e - 15);
+    for (int c = threadIdx.x; c < n_cols; c += blockDim.x) out[row * (u64)n_cols + c] = to_f16(__fmul_rn(xr[c], up));
 }

@@ -223,6 +223,15 @@ pub trait Backend {
         self.swiglu(&ya, &yb, act)
     }
     fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
+    /// `residual + x W^T`: a projection and the residual add after it, for
+    /// a pass that does not observe the projection alone. The same values
+    /// as `linear` then `add(residual, ..)`, which is what this default
+    /// does; a backend may fuse them (CUDA adds the residual in the GEMV)
+    /// but must give the same bits.
+    fn linear_residual(&self, x: &Self::Buf, weight: Weight, read: WeightRead, residual: &Self::Buf) -> Result<Self::Buf> {
+        let y = self.linear(x, weight, None, read)?;
+        self.add(residual, &y)
+    }
     /// act(gate) * up (act: silu for Qwen2).
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, act: Activation) -> Result<Self::Buf>;
     /// Forget the KV cache (a new sequence starts at position 0).

@@ -266,9 +266,15 @@ impl<B: Backend> Model<B> {
             };
             let ctx = checkpoint(be, cps, pending, id(Stage::AttnCtx), ctx)?;
             let ctx = be.reshape(ctx, &[n, cfg.n_head * hd])?;
-            let attn = rnd.linear(be, &ctx, Weight::AttnOutput(l), None, read_if(f == Fault::OProjTransposed))?;
-            let attn = checkpoint(be, cps, pending, id(Stage::AttnOut), attn)?;
-            let resid = if f == Fault::ResidualDropped { attn } else { be.add(&x, &attn)? };
+            let o_read = read_if(f == Fault::OProjTransposed);
+            let resid = if f != Fault::ResidualDropped && !cps.wants(&id(Stage::AttnOut)) {
+                // The projection alone is not observed: one op with the residual add.
+                rnd.linear_residual(be, &ctx, Weight::AttnOutput(l), o_read, &x)?
+            } else {
+                let attn = rnd.linear(be, &ctx, Weight::AttnOutput(l), None, o_read)?;
+                let attn = checkpoint(be, cps, pending, id(Stage::AttnOut), attn)?;
+                if f == Fault::ResidualDropped { attn } else { be.add(&x, &attn)? }
+            };
             let resid = checkpoint(be, cps, pending, id(Stage::AttnResidual), resid)?;
 
             let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps_l)?;
@@ -289,9 +295,15 @@ impl<B: Backend> Model<B> {
                 let act = if f == Fault::SwigluSwapped { be.swiglu(&up, &gate, act_fn)? } else { be.swiglu(&gate, &up, act_fn)? };
                 checkpoint(be, cps, pending, id(Stage::FfnAct), act)?
             };
-            let down = rnd.linear(be, &act, Weight::FfnDown(l), None, read_if(f == Fault::FfnDownTransposed))?;
-            let down = checkpoint(be, cps, pending, id(Stage::FfnDown), down)?;
-            let out = if f == Fault::ResidualWrongInput { be.add(&x, &down)? } else { be.add(&resid, &down)? };
+            let down_read = read_if(f == Fault::FfnDownTransposed);
+            let skip_from = if f == Fault::ResidualWrongInput { &x } else { &resid };
+            let out = if !cps.wants(&id(Stage::FfnDown)) {
+                rnd.linear_residual(be, &act, Weight::FfnDown(l), down_read, skip_from)?
+            } else {
+                let down = rnd.linear(be, &act, Weight::FfnDown(l), None, down_read)?;
+                let down = checkpoint(be, cps, pending, id(Stage::FfnDown), down)?;
+                be.add(skip_from, &down)?
+            };
             x = checkpoint(be, cps, pending, id(Stage::LayerOut), out)?;
         }
 

@@ -138,6 +138,18 @@ impl Rounding {
         }
     }
 
+    /// `residual + x W^T` with x as `linear` rounds it: one backend op
+    /// ([`Backend::linear_residual`]) unless a q8_1 min correction is
+    /// computed on the host, which goes between the two.
+    pub fn linear_residual<B: Backend>(&self, be: &B, x: &B::Buf, weight: Weight, read: WeightRead, residual: &B::Buf) -> Result<B::Buf> {
+        if self.numerics == Numerics::Ggml && self.mins.contains_key(&weight) {
+            let y = self.linear(be, x, weight, None, read)?;
+            return be.add(residual, &y);
+        }
+        let rounded = self.for_matmul(be, x, weight)?;
+        be.linear_residual(rounded.as_ref().unwrap_or(x), weight, read, residual)
+    }
+
     /// Q before Q·K^T and the probabilities before probs·V: ggml converts
     /// them to the (f16) KV cache's type.
     pub fn for_kv_matmul<B: Backend>(&self, be: &B, x: &B::Buf) -> Result<Option<B::Buf>> {

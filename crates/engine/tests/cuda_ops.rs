@@ -370,6 +370,46 @@ fn attention_matches_prefill_and_decode() {
     }
 }
 
+/// Rows of more keys than one tile of the fused attention's shared memory
+/// (224 f32 or 256 f16 keys of 64 dimensions): a prefill of 600 tokens and
+/// a decode step after it, the fused kernel against the three ops (bits)
+/// and the CPU oracle (values).
+#[test]
+fn fused_attention_over_several_key_tiles() {
+    if !gpu() {
+        return;
+    }
+    let cfg = configs()[0].clone();
+    let (nh, nkv, hd) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+    let scale = 1.0 / (hd as f32).sqrt();
+    for kv in [KvType::F16, KvType::F32] {
+        let opts = BackendOptions { kv_type: kv, max_ctx: 700, dequant_bug: None };
+        let w = weights(&cfg, 61);
+        let mut cpu = CpuBackend::from_weights(cfg.clone(), w.clone(), opts).unwrap();
+        let mut g = CudaBackend::from_weights(cfg.clone(), w, opts).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(62);
+        let mut pos0 = 0;
+        for nt in [600, 1] {
+            let q = rand_tensor(&mut rng, &[nt, nh, hd], 2.0);
+            let k = rand_tensor(&mut rng, &[nt, nkv, hd], 2.0);
+            let v = rand_tensor(&mut rng, &[nt, nkv, hd], 2.0);
+            cpu.kv_store(0, &k, &v, pos0).unwrap();
+            g.kv_store(0, &on_gpu(&g, &k), &on_gpu(&g, &v), pos0).unwrap();
+            let n_kv = pos0 + nt;
+            let what = format!("{kv:?} pos0 {pos0} n_tokens {nt}");
+            let qg = on_gpu(&g, &q);
+            let s3 = g.attn_scores(0, &qg, pos0, n_kv, HeadMap::Grouped).unwrap();
+            let p3 = g.softmax_causal(&s3, scale, pos0).unwrap();
+            let three = host(&g, &g.attn_ctx(0, &p3, n_kv, HeadMap::Grouped).unwrap());
+            let fused = host(&g, &g.attention(0, &qg, scale, pos0, n_kv, HeadMap::Grouped, false).unwrap());
+            assert_bits(&format!("fused attention {what}"), &three.data, &fused.data);
+            let want = engine::backend::attention_in_three_ops(&cpu, 0, &q, scale, pos0, n_kv, HeadMap::Grouped, false).unwrap();
+            close(&format!("fused attention vs cpu {what}"), &want, &fused, 1e-5, 1e-5);
+            pos0 = n_kv;
+        }
+    }
+}
+
 #[test]
 fn reset_cache_and_capacity() {
     if !gpu() {
@@ -682,6 +722,68 @@ fn block_weights_linear_and_embed_match_cpu() {
     }
 }
 
+/// The tensor-core prefill (`PrefillMatmul::F16`) on block weights against
+/// the CPU oracle: within f16's rounding (each output row within 2e-3 of
+/// its largest value; f16 keeps 11 bits, measured errors are ~1e-4), both
+/// reads, with and without a bias; a row of activations far beyond f16's
+/// range (1e6) or far below it (1e-6) as accurate as any other (the
+/// per-row scaling); a NaN stays in its own row.
+#[test]
+fn f16_prefill_matmul_matches_cpu_within_f16_rounding() {
+    if !gpu() {
+        return;
+    }
+    use engine::cuda::PrefillMatmul;
+    let cfg = block_config();
+    let opts = BackendOptions { kv_type: KvType::F16, max_ctx: MAX_CTX, dequant_bug: None };
+    let mut rng = ChaCha8Rng::seed_from_u64(51);
+    let row_close = |what: &str, a: &Tensor, b: &Tensor| {
+        let n_out = *a.shape.last().unwrap();
+        for (r, (ra, rb)) in a.data.chunks(n_out).zip(b.data.chunks(n_out)).enumerate() {
+            close(&format!("{what} row {r}"), &Tensor::new(vec![n_out], ra.to_vec()), &Tensor::new(vec![n_out], rb.to_vec()), 2e-3, 0.0);
+        }
+    };
+    for ty in BLOCK_TYPES {
+        let mut f32_weights = weights(&cfg, 52);
+        let mut blocks = Vec::new();
+        for w in [Weight::AttnQ(0), Weight::FfnDown(1)] {
+            let shape = w.shape(&cfg);
+            let n = shape.iter().product();
+            let bytes = random_blocks(&mut rng, ty, n);
+            f32_weights.insert(w, Tensor::new(shape, gguf::dequant::dequantize(ty, &bytes, n).unwrap()));
+            blocks.push((w, bytes));
+        }
+        let cpu = CpuBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
+        let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights, opts).unwrap();
+        for (w, bytes) in &blocks {
+            g.upload_blocks(*w, ty, bytes, 0).unwrap();
+        }
+        g.set_prefill_matmul(PrefillMatmul::F16).unwrap();
+        let n = engine::cuda::GEMV_MAX_TOKENS + 5;
+        for (w, b, n_in) in [(Weight::AttnQ(0), Some(Weight::AttnQBias(0)), cfg.n_embd), (Weight::FfnDown(1), None, cfg.n_ff)] {
+            let mut x = rand_tensor(&mut rng, &[n, n_in], 1.0);
+            x.data[..n_in].iter_mut().for_each(|v| *v *= 1e6);
+            x.data[n_in..2 * n_in].iter_mut().for_each(|v| *v *= 1e-6);
+            for read in [WeightRead::Rows, WeightRead::Transposed] {
+                let a = cpu.linear(&x, w, b, read).unwrap();
+                let r = host(&g, &g.linear(&on_gpu(&g, &x), w, b, read).unwrap());
+                row_close(&format!("f16 linear {} {w:?} {read:?}", ty.name()), &a, &r);
+            }
+            let mut xn = x.clone();
+            xn.data[2 * n_in + 3] = f32::NAN;
+            let r = host(&g, &g.linear(&on_gpu(&g, &xn), w, b, WeightRead::Rows).unwrap());
+            let n_out = *r.shape.last().unwrap();
+            for (row, vals) in r.data.chunks(n_out).enumerate() {
+                if row == 2 {
+                    assert!(vals.iter().all(|v| v.is_nan()), "f16 linear {}: the NaN row has a number", ty.name());
+                } else {
+                    assert!(vals.iter().all(|v| v.is_finite()), "f16 linear {}: row {row} is not finite", ty.name());
+                }
+            }
+        }
+    }
+}
+
 /// The fused gate/up/SwiGLU GEMV gives the bits of two GEMVs and the
 /// element-wise SwiGLU, for every block type, both activations, and the
 /// swapped order; above GEMV_MAX_TOKENS rows it is the three ops.
@@ -710,6 +812,34 @@ fn gated_gemv_gives_the_bits_of_two_gemvs_and_swiglu() {
                     assert_eq!(three.shape, fused.shape);
                     assert_bits(&format!("gated gemv {} n{n_tokens} {act:?} {a:?}", ty.name()), &three.data, &fused.data);
                 }
+            }
+        }
+    }
+}
+
+/// The projection with its residual add in the GEMV gives the bits of
+/// `linear` then `add`, for every block type, with the bias-free and the
+/// transposed read (which takes the other path and adds after it).
+#[test]
+fn linear_with_residual_gives_the_bits_of_linear_and_add() {
+    if !gpu() {
+        return;
+    }
+    let cfg = block_config();
+    let opts = BackendOptions { kv_type: KvType::F16, max_ctx: MAX_CTX, dequant_bug: None };
+    let mut rng = ChaCha8Rng::seed_from_u64(45);
+    let w = Weight::FfnDown(0);
+    for ty in BLOCK_TYPES {
+        let mut g = CudaBackend::from_weights(cfg.clone(), weights(&cfg, 46), opts).unwrap();
+        g.upload_blocks(w, ty, &random_blocks(&mut rng, ty, cfg.n_ff * cfg.n_embd), 0).unwrap();
+        for n_tokens in [1, 3, engine::cuda::GEMV_MAX_TOKENS, engine::cuda::GEMV_MAX_TOKENS + 1] {
+            let x = on_gpu(&g, &rand_tensor(&mut rng, &[n_tokens, cfg.n_ff], 1.0));
+            let res = on_gpu(&g, &rand_tensor(&mut rng, &[n_tokens, cfg.n_embd], 3.0));
+            for read in [WeightRead::Rows, WeightRead::Transposed] {
+                let two = host(&g, &g.add(&res, &g.linear(&x, w, None, read).unwrap()).unwrap());
+                let one = host(&g, &g.linear_residual(&x, w, read, &res).unwrap());
+                assert_eq!(two.shape, one.shape);
+                assert_bits(&format!("linear + residual {} n{n_tokens} {read:?}", ty.name()), &two.data, &one.data);
             }
         }
     }

@@ -22,9 +22,12 @@
 //!   [`CudaBackend::linear`] for the transpose flags), plus a bias kernel;
 //!   cuBLAS's default math mode for sgemm keeps f32 (no TF32). Both see the
 //!   CPU oracle's weights exactly, so CUDA vs CPU differs only by f32
-//!   summation order. `QWEN2_PARITY_CUDA_TF32=1` puts cuBLAS in TF32 mode
-//!   (tensor cores, operands rounded to 10-bit mantissas): a faster prefill
-//!   with numerics of its own, stated in every run's log.
+//!   summation order. [`PrefillMatmul`] (`QWEN2_PARITY_CUDA_MATMUL=tf32` or
+//!   `f16`) puts the prefill on tensor cores instead: faster, with numerics
+//!   of its own, stated in every run's log. The GEMV blocks copy their rows
+//!   of blocks into shared memory first (coalesced 16-byte loads all in
+//!   flight at once; `QWEN2_PARITY_CUDA_GEMV_STAGE=0` reads them in place,
+//!   to measure it): the same bytes, the same bits.
 //! - **KV cache** per layer `[max_ctx, n_head_kv, head_dim]` on the GPU, f16
 //!   (raw 16-bit words, round-to-nearest-even on store, as ggml's f32->f16) or
 //!   f32 per [`BackendOptions::kv_type`]. GQA is an index map inside the
@@ -79,6 +82,29 @@ const ROW_BLOCK: u32 = 256;
 /// shared memory (32 KiB, under the 48 KiB every launch may have); longer
 /// rows take the three kernels that materialise them.
 const FUSED_ATTENTION_MAX_KV: usize = 8192;
+/// Bytes of keys the fused attention kernel stages in shared memory at a time.
+const ATTENTION_TILE_BYTES: usize = 64 * 1024;
+/// Dynamic shared memory the fused attention kernels may use: the longest
+/// row of scores and one tile of keys (above the 48 KiB default; an H100
+/// block may have 227 KiB).
+const ATTENTION_MAX_SHARED: usize = FUSED_ATTENTION_MAX_KV * 4 + ATTENTION_TILE_BYTES;
+
+/// Elements between two staged key rows in the fused attention's tile:
+/// `head_dim` padded to an odd number of 32-bit words, so that the lanes
+/// reading key rows side by side hit different shared-memory banks.
+fn attention_key_stride(head_dim: usize, elem: usize) -> usize {
+    let per_word = 4 / elem;
+    let words = head_dim.div_ceil(per_word);
+    (words | 1) * per_word
+}
+
+/// Keys per tile of the fused attention: as many key rows of `key_stride`
+/// elements of `elem` bytes as ATTENTION_TILE_BYTES holds, a multiple of
+/// 32, between 32 and the block's 256 threads (one key each).
+fn attention_tile_keys(key_stride: usize, elem: usize) -> usize {
+    (ATTENTION_TILE_BYTES / (key_stride * elem) / 32 * 32).clamp(32, ROW_BLOCK as usize)
+}
+
 /// Rows of activations up to which a quantized linear is a GEMV over the
 /// blocks (must match GEMV_MAX_TOKENS in quant.cu).
 pub const GEMV_MAX_TOKENS: usize = 8;
@@ -98,6 +124,28 @@ fn gemv_warps_per_row(n_rows: usize) -> u32 {
     w
 }
 
+/// Shared memory a GEMV block may fill with its rows of blocks (all its
+/// matrices together); rows longer than that are read where they are.
+const GEMV_STAGE_MAX_BYTES: usize = 32 * 1024;
+
+/// The launch of a GEMV kernel over `n_out` rows of `row_bytes` each, in
+/// `matrices` matrices read side by side (1, or 2 for the gated GEMV):
+/// the configuration, the warps per row, and whether each block first
+/// copies its rows into shared memory (`staged`, see stage_rows in quant.cu).
+fn gemv_launch(n_out: usize, row_bytes: usize, matrices: usize, stage: bool) -> (LaunchConfig, i32, i32) {
+    let wpr = gemv_warps_per_row(n_out);
+    let rows_per_block = (GEMV_WARPS / wpr) as usize;
+    // Each matrix's region: its rows, widened to 16-byte loads (see stage_rows).
+    let region = (rows_per_block * row_bytes + 31) / 16 * 16;
+    let staged = stage && region * matrices <= GEMV_STAGE_MAX_BYTES;
+    let cfg = LaunchConfig {
+        grid_dim: (n_out.div_ceil(rows_per_block) as u32, 1, 1),
+        block_dim: (GEMV_WARPS * 32, 1, 1),
+        shared_mem_bytes: if staged { (region * matrices) as u32 } else { 0 },
+    };
+    (cfg, wpr as i32, staged as i32)
+}
+
 /// The ggml types `kernels/quant.cu` reads, with the suffix of their kernels' names.
 const QUANT_TYPES: [(GgmlType, &str); 13] = [
     (GgmlType::F32, "F32"),
@@ -114,6 +162,45 @@ const QUANT_TYPES: [(GgmlType, &str); 13] = [
     (GgmlType::Q5_K, "Q5_K"),
     (GgmlType::Q6_K, "Q6_K"),
 ];
+
+/// The arithmetic of the prefill matmuls (more than [`GEMV_MAX_TOKENS`]
+/// rows) on quantized matrices, chosen by `QWEN2_PARITY_CUDA_MATMUL`
+/// (`f32`, `tf32`, `f16`; `QWEN2_PARITY_CUDA_TF32=1` is `tf32`). Decode
+/// GEMVs are f32 in every mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillMatmul {
+    /// Dequantized to f32, cuBLAS sgemm without TF32: f32 products, only the
+    /// summation order differs from the CPU oracle.
+    F32,
+    /// The same with cuBLAS in TF32 mode: operands rounded to 10-bit mantissas on tensor cores.
+    Tf32,
+    /// Dequantized to f16 and activations scaled per row into f16 (11-bit
+    /// mantissas, no overflow), f16 tensor cores with f32 accumulation.
+    F16,
+}
+
+impl PrefillMatmul {
+    /// The mode the environment asks for (f32 when it asks for none).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("QWEN2_PARITY_CUDA_MATMUL").ok().as_deref() {
+            Some("f32") => Ok(Self::F32),
+            Some("tf32") => Ok(Self::Tf32),
+            Some("f16") => Ok(Self::F16),
+            Some(other) => bail!("QWEN2_PARITY_CUDA_MATMUL={other}: expected f32, tf32 or f16"),
+            None if std::env::var("QWEN2_PARITY_CUDA_TF32").as_deref() == Ok("1") => Ok(Self::Tf32),
+            None => Ok(Self::F32),
+        }
+    }
+
+    /// The arithmetic in words, for every run's log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::F32 => "matmuls in f32 (cuBLAS sgemm without TF32, f32 GEMVs)",
+            Self::Tf32 => "prefill matmuls in TF32 on tensor cores (QWEN2_PARITY_CUDA_MATMUL=tf32: inputs rounded to 10-bit mantissas), decode GEMVs in f32",
+            Self::F16 => "prefill matmuls in f16 on tensor cores (QWEN2_PARITY_CUDA_MATMUL=f16: weights and per-row-scaled activations rounded to f16, f32 accumulation), decode GEMVs in f32",
+        }
+    }
+}
 
 /// Whether this process can use CUDA: the driver library loads, cuBLAS and
 /// NVRTC load, and at least one device answers. Never panics (it is the
@@ -196,6 +283,7 @@ impl CudaBuf {
 /// The three kernels of one weight type in `kernels/quant.cu`.
 struct QuantKernels {
     dequant: CudaFunction,
+    dequant_f16: CudaFunction,
     gemv: CudaFunction,
     gemv_glu: CudaFunction,
     get_rows: CudaFunction,
@@ -206,6 +294,8 @@ struct Kernels {
     round_half: CudaFunction,
     round_q8_0: CudaFunction,
     round_q8_k: CudaFunction,
+    rows_to_f16: CudaFunction,
+    scale_rows_add_bias: CudaFunction,
     embed: CudaFunction,
     add_bias: CudaFunction,
     add: CudaFunction,
@@ -233,10 +323,20 @@ impl Kernels {
         let f = |file: &str, func: &str| -> Result<CudaFunction> {
             modules[file].load_function(func).with_context(|| format!("kernel {func} in kernels/{file}"))
         };
+        // The fused attention's scores and key tile pass the 48 KiB a launch
+        // may have without asking (ATTENTION_MAX_SHARED).
+        let big_shared = |func: &str| -> Result<CudaFunction> {
+            let k = f("attention.cu", func)?;
+            use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            k.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, ATTENTION_MAX_SHARED as i32)
+                .with_context(|| format!("allowing {func} {ATTENTION_MAX_SHARED} bytes of shared memory"))?;
+            Ok(k)
+        };
         let mut quant = HashMap::new();
         for (ty, suffix) in QUANT_TYPES {
             let q = QuantKernels {
                 dequant: f("quant.cu", &format!("dequant_{suffix}"))?,
+                dequant_f16: f("quant.cu", &format!("dequant_f16_{suffix}"))?,
                 gemv: f("quant.cu", &format!("gemv_{suffix}"))?,
                 gemv_glu: f("quant.cu", &format!("gemv_glu_{suffix}"))?,
                 get_rows: f("quant.cu", &format!("get_rows_{suffix}"))?,
@@ -248,6 +348,8 @@ impl Kernels {
             round_half: f("quant.cu", "round_half")?,
             round_q8_0: f("quant.cu", "round_q8_0")?,
             round_q8_k: f("quant.cu", "round_q8_k")?,
+            rows_to_f16: f("quant.cu", "rows_to_f16")?,
+            scale_rows_add_bias: f("elementwise.cu", "scale_rows_add_bias")?,
             embed: f("elementwise.cu", "embed_f32")?,
             add_bias: f("elementwise.cu", "add_bias_f32")?,
             add: f("elementwise.cu", "add_f32")?,
@@ -261,8 +363,8 @@ impl Kernels {
             attn_ctx_f32: f("attention.cu", "attn_ctx_f32")?,
             attn_ctx_f16: f("attention.cu", "attn_ctx_f16")?,
             softmax_causal: f("attention.cu", "softmax_causal_f32")?,
-            attention_f32: f("attention.cu", "attention_f32")?,
-            attention_f16: f("attention.cu", "attention_f16")?,
+            attention_f32: big_shared("attention_f32")?,
+            attention_f16: big_shared("attention_f16")?,
         })
     }
 }
@@ -291,6 +393,13 @@ impl DeviceWeight {
             DeviceWeight::Blocks { data, .. } => data.len(),
         }
     }
+}
+
+/// Where [`CudaBackend::dequantize_into`] writes a block matrix's values.
+enum Dequantized<'a> {
+    F32(&'a mut CudaSlice<f32>),
+    /// f16 bits, for the tensor-core prefill.
+    F16(&'a mut CudaSlice<u16>),
 }
 
 /// A matrix as f32: a resident f32 weight, or blocks dequantized for one use.
@@ -334,8 +443,11 @@ pub struct CudaBackend {
     recording: graph::Recording,
     /// Token and position of the step a recorded pass replays.
     step: graph::StepInputs,
-    /// cuBLAS multiplies in TF32 on tensor cores (`QWEN2_PARITY_CUDA_TF32=1`).
-    tf32: bool,
+    /// The prefill matmuls' arithmetic ([`PrefillMatmul`]).
+    prefill_matmul: PrefillMatmul,
+    /// GEMV blocks copy their rows to shared memory first (on unless
+    /// `QWEN2_PARITY_CUDA_GEMV_STAGE=0`, which exists to measure it).
+    stage_gemv_rows: bool,
 }
 
 /// Values (64 MiB) of the page-locked memory that started copies land in,
@@ -476,13 +588,7 @@ impl CudaBackend {
         // into a graph (recorded decode steps, `graph.rs`).
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
-        let tf32 = std::env::var("QWEN2_PARITY_CUDA_TF32").as_deref() == Ok("1");
-        if tf32 {
-            use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
-            // SAFETY: the handle was just created and is not used concurrently.
-            let status = unsafe { cublasSetMathMode(*blas.handle(), cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH) };
-            ensure!(status == cublasStatus_t::CUBLAS_STATUS_SUCCESS, "cublasSetMathMode(TF32): {status:?}");
-        }
+        let prefill_matmul = PrefillMatmul::from_env()?;
         let k = Kernels::load(&ctx)?;
         let per_layer = opts
             .max_ctx
@@ -523,7 +629,7 @@ impl CudaBackend {
             token: stream.alloc_zeros::<i32>(1).context("allocating the step's token")?,
             pos: stream.alloc_zeros::<i32>(1).context("allocating the step's position")?,
         };
-        Ok(CudaBackend {
+        let mut backend = CudaBackend {
             cfg,
             opts,
             device_name,
@@ -538,8 +644,22 @@ impl CudaBackend {
             in_flight: RefCell::new(InFlight::default()),
             recording,
             step,
-            tf32,
-        })
+            prefill_matmul,
+            stage_gemv_rows: std::env::var("QWEN2_PARITY_CUDA_GEMV_STAGE").as_deref() != Ok("0"),
+        };
+        backend.set_prefill_matmul(prefill_matmul)?;
+        Ok(backend)
+    }
+
+    /// Choose the prefill matmuls' arithmetic (the environment's at load).
+    pub fn set_prefill_matmul(&mut self, mode: PrefillMatmul) -> Result<()> {
+        use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+        let math = if mode == PrefillMatmul::Tf32 { cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH } else { cublasMath_t::CUBLAS_DEFAULT_MATH };
+        // SAFETY: the handle is this backend's, used by one thread at a time (&mut self).
+        let status = unsafe { cublasSetMathMode(*self.blas.handle(), math) };
+        ensure!(status == cublasStatus_t::CUBLAS_STATUS_SUCCESS, "cublasSetMathMode({math:?}): {status:?}");
+        self.prefill_matmul = mode;
+        Ok(())
     }
 
     fn upload_weight(&mut self, w: Weight, data: &[f32]) -> Result<()> {
@@ -640,18 +760,212 @@ impl CudaBackend {
     fn dequantized(&self, w: Weight) -> Result<F32Matrix<'_>> {
         match self.weight(w)? {
             DeviceWeight::F32(b) => Ok(F32Matrix::Resident(b)),
-            DeviceWeight::Blocks { ty, data, rows, cols, row_bytes, flags } => {
+            blocks @ DeviceWeight::Blocks { rows, cols, .. } => {
                 let mut out = self.alloc(vec![*rows, *cols])?;
-                let (r, c) = (i32_of(*rows, "rows")?, i32_of(*cols, "cols")?);
-                let rb = *row_bytes as u64;
-                let cfg = grid_for(out.len());
-                let mut b = self.stream.launch_builder(&self.k.quant[ty].dequant);
-                b.arg(data).arg(&rb).arg(&mut out.data).arg(&r).arg(&c).arg(flags);
-                // SAFETY: `data` holds rows * row_bytes bytes (checked at upload), `out` rows * cols f32.
-                unsafe { b.launch(cfg) }.with_context(|| format!("launching dequant_{}", ty.name()))?;
+                self.dequantize_into(blocks, Dequantized::F32(&mut out.data))?;
                 Ok(F32Matrix::Scratch(out))
             }
         }
+    }
+
+    /// Decodes a block matrix into `out` (rows * cols values) with
+    /// `kernels/quant.cu`'s dequant_<ty> (f32) or dequant_f16_<ty> (f16 bits).
+    fn dequantize_into(&self, blocks: &DeviceWeight, out: Dequantized<'_>) -> Result<()> {
+        let DeviceWeight::Blocks { ty, data, rows, cols, row_bytes, flags } = blocks else {
+            bail!("dequantize: the weight is f32, not blocks");
+        };
+        let (r, c) = (i32_of(*rows, "rows")?, i32_of(*cols, "cols")?);
+        let rb = *row_bytes as u64;
+        let kernels = &self.k.quant[ty];
+        let (mut b, prefix) = match out {
+            Dequantized::F32(out) => {
+                ensure!(out.len() == rows * cols, "dequantize: {} outputs for a {rows}x{cols} matrix", out.len());
+                let mut b = self.stream.launch_builder(&kernels.dequant);
+                b.arg(data).arg(&rb).arg(out);
+                (b, "dequant")
+            }
+            Dequantized::F16(out) => {
+                ensure!(out.len() == rows * cols, "dequantize: {} outputs for a {rows}x{cols} matrix", out.len());
+                let mut b = self.stream.launch_builder(&kernels.dequant_f16);
+                b.arg(data).arg(&rb).arg(out);
+                (b, "dequant_f16")
+            }
+        };
+        b.arg(&r).arg(&c).arg(flags);
+        // SAFETY: `data` holds rows * row_bytes bytes (checked at upload), `out` rows * cols values (checked above).
+        unsafe { b.launch(grid_for(rows * cols)) }.with_context(|| format!("launching {prefix}_{}", ty.name()))?;
+        Ok(())
+    }
+
+    /// [`Backend::linear`], then `residual + y` when a residual is given:
+    /// added by the GEMV kernel itself (as `add_f32` adds it, the same
+    /// bits), or by `add` after the other paths.
+    fn linear_then_add(&self, x: &CudaBuf, weight: Weight, bias: Option<Weight>, read: WeightRead, residual: Option<&CudaBuf>) -> Result<CudaBuf> {
+        let t0 = self.prof_start()?;
+        let (n_out, n_in) = match self.weight(weight)? {
+            DeviceWeight::F32(w) if w.shape.len() == 2 => (w.shape[0], w.shape[1]),
+            DeviceWeight::F32(_) => bail!("linear: {weight:?} is not a matrix"),
+            DeviceWeight::Blocks { rows, cols, .. } => (*rows, *cols),
+        };
+        let last = *x.shape.last().ok_or_else(|| anyhow!("linear of a scalar"))?;
+        ensure!(last == n_in, "linear: x rows have {last} values, {weight:?} expects {n_in}");
+        let n = x.len() / n_in;
+        let mut shape = x.shape.clone();
+        *shape.last_mut().unwrap() = n_out;
+        if shape.len() > 2 {
+            shape = vec![n, n_out];
+        }
+        let mut y = self.alloc(shape)?;
+        if let Some(res) = residual {
+            ensure!(res.len() == y.len(), "linear: residual of shape {:?} for an output of shape {:?}", res.shape, y.shape);
+        }
+        // Whether the residual still has to be added after the product.
+        let mut residual_left = residual;
+        let bias = match bias {
+            Some(bw) => {
+                let bvec = self.vector(bw)?;
+                ensure!(bvec.len() == n_out, "bias {bw:?} has {} values, output rows {n_out}", bvec.len());
+                Some(bvec)
+            }
+            None => None,
+        };
+        // Whether the bias still has to be added after the product.
+        let mut bias_left = bias;
+        let path = match self.weight(weight)? {
+            DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } if read == WeightRead::Rows && n <= GEMV_MAX_TOKENS => {
+                let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(n_in, "cols")?);
+                let rb = *row_bytes as u64;
+                let (cfg, wpr_arg, staged) = gemv_launch(n_out, *row_bytes, 1, self.stage_gemv_rows);
+                let no_bias: u64 = 0;
+                let mut b = self.stream.launch_builder(&self.k.quant[ty].gemv);
+                b.arg(data).arg(&rb).arg(&x.data);
+                match bias_left.take() {
+                    Some(bvec) => b.arg(&bvec.data),
+                    // A null `const float*`: the kernel adds no bias.
+                    None => b.arg(&no_bias),
+                };
+                match residual_left.take() {
+                    Some(res) => b.arg(&res.data),
+                    None => b.arg(&no_bias),
+                };
+                b.arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(flags).arg(&wpr_arg).arg(&staged);
+                // SAFETY: the blocks hold n_out rows of row_bytes (checked at upload); x is [n, n_in], y [n, n_out],
+                // n <= GEMV_MAX_TOKENS; the bias, when given, holds n_out values, the residual n * n_out (checked
+                // above); when staged, the launch gives the shared memory stage_rows fills (gemv_launch).
+                unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv_{} for {weight:?}", ty.name()))?;
+                "linear (gemv on blocks)"
+            }
+            DeviceWeight::Blocks { .. } if self.prefill_matmul == PrefillMatmul::F16 => {
+                self.linear_f16(x, weight, read, n, n_out, n_in, bias_left.take(), &mut y)?;
+                "linear (f16 tensor cores)"
+            }
+            other => {
+                let path = if matches!(other, DeviceWeight::F32(_)) { "linear (sgemm on f32)" } else { "linear (dequantize + sgemm)" };
+                let w = self.dequantized(weight)?;
+                let (transa, lda) = match read {
+                    WeightRead::Rows => (cublasOperation_t::CUBLAS_OP_T, n_in),
+                    WeightRead::Transposed => (cublasOperation_t::CUBLAS_OP_N, n_out),
+                };
+                let cfg = GemmConfig {
+                    transa,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m: i32_of(n_out, "out")?,
+                    n: i32_of(n, "n_tokens")?,
+                    k: i32_of(n_in, "in")?,
+                    alpha: 1.0f32,
+                    lda: i32_of(lda, "lda")?,
+                    ldb: i32_of(n_in, "ldb")?,
+                    beta: 0.0f32,
+                    ldc: i32_of(n_out, "ldc")?,
+                };
+                // SAFETY: the dimensions above describe w ([n_out, n_in]), x ([n, n_in]) and y ([n, n_out]) exactly.
+                unsafe { self.blas.gemm(cfg, &w.data, &x.data, &mut y.data) }.with_context(|| format!("cublasSgemm for {weight:?}"))?;
+                path
+            }
+        };
+        if let Some(bvec) = bias_left {
+            let (nr, nc) = (i32_of(n, "rows")?, i32_of(n_out, "cols")?);
+            let cfg = grid_for(y.len());
+            let mut b = self.stream.launch_builder(&self.k.add_bias);
+            b.arg(&mut y.data).arg(&bvec.data).arg(&nr).arg(&nc);
+            unsafe { b.launch(cfg) }.context("launching add_bias_f32")?;
+        }
+        self.prof_end(path, t0)?;
+        match residual_left {
+            Some(res) => self.add(res, &y),
+            None => Ok(y),
+        }
+    }
+
+    /// `y = x · W^T (+ bias)` on f16 tensor cores for a quantized W: W
+    /// dequantized to f16, each row of x scaled by a power of two into f16
+    /// (`rows_to_f16`), cuBLAS GemmEx with f32 accumulation (the transpose
+    /// flags of [`Backend::linear`]), then each row scaled back and the bias
+    /// added in one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_f16(&self, x: &CudaBuf, weight: Weight, read: WeightRead, n: usize, n_out: usize, n_in: usize, bias: Option<&CudaBuf>, y: &mut CudaBuf) -> Result<()> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasGemmEx, cublasStatus_t, cudaDataType};
+        let (r, c, nt) = (i32_of(n_out, "rows")?, i32_of(n_in, "cols")?, i32_of(n, "n_tokens")?);
+        // SAFETY (the three allocations): each kernel below writes all of its output.
+        let mut w16 = unsafe { self.stream.alloc::<u16>(n_out * n_in) }.context("allocating the f16 weight scratch")?;
+        let mut x16 = unsafe { self.stream.alloc::<u16>(n * n_in) }.context("allocating the f16 activations")?;
+        let mut scales = unsafe { self.stream.alloc::<f32>(n) }.context("allocating the row scales")?;
+        self.dequantize_into(self.weight(weight)?, Dequantized::F16(&mut w16))?;
+        let mut b = self.stream.launch_builder(&self.k.rows_to_f16);
+        b.arg(&x.data).arg(&mut x16).arg(&mut scales).arg(&c);
+        // SAFETY: x is [n, n_in] (checked by linear), x16 [n, n_in], scales [n]; one block per row.
+        unsafe { b.launch(rows_grid(n)?) }.context("launching rows_to_f16")?;
+        let (transa, lda) = match read {
+            WeightRead::Rows => (cublasOperation_t::CUBLAS_OP_T, n_in),
+            WeightRead::Transposed => (cublasOperation_t::CUBLAS_OP_N, n_out),
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        {
+            let (a_ptr, _a) = w16.device_ptr(&self.stream);
+            let (b_ptr, _b) = x16.device_ptr(&self.stream);
+            let (c_ptr, _c) = y.data.device_ptr(&self.stream);
+            // SAFETY: the pointers are live device buffers of the sizes the
+            // dimensions describe (A [n_out, n_in] f16, B [n, n_in] f16, C
+            // [n, n_out] f32, column-major as in `linear`); alpha and beta are
+            // host f32 (cuBLAS's default pointer mode); the handle is bound to
+            // this backend's stream, so stream order keeps the buffers alive
+            // and written before use.
+            let status = unsafe {
+                cublasGemmEx(
+                    *self.blas.handle(),
+                    transa,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    r,
+                    nt,
+                    c,
+                    (&alpha as *const f32).cast(),
+                    a_ptr as *const std::ffi::c_void,
+                    cudaDataType::CUDA_R_16F,
+                    i32_of(lda, "lda")?,
+                    b_ptr as *const std::ffi::c_void,
+                    cudaDataType::CUDA_R_16F,
+                    c,
+                    (&beta as *const f32).cast(),
+                    c_ptr as *mut std::ffi::c_void,
+                    cudaDataType::CUDA_R_32F,
+                    r,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            };
+            ensure!(status == cublasStatus_t::CUBLAS_STATUS_SUCCESS, "cublasGemmEx (f16) for {weight:?}: {status:?}");
+        }
+        let no_bias: u64 = 0;
+        let mut b = self.stream.launch_builder(&self.k.scale_rows_add_bias);
+        b.arg(&mut y.data).arg(&scales);
+        match bias {
+            Some(bvec) => b.arg(&bvec.data),
+            None => b.arg(&no_bias),
+        };
+        b.arg(&nt).arg(&r);
+        // SAFETY: y is [n, n_out], scales [n], the bias (when given) n_out values (checked by linear).
+        unsafe { b.launch(grid_for(n * n_out)) }.context("launching scale_rows_add_bias")?;
+        Ok(())
     }
 
     /// A weight's values as the kernels read them, on the host (for tests:
@@ -662,14 +976,9 @@ impl CudaBackend {
     }
 
     /// The device's name, as the driver reports it (e.g. "NVIDIA H100 80GB HBM3").
-    /// The arithmetic of the matmuls, for every run's log: f32 everywhere,
-    /// or TF32 tensor cores for the matmuls of more than GEMV_MAX_TOKENS rows.
+    /// The arithmetic of the matmuls, for every run's log ([`PrefillMatmul::describe`]).
     pub fn matmul_arithmetic(&self) -> &'static str {
-        if self.tf32 {
-            "prefill matmuls in TF32 on tensor cores (QWEN2_PARITY_CUDA_TF32=1: inputs rounded to 10-bit mantissas), decode GEMVs in f32"
-        } else {
-            "matmuls in f32 (cuBLAS sgemm without TF32, f32 GEMVs)"
-        }
+        self.prefill_matmul.describe()
     }
 
     pub fn device_name(&self) -> &str {
@@ -928,86 +1237,12 @@ impl Backend for CudaBackend {
     /// A quantized matrix and at most [`GEMV_MAX_TOKENS`] rows of `x` (read
     /// as rows) take the GEMV kernel over the blocks instead.
     fn linear(&self, x: &CudaBuf, weight: Weight, bias: Option<Weight>, read: WeightRead) -> Result<CudaBuf> {
-        let t0 = self.prof_start()?;
-        let (n_out, n_in) = match self.weight(weight)? {
-            DeviceWeight::F32(w) if w.shape.len() == 2 => (w.shape[0], w.shape[1]),
-            DeviceWeight::F32(_) => bail!("linear: {weight:?} is not a matrix"),
-            DeviceWeight::Blocks { rows, cols, .. } => (*rows, *cols),
-        };
-        let last = *x.shape.last().ok_or_else(|| anyhow!("linear of a scalar"))?;
-        ensure!(last == n_in, "linear: x rows have {last} values, {weight:?} expects {n_in}");
-        let n = x.len() / n_in;
-        let mut shape = x.shape.clone();
-        *shape.last_mut().unwrap() = n_out;
-        if shape.len() > 2 {
-            shape = vec![n, n_out];
-        }
-        let mut y = self.alloc(shape)?;
-        let bias = match bias {
-            Some(bw) => {
-                let bvec = self.vector(bw)?;
-                ensure!(bvec.len() == n_out, "bias {bw:?} has {} values, output rows {n_out}", bvec.len());
-                Some(bvec)
-            }
-            None => None,
-        };
-        // Whether the bias still has to be added after the product.
-        let mut bias_left = bias;
-        let path = match self.weight(weight)? {
-            DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } if read == WeightRead::Rows && n <= GEMV_MAX_TOKENS => {
-                let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(n_in, "cols")?);
-                let rb = *row_bytes as u64;
-                let wpr = gemv_warps_per_row(n_out);
-                let rows_per_block = (GEMV_WARPS / wpr) as usize;
-                let cfg = LaunchConfig { grid_dim: (n_out.div_ceil(rows_per_block) as u32, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
-                let wpr_arg = wpr as i32;
-                let no_bias: u64 = 0;
-                let mut b = self.stream.launch_builder(&self.k.quant[ty].gemv);
-                b.arg(data).arg(&rb).arg(&x.data);
-                match bias_left.take() {
-                    Some(bvec) => b.arg(&bvec.data),
-                    // A null `const float*`: the kernel adds no bias.
-                    None => b.arg(&no_bias),
-                };
-                b.arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(flags).arg(&wpr_arg);
-                // SAFETY: the blocks hold n_out rows of row_bytes (checked at upload); x is [n, n_in], y [n, n_out],
-                // n <= GEMV_MAX_TOKENS; the bias, when given, holds n_out values (checked above).
-                unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv_{} for {weight:?}", ty.name()))?;
-                "linear (gemv on blocks)"
-            }
-            other => {
-                let path = if matches!(other, DeviceWeight::F32(_)) { "linear (sgemm on f32)" } else { "linear (dequantize + sgemm)" };
-                let w = self.dequantized(weight)?;
-                let (transa, lda) = match read {
-                    WeightRead::Rows => (cublasOperation_t::CUBLAS_OP_T, n_in),
-                    WeightRead::Transposed => (cublasOperation_t::CUBLAS_OP_N, n_out),
-                };
-                let cfg = GemmConfig {
-                    transa,
-                    transb: cublasOperation_t::CUBLAS_OP_N,
-                    m: i32_of(n_out, "out")?,
-                    n: i32_of(n, "n_tokens")?,
-                    k: i32_of(n_in, "in")?,
-                    alpha: 1.0f32,
-                    lda: i32_of(lda, "lda")?,
-                    ldb: i32_of(n_in, "ldb")?,
-                    beta: 0.0f32,
-                    ldc: i32_of(n_out, "ldc")?,
-                };
-                // SAFETY: the dimensions above describe w ([n_out, n_in]), x ([n, n_in]) and y ([n, n_out]) exactly.
-                unsafe { self.blas.gemm(cfg, &w.data, &x.data, &mut y.data) }.with_context(|| format!("cublasSgemm for {weight:?}"))?;
-                path
-            }
-        };
-        if let Some(bvec) = bias_left {
-            let (nr, nc) = (i32_of(n, "rows")?, i32_of(n_out, "cols")?);
-            let cfg = grid_for(y.len());
-            let mut b = self.stream.launch_builder(&self.k.add_bias);
-            b.arg(&mut y.data).arg(&bvec.data).arg(&nr).arg(&nc);
-            unsafe { b.launch(cfg) }.context("launching add_bias_f32")?;
-        }
-        self.prof_end(path, t0)?;
-        Ok(y)
+        self.linear_then_add(x, weight, bias, read, None)
+    }
+
+    /// The GEMV adds the residual itself ([`CudaBackend::linear_then_add`]).
+    fn linear_residual(&self, x: &CudaBuf, weight: Weight, read: WeightRead, residual: &CudaBuf) -> Result<CudaBuf> {
+        self.linear_then_add(x, weight, None, read, Some(residual))
     }
 
     fn rope(&self, x: &CudaBuf, pos0: usize, freq_base: f32, pairing: RopePairing) -> Result<CudaBuf> {
@@ -1158,7 +1393,16 @@ impl Backend for CudaBackend {
         let mut cfg = rows_grid(nh * nt)?;
         // A recorded kernel serves every later length: room for the longest row.
         let longest = if self.capturing() { self.opts.max_ctx } else { n_kv };
-        cfg.shared_mem_bytes = (longest * 4) as u32;
+        let elem = match self.cache {
+            KvCache::F32 { .. } => 4,
+            KvCache::F16 { .. } => 2,
+        };
+        let key_stride = attention_key_stride(hd, elem);
+        let tile_keys = attention_tile_keys(key_stride, elem);
+        let shared = longest.next_multiple_of(4) * 4 + tile_keys * key_stride * elem;
+        ensure!(shared <= ATTENTION_MAX_SHARED, "attention: {shared} bytes of shared memory for head_dim {hd} and {longest} keys (limit {ATTENTION_MAX_SHARED})");
+        cfg.shared_mem_bytes = shared as u32;
+        let (max_kv_arg, tile_keys_arg, key_stride_arg) = (i32_of(longest, "max_kv")?, tile_keys as i32, i32_of(key_stride, "key_stride")?);
         let round: i32 = round_probs.into();
         let mut b = match &self.cache {
             KvCache::F32 { k, v } => {
@@ -1176,11 +1420,12 @@ impl Backend for CudaBackend {
         for v in &a {
             b.arg(v);
         }
-        b.arg(&scale).arg(&round).arg(&step_pos);
+        b.arg(&scale).arg(&round).arg(&step_pos).arg(&max_kv_arg).arg(&tile_keys_arg).arg(&key_stride_arg);
         // SAFETY: q is [nt, nh, hd], the layer's caches hold max_ctx >= n_kv
         // rows of n_head_kv * hd, out is [nt, nh, hd]; the dynamic shared
-        // memory holds the n_kv scores of one row (n_kv <= FUSED_ATTENTION_MAX_KV;
-        // recording: max_ctx, which replays never pass, <= FUSED_ATTENTION_MAX_KV).
+        // memory holds the scores of the longest row (n_kv <= FUSED_ATTENTION_MAX_KV;
+        // recording: max_ctx, which replays never pass, <= FUSED_ATTENTION_MAX_KV)
+        // and tile_keys padded key rows, under the limit set at load (ATTENTION_MAX_SHARED).
         unsafe { b.launch(cfg) }.context("launching attention")?;
         self.prof_end("attention (fused)", t0)?;
         Ok(out)
@@ -1208,14 +1453,12 @@ impl Backend for CudaBackend {
         let mut y = self.alloc(vec![n, n_out])?;
         let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(cols, "cols")?);
         let rb = row_bytes as u64;
-        let wpr = gemv_warps_per_row(n_out);
-        let rows_per_block = (GEMV_WARPS / wpr) as usize;
-        let cfg = LaunchConfig { grid_dim: (n_out.div_ceil(rows_per_block) as u32, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: 0 };
-        let (wpr_arg, act_code) = (wpr as i32, activation_code(act));
+        let (cfg, wpr_arg, staged) = gemv_launch(n_out, row_bytes, 2, self.stage_gemv_rows);
+        let act_code = activation_code(act);
         let mut l = self.stream.launch_builder(&self.k.quant[&ty].gemv_glu);
-        l.arg(wa).arg(wb).arg(&rb).arg(&x.data).arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code);
+        l.arg(wa).arg(wb).arg(&rb).arg(&x.data).arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code).arg(&staged);
         // SAFETY: both matrices hold n_out rows of row_bytes (checked at upload, and equal above); x is [n, cols],
-        // y [n, n_out], n <= GEMV_MAX_TOKENS.
+        // y [n, n_out], n <= GEMV_MAX_TOKENS; when staged, the launch gives the shared memory of both regions.
         unsafe { l.launch(cfg) }.with_context(|| format!("launching gemv_glu_{} for {a:?} and {b:?}", ty.name()))?;
         self.prof_end("gated linear (gemv on blocks)", t0)?;
         Ok(y)
@@ -1397,6 +1640,39 @@ impl Drop for CudaBackend {
             match p.report(&self.device_name) {
                 Ok(table) => eprint!("{table}"),
                 Err(e) => eprintln!("cuda profile: {e:#}"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staged_key_rows_are_an_odd_number_of_words() {
+        for hd in [32, 63, 64, 80, 96, 128, 256] {
+            for elem in [2, 4] {
+                let stride = attention_key_stride(hd, elem);
+                assert!(stride >= hd && stride < hd + 2 * 4 / elem, "head_dim {hd}, elem {elem}: stride {stride}");
+                assert_eq!(stride * elem % 4, 0, "rows must stay 4-byte aligned");
+                assert_eq!(stride * elem / 4 % 2, 1, "head_dim {hd}, elem {elem}: an even number of words");
+            }
+        }
+        // Qwen2's head_dim 64: one word of padding, as the kernel was tuned with.
+        assert_eq!(attention_key_stride(64, 4), 65);
+        assert_eq!(attention_key_stride(64, 2), 66);
+    }
+
+    #[test]
+    fn a_key_tile_fits_the_shared_memory_it_is_given() {
+        for hd in [64, 128] {
+            for elem in [2, 4] {
+                let stride = attention_key_stride(hd, elem);
+                let keys = attention_tile_keys(stride, elem);
+                assert!(keys % 32 == 0 && (32..=ROW_BLOCK as usize).contains(&keys));
+                assert!(keys * stride * elem <= ATTENTION_TILE_BYTES);
+                assert!(FUSED_ATTENTION_MAX_KV * 4 + keys * stride * elem <= ATTENTION_MAX_SHARED);
             }
         }
     }
