@@ -626,6 +626,27 @@ fn random_blocks(rng: &mut ChaCha8Rng, ty: GgmlType, n: usize) -> Vec<u8> {
     random_blocks_scaled(rng, ty, n, 0.05)
 }
 
+/// The CPU oracle and a CUDA backend on the same values: the matrices in
+/// `quantized` as random blocks of `ty` (the GPU keeps the blocks, the CPU
+/// gets their dequantized values), every other weight from `weights(cfg, seed)`.
+fn oracle_and_gpu_on_blocks(cfg: &Qwen2Config, ty: GgmlType, quantized: &[Weight], seed: u64, rng: &mut ChaCha8Rng, opts: BackendOptions) -> (CpuBackend, CudaBackend) {
+    let mut f32_weights = weights(cfg, seed);
+    let mut blocks = Vec::new();
+    for &w in quantized {
+        let shape = w.shape(cfg);
+        let n = shape.iter().product();
+        let bytes = random_blocks(rng, ty, n);
+        f32_weights.insert(w, Tensor::new(shape, gguf::dequant::dequantize(ty, &bytes, n).unwrap()));
+        blocks.push((w, bytes));
+    }
+    let cpu = CpuBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
+    let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights, opts).unwrap();
+    for (w, bytes) in &blocks {
+        g.upload_blocks(*w, ty, bytes, 0).unwrap();
+    }
+    (cpu, g)
+}
+
 #[track_caller]
 /// Bit for bit, except that any NaN equals any NaN: an invalid operation
 /// (0 x inf where a block's f16 scale overflows) gives x86's default NaN
@@ -688,20 +709,7 @@ fn block_weights_linear_and_embed_match_cpu() {
     let mut rng = ChaCha8Rng::seed_from_u64(33);
     let quantized = [Weight::TokenEmbd, Weight::AttnQ(0), Weight::AttnOutput(1), Weight::FfnUp(0), Weight::FfnDown(1), Weight::Output];
     for ty in BLOCK_TYPES {
-        let mut f32_weights = weights(&cfg, 34);
-        let mut blocks = Vec::new();
-        for w in quantized {
-            let shape = w.shape(&cfg);
-            let n = shape.iter().product();
-            let bytes = random_blocks(&mut rng, ty, n);
-            f32_weights.insert(w, Tensor::new(shape, gguf::dequant::dequantize(ty, &bytes, n).unwrap()));
-            blocks.push((w, bytes));
-        }
-        let cpu = CpuBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
-        let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights, opts).unwrap();
-        for (w, bytes) in &blocks {
-            g.upload_blocks(*w, ty, bytes, 0).unwrap();
-        }
+        let (cpu, g) = oracle_and_gpu_on_blocks(&cfg, ty, &quantized, 34, &mut rng, opts);
         for n in [1, 3, engine::cuda::GEMV_MAX_TOKENS, engine::cuda::GEMV_MAX_TOKENS + 1, 33] {
             let x = rand_tensor(&mut rng, &[n, cfg.n_embd], 1.0);
             let xq = rand_tensor(&mut rng, &[n, cfg.n_head * cfg.head_dim], 1.0);
@@ -752,20 +760,7 @@ fn f16_prefill_matmul_matches_cpu_within_f16_rounding() {
         }
     };
     for ty in BLOCK_TYPES {
-        let mut f32_weights = weights(&cfg, 52);
-        let mut blocks = Vec::new();
-        for w in [Weight::AttnQ(0), Weight::FfnDown(1)] {
-            let shape = w.shape(&cfg);
-            let n = shape.iter().product();
-            let bytes = random_blocks(&mut rng, ty, n);
-            f32_weights.insert(w, Tensor::new(shape, gguf::dequant::dequantize(ty, &bytes, n).unwrap()));
-            blocks.push((w, bytes));
-        }
-        let cpu = CpuBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
-        let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights, opts).unwrap();
-        for (w, bytes) in &blocks {
-            g.upload_blocks(*w, ty, bytes, 0).unwrap();
-        }
+        let (cpu, mut g) = oracle_and_gpu_on_blocks(&cfg, ty, &[Weight::AttnQ(0), Weight::FfnDown(1)], 52, &mut rng, opts);
         g.set_prefill_matmul(PrefillMatmul::F16).unwrap();
         let n = engine::cuda::GEMV_MAX_TOKENS + 5;
         for (w, b, n_in) in [(Weight::AttnQ(0), Some(Weight::AttnQBias(0)), cfg.n_embd), (Weight::FfnDown(1), None, cfg.n_ff)] {
@@ -1027,13 +1022,7 @@ fn block_gemv_ends_rows_of_odd_length() {
     let shape = w.shape(&cfg);
     assert_eq!(shape[1] % 8, 1, "the test needs a row length that is not a multiple of 8");
     for ty in [GgmlType::F16, GgmlType::F32, GgmlType::BF16] {
-        let n = shape.iter().product();
-        let bytes = random_blocks(&mut rng, ty, n);
-        let mut f32_weights = weights(&cfg, 44);
-        f32_weights.insert(w, Tensor::new(shape.clone(), gguf::dequant::dequantize(ty, &bytes, n).unwrap()));
-        let cpu = CpuBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
-        let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights, opts).unwrap();
-        g.upload_blocks(w, ty, &bytes, 0).unwrap();
+        let (cpu, g) = oracle_and_gpu_on_blocks(&cfg, ty, &[w], 44, &mut rng, opts);
         for n_tok in [1, 5] {
             let x = rand_tensor(&mut rng, &[n_tok, cfg.n_ff], 1.0);
             let a = cpu.linear(&x, w, None, WeightRead::Rows).unwrap();
