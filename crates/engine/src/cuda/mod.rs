@@ -518,6 +518,17 @@ fn activation_code(act: Activation) -> i32 {
     }
 }
 
+/// cuBLAS's operation on a weight matrix stored `[n_out, n_in]` row-major
+/// (column-major `[n_in, n_out]` to cuBLAS), and its leading dimension:
+/// transposed for `Rows`, as it is for the `Transposed` read (the fault
+/// that reads the buffer as `[n_in, n_out]`).
+fn weight_op(read: WeightRead, n_out: usize, n_in: usize) -> (cublasOperation_t, usize) {
+    match read {
+        WeightRead::Rows => (cublasOperation_t::CUBLAS_OP_T, n_in),
+        WeightRead::Transposed => (cublasOperation_t::CUBLAS_OP_N, n_out),
+    }
+}
+
 fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow!("{what} = {v} does not fit a 32-bit kernel argument"))
 }
@@ -862,10 +873,7 @@ impl CudaBackend {
             other => {
                 let path = if matches!(other, DeviceWeight::F32(_)) { "linear (sgemm on f32)" } else { "linear (dequantize + sgemm)" };
                 let w = self.dequantized(weight)?;
-                let (transa, lda) = match read {
-                    WeightRead::Rows => (cublasOperation_t::CUBLAS_OP_T, n_in),
-                    WeightRead::Transposed => (cublasOperation_t::CUBLAS_OP_N, n_out),
-                };
+                let (transa, lda) = weight_op(read, n_out, n_in);
                 let cfg = GemmConfig {
                     transa,
                     transb: cublasOperation_t::CUBLAS_OP_N,
@@ -915,10 +923,7 @@ impl CudaBackend {
         b.arg(&x.data).arg(&mut x16).arg(&mut scales).arg(&c);
         // SAFETY: x is [n, n_in] (checked by linear), x16 [n, n_in], scales [n]; one block per row.
         unsafe { b.launch(rows_grid(n)?) }.context("launching rows_to_f16")?;
-        let (transa, lda) = match read {
-            WeightRead::Rows => (cublasOperation_t::CUBLAS_OP_T, n_in),
-            WeightRead::Transposed => (cublasOperation_t::CUBLAS_OP_N, n_out),
-        };
+        let (transa, lda) = weight_op(read, n_out, n_in);
         let (alpha, beta) = (1.0f32, 0.0f32);
         {
             let (a_ptr, _a) = w16.device_ptr(&self.stream);
