@@ -1,4 +1,5 @@
-// Attention kernels of the CUDA backend over a per-layer KV cache laid out
+// RoPE, the KV store and attention of the CUDA backend (one file: a decode
+// step's RoPE and KV store are one kernel, rope_qk_kv_store), over a per-layer KV cache laid out
 // [max_ctx, n_head_kv, head_dim], element type f32 or f16 (stored as raw
 // 16-bit words; conversions by PTX cvt, round-to-nearest-even on store like
 // ggml's f32->f16). GQA is an index map (no repeated K/V):
@@ -30,6 +31,50 @@ __device__ __forceinline__ void st(half_bits* p, u64 i, float v) {
 
 __device__ __forceinline__ int kv_head(int h, int n_head, int n_head_kv, int head_map) {
     return head_map == 0 ? h / (n_head / n_head_kv) : head_map == 1 ? h % n_head_kv : h * n_head_kv / n_head;
+}
+
+// Rotary position embedding of x[n_tokens, n_heads, head_dim] at positions
+// pos0 + t. Pair i (0 <= i < head_dim/2) rotates by theta = pos * base^(-2i/head_dim):
+//   pairing 0 (NEOX, Qwen2's):       elements (i, i + head_dim/2)
+//   pairing 1 (adjacent, GPT-J-like): elements (2i, 2i + 1)
+// Angles, cos and sin in f64. Pair k of the flat [n_tokens * n_heads * half]
+// pairs, into out (rounded to T on store: f32, or f16 for the cache).
+template <typename T>
+__device__ __forceinline__ void rope_pair(const float* __restrict__ x, T* __restrict__ out, unsigned long long k,
+                                          int n_heads, int head_dim, int pos0, float freq_base, int pairing) {
+    const int half = head_dim / 2;
+    const int i = (int)(k % half);
+    const unsigned long long th = k / half;  // t * n_heads + h
+    const int t = (int)(th / n_heads);
+    const unsigned long long base = th * head_dim;
+    int i0, i1;
+    if (pairing == 0) {
+        i0 = i;
+        i1 = i + half;
+    } else {
+        i0 = 2 * i;
+        i1 = 2 * i + 1;
+    }
+    const double theta = (double)(pos0 + t) * pow((double)freq_base, -2.0 * (double)i / (double)head_dim);
+    double s, c;
+    sincos(theta, &s, &c);
+    const double x0 = (double)x[base + i0];
+    const double x1 = (double)x[base + i1];
+    st(out, base + i0, (float)(x0 * c - x1 * s));
+    st(out, base + i1, (float)(x0 * s + x1 * c));
+}
+
+// One thread per pair. `step_pos`, when not null, is added to pos0: a
+// recorded decode step (a CUDA graph) takes each replay's position from
+// device memory (see cuda/mod.rs, `position`).
+extern "C" __global__ void rope_f32(const float* __restrict__ x, float* __restrict__ out, int n_tokens,
+                                    int n_heads, int head_dim, int pos0, float freq_base, int pairing,
+                                    const int* __restrict__ step_pos) {
+    if (step_pos) pos0 += *step_pos;
+    const u64 total = (u64)n_tokens * n_heads * (head_dim / 2);
+    for (u64 k = (u64)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (u64)gridDim.x * blockDim.x) {
+        rope_pair(x, out, k, n_heads, head_dim, pos0, freq_base, pairing);
+    }
 }
 
 // K and V rows [n_tokens, kv_row] into the cache rows pos0.. (kv_row = n_head_kv * head_dim).
@@ -93,34 +138,74 @@ __device__ void softmax_row(const float* sr, float* pr, int limit, int n_kv, flo
     }
 }
 
+// Four consecutive cache values from element i (i a multiple of 4: one
+// 16-byte load for f32, one 8-byte load for f16).
+__device__ __forceinline__ void ld4(const float* p, u64 i, float* v) {
+    const float4 x = *(const float4*)(p + i);
+    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+}
+__device__ __forceinline__ void ld4(const half_bits* p, u64 i, float* v) {
+    const uint2 x = *(const uint2*)(p + i);
+    const half_bits h[4] = {(half_bits)(x.x & 0xffff), (half_bits)(x.x >> 16), (half_bits)(x.y & 0xffff),
+                            (half_bits)(x.y >> 16)};
+#pragma unroll
+    for (int e = 0; e < 4; e++) v[e] = ld(h, e);
+}
+
+// Shared floats ctx_row needs for its partial sums.
+#define CTX_PARTIAL (ATTN_THREADS * 4)
+
 // probs V for one (query, head): out[d] = sum_j p[j] V[j, kvh, d]. Block-wide
-// (blockDim.x == ATTN_THREADS, head_dim <= ATTN_THREADS): the keys are split
-// into ATTN_THREADS / head_dim contiguous parts, thread (part, d) sums its
-// part in order of j (zero probabilities skipped), and the parts are added in
-// order. `partial` is ATTN_THREADS floats of shared memory.
+// (blockDim.x == ATTN_THREADS, head_dim <= ATTN_THREADS). Each thread takes
+// `per` consecutive dims (4 when head_dim is a multiple of 4: one vector
+// load per key; else 1); the keys 0..n_kv are split into as many contiguous
+// parts as the block has threads left over (16 for head_dim 64), thread
+// (part, dims) sums its part in order of j, zero probabilities skipped, and
+// the parts are added in order. Keys from `stop` on must have probability 0
+// (the fused kernel passes its causal limit, the separate kernel n_kv):
+// skipping them changes no bit. `partial` is CTX_PARTIAL floats of shared
+// memory.
 template <typename T>
-__device__ void ctx_row(const float* pr, const T* __restrict__ vc, float* __restrict__ out, int n_kv, int head_dim,
-                        int n_head_kv, int kvh, float* partial) {
-    const int parts = blockDim.x / head_dim;
-    const int d = threadIdx.x % head_dim, part = threadIdx.x / head_dim;
-    float acc = 0.0f;
+__device__ void ctx_row(const float* pr, const T* __restrict__ vc, float* __restrict__ out, int n_kv, int stop,
+                        int head_dim, int n_head_kv, int kvh, float* partial) {
+    const int per = (head_dim & 3) == 0 ? 4 : 1;
+    const int groups = head_dim / per;
+    const int parts = blockDim.x / groups;
+    const int g = threadIdx.x % groups, part = threadIdx.x / groups;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (part < parts) {
         const int chunk = (n_kv + parts - 1) / parts;
-        const int j1 = min(n_kv, (part + 1) * chunk);
+        const int j1 = min(stop, (part + 1) * chunk);
         // A select, not a branch, skips zero probabilities (a zero times an
         // infinite V would be NaN): the loop unrolls and its loads overlap.
+        if (per == 4) {
+#pragma unroll 4
+            for (int j = part * chunk; j < j1; ++j) {
+                const float p = pr[j];
+                float v[4];
+                ld4(vc, ((u64)j * n_head_kv + kvh) * head_dim + 4 * g, v);
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const float t = __fmaf_rn(p, v[e], acc[e]);
+                    acc[e] = p != 0.0f ? t : acc[e];
+                }
+            }
+        } else {
 #pragma unroll 8
-        for (int j = part * chunk; j < j1; ++j) {
-            const float p = pr[j];
-            const float t = __fmaf_rn(p, ld(vc, ((u64)j * n_head_kv + kvh) * head_dim + d), acc);
-            acc = p != 0.0f ? t : acc;
+            for (int j = part * chunk; j < j1; ++j) {
+                const float p = pr[j];
+                const float t = __fmaf_rn(p, ld(vc, ((u64)j * n_head_kv + kvh) * head_dim + g), acc[0]);
+                acc[0] = p != 0.0f ? t : acc[0];
+            }
         }
     }
-    partial[threadIdx.x] = acc;
+#pragma unroll
+    for (int e = 0; e < 4; e++) partial[e * ATTN_THREADS + threadIdx.x] = acc[e];
     __syncthreads();
     if (threadIdx.x < head_dim) {
-        float s = partial[threadIdx.x];
-        for (int k = 1; k < parts; ++k) s += partial[k * head_dim + threadIdx.x];
+        const int gd = threadIdx.x / per, e = threadIdx.x % per;
+        float s = partial[e * ATTN_THREADS + gd];
+        for (int k = 1; k < parts; ++k) s += partial[e * ATTN_THREADS + k * groups + gd];
         out[threadIdx.x] = s;
     }
 }
@@ -149,11 +234,56 @@ __device__ void attn_scores(const float* __restrict__ q, const T* __restrict__ k
 template <typename T>
 __device__ void attn_ctx(const float* __restrict__ probs, const T* __restrict__ vc, float* __restrict__ out,
                          int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv, int head_map) {
-    __shared__ float partial[ATTN_THREADS];
+    __shared__ float partial[CTX_PARTIAL];
     const int t = blockIdx.x / n_head, h = blockIdx.x % n_head;
     const int kvh = kv_head(h, n_head, n_head_kv, head_map);
-    ctx_row(probs + ((u64)h * n_tokens + t) * n_kv, vc, out + ((u64)t * n_head + h) * head_dim, n_kv, head_dim,
+    ctx_row(probs + ((u64)h * n_tokens + t) * n_kv, vc, out + ((u64)t * n_head + h) * head_dim, n_kv, n_kv, head_dim,
             n_head_kv, kvh, partial);
+}
+
+// Keys j0 .. j0 + nk - 1 of kv head kvh into `tile` (rows of key_stride
+// elements), by the whole block. When a key row is whole 16-byte pieces
+// (head_dim 64 in f16 or f32) each thread loads KEY_TILE_LOADS pieces
+// before storing any, so that many loads are in flight (one key row is
+// contiguous in the cache; the rows of one kv head are n_head_kv rows apart),
+// and stores them as 32-bit words (a padded row is word-aligned, not
+// 16-byte aligned); else element by element.
+#define KEY_TILE_LOADS 8
+template <typename T>
+__device__ __forceinline__ void load_key_tile(const T* __restrict__ kc, T* tile, int j0, int nk, int n_head_kv, int kvh,
+                                              int head_dim, int key_stride) {
+    if ((head_dim * (int)sizeof(T)) % 16 == 0) {
+        const int pieces = head_dim * (int)sizeof(T) / 16;  // per key row
+        const int per_piece = 16 / (int)sizeof(T);          // elements per piece
+        const int total = nk * pieces;
+        unsigned int* words = (unsigned int*)tile;
+        const int stride_words = key_stride * (int)sizeof(T) / 4;
+        for (int base = threadIdx.x; base < total; base += blockDim.x * KEY_TILE_LOADS) {
+            uint4 v[KEY_TILE_LOADS];
+#pragma unroll
+            for (int k = 0; k < KEY_TILE_LOADS; k++) {
+                const int i = base + k * blockDim.x;
+                if (i < total) {
+                    const int key = i / pieces, c = i - key * pieces;
+                    v[k] = *(const uint4*)(kc + ((u64)(j0 + key) * n_head_kv + kvh) * head_dim + c * per_piece);
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < KEY_TILE_LOADS; k++) {
+                const int i = base + k * blockDim.x;
+                if (i < total) {
+                    const int key = i / pieces, c = i - key * pieces;
+                    unsigned int* d = words + key * stride_words + c * 4;
+                    d[0] = v[k].x, d[1] = v[k].y, d[2] = v[k].z, d[3] = v[k].w;
+                }
+            }
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < nk * head_dim; i += blockDim.x) {
+        const int key = i / head_dim, d = i - key * head_dim;
+        tile[key * key_stride + d] = kc[((u64)(j0 + key) * n_head_kv + kvh) * head_dim + d];
+    }
 }
 
 // Scores, softmax and context in one kernel, one block of ATTN_THREADS per
@@ -185,7 +315,7 @@ __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc,
     T* tile = (T*)(row + ((max_kv + 3) & ~3));
     __shared__ float smax[ATTN_THREADS];
     __shared__ double ssum[ATTN_THREADS];
-    __shared__ float partial[ATTN_THREADS];
+    __shared__ float partial[CTX_PARTIAL];
     const int h = blockIdx.x / n_tokens, t = blockIdx.x % n_tokens;
     const int kvh = kv_head(h, n_head, n_head_kv, head_map);
     const float* qr = q + ((u64)t * n_head + h) * head_dim;
@@ -193,10 +323,7 @@ __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc,
     for (int j = limit + threadIdx.x; j < n_kv; j += blockDim.x) row[j] = 0.0f;
     for (int j0 = 0; j0 < limit; j0 += tile_keys) {
         const int nk = min(tile_keys, limit - j0);
-        for (int i = threadIdx.x; i < nk * head_dim; i += blockDim.x) {
-            const int key = i / head_dim, d = i - key * head_dim;
-            tile[key * key_stride + d] = kc[((u64)(j0 + key) * n_head_kv + kvh) * head_dim + d];
-        }
+        load_key_tile(kc, tile, j0, nk, n_head_kv, kvh, head_dim, key_stride);
         __syncthreads();
         for (int jj = threadIdx.x; jj < nk; jj += blockDim.x) row[j0 + jj] = dot_qk(qr, tile, (u64)jj * key_stride, head_dim);
         __syncthreads();
@@ -210,7 +337,64 @@ __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc,
         }
     }
     __syncthreads();
-    ctx_row(row, vc, out + ((u64)t * n_head + h) * head_dim, n_kv, head_dim, n_head_kv, kvh, partial);
+    ctx_row(row, vc, out + ((u64)t * n_head + h) * head_dim, n_kv, limit, head_dim, n_head_kv, kvh, partial);
+}
+
+// rope_f32 of q and of k at rope_pos0, and kv_store of the rotated k and of
+// v at kv_pos0, in one launch (a decode step's three smallest kernels): the
+// same per-element operations, so the same bits as the three launches. The
+// flat index runs over q's pairs, then k's pairs, then v's elements; a k pair
+// is written to k_out and to the cache (rotated in f64, rounded to f32, then
+// to T as kv_store rounds it).
+template <typename T>
+__device__ void rope_qk_kv_store(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                                 float* __restrict__ q_out, float* __restrict__ k_out, T* __restrict__ kc,
+                                 T* __restrict__ vc, int n_tokens, int n_head, int n_head_kv, int head_dim,
+                                 int rope_pos0, int kv_pos0, float freq_base, int pairing,
+                                 const int* __restrict__ step_pos) {
+    if (step_pos) {
+        rope_pos0 += *step_pos;
+        kv_pos0 += *step_pos;
+    }
+    const int half = head_dim / 2;
+    const int kv_row = n_head_kv * head_dim;
+    const u64 q_pairs = (u64)n_tokens * n_head * half, k_pairs = (u64)n_tokens * n_head_kv * half;
+    const u64 v_elems = (u64)n_tokens * kv_row;
+    const u64 off = (u64)kv_pos0 * kv_row;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < q_pairs + k_pairs + v_elems;
+         i += (u64)gridDim.x * blockDim.x) {
+        if (i < q_pairs) {
+            rope_pair(q, q_out, i, n_head, head_dim, rope_pos0, freq_base, pairing);
+        } else if (i < q_pairs + k_pairs) {
+            const u64 kk = i - q_pairs;
+            rope_pair(k, k_out, kk, n_head_kv, head_dim, rope_pos0, freq_base, pairing);
+            // This thread's two rotated values, as kv_store reads them back.
+            const u64 th = kk / half;
+            const int p = (int)(kk % half);
+            const u64 e0 = th * head_dim + (pairing == 0 ? p : 2 * p);
+            const u64 e1 = th * head_dim + (pairing == 0 ? p + half : 2 * p + 1);
+            st(kc, off + e0, k_out[e0]);
+            st(kc, off + e1, k_out[e1]);
+        } else {
+            const u64 e = i - q_pairs - k_pairs;
+            st(vc, off + e, v[e]);
+        }
+    }
+}
+
+extern "C" __global__ void rope_qk_kv_store_f32(const float* q, const float* k, const float* v, float* q_out,
+                                                float* k_out, float* kc, float* vc, int n_tokens, int n_head,
+                                                int n_head_kv, int head_dim, int rope_pos0, int kv_pos0,
+                                                float freq_base, int pairing, const int* step_pos) {
+    rope_qk_kv_store<float>(q, k, v, q_out, k_out, kc, vc, n_tokens, n_head, n_head_kv, head_dim, rope_pos0,
+                            kv_pos0, freq_base, pairing, step_pos);
+}
+extern "C" __global__ void rope_qk_kv_store_f16(const float* q, const float* k, const float* v, float* q_out,
+                                                float* k_out, half_bits* kc, half_bits* vc, int n_tokens,
+                                                int n_head, int n_head_kv, int head_dim, int rope_pos0,
+                                                int kv_pos0, float freq_base, int pairing, const int* step_pos) {
+    rope_qk_kv_store<half_bits>(q, k, v, q_out, k_out, kc, vc, n_tokens, n_head, n_head_kv, head_dim, rope_pos0,
+                                kv_pos0, freq_base, pairing, step_pos);
 }
 
 extern "C" __global__ void kv_store_f32(const float* k, const float* v, float* kc, float* vc, int n_tokens,

@@ -14,6 +14,7 @@
 //                 null) (residual[t, r] + that, when residual is not null)
 //                 for a few tokens (decode): 1 to 8 warps per output row,
 //                 the blocks read once for all tokens;
+//   gemv3_<ty>    up to three gemv_<ty> of one x in one launch (Q, K and V);
 //   gemv_glu_<ty> act(x Wa^T) * (x Wb^T), the FFN's gate, up and SwiGLU in one;
 //   get_rows_<ty> the embedding lookup: out[t, c] = W[tok[t], c], or with the
 //                 embed-transposed fault the flat element c * n_rows + tok[t].
@@ -374,18 +375,28 @@ __device__ __forceinline__ void row_dot(const u8* __restrict__ row, const float*
 // `sums[t]` on lane 0 of the row's first warp (true is returned there).
 __device__ __forceinline__ bool row_sums(float* acc, float (*partial)[GEMV_MAX_TOKENS], int warp, int lane, int part,
                                          int warps_per_row, int n_tokens, float* sums) {
+    // Only the tokens there are (n_tokens is the same for the whole block,
+    // so the shuffles stay warp-uniform; a decode step has one).
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-        float s = acc[t];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
-        if (lane == 0) partial[warp][t] = s;
+        if (t < n_tokens) {
+            float s = acc[t];
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+            if (lane == 0) partial[warp][t] = s;
+        }
     }
     __syncthreads();
     if (lane != 0 || part != 0) return false;
-    for (int t = 0; t < n_tokens; t++) {
-        float s = partial[warp][t];
-        for (int k = 1; k < warps_per_row; k++) s += partial[warp + k][t];
-        sums[t] = s;
+    // Unrolled over GEMV_MAX_TOKENS (with a guard) so that sums[] stays in
+    // registers: indexed by a loop bound known only at run time it would
+    // live in local memory.
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+        if (t < n_tokens) {
+            float s = partial[warp][t];
+            for (int k = 1; k < warps_per_row; k++) s += partial[warp + k][t];
+            sums[t] = s;
+        }
     }
     return true;
 }
@@ -421,15 +432,17 @@ __device__ const u8* stage_rows(const u8* __restrict__ w, u64 row_bytes, int n_r
 // the launch gives GEMV_WARPS / warps_per_row rows of dynamic shared memory
 // plus 16 bytes per matrix), else read where they are. The same bytes,
 // the same operations: the same bits either way.
+// `block`: this block's index among the launch's blocks for this matrix
+// (blockIdx.x, or less in gemv3).
 template <typename T>
 __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
                      const float* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ y,
-                     int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged) {
+                     int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged, int block) {
     __shared__ float partial[GEMV_WARPS][GEMV_MAX_TOKENS];
     extern __shared__ uint4 stage[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rows_per_block = GEMV_WARPS / warps_per_row;
-    const int r0 = blockIdx.x * rows_per_block;
+    const int r0 = block * rows_per_block;
     const int r = r0 + warp / warps_per_row;
     const int part = warp % warps_per_row;
     const u8* rows = staged ? stage_rows(w, row_bytes, n_rows, r0, min(rows_per_block, n_rows - r0), stage) - (u64)r0 * row_bytes : w;
@@ -439,13 +452,38 @@ __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __res
     if (r < n_rows) row_dot<T>(rows + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc);
     float sums[GEMV_MAX_TOKENS];
     if (row_sums(acc, partial, warp, lane, part, warps_per_row, n_tokens, sums) && r < n_rows) {
-        for (int t = 0; t < n_tokens; t++) {
-            // The bias as add_bias_f32 adds it: one f32 addition to the sum;
-            // the residual as add_f32 adds it (residual + product).
-            const u64 i = (u64)t * n_rows + r;
-            const float v = bias ? sums[t] + bias[r] : sums[t];
-            y[i] = residual ? residual[i] + v : v;
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+            if (t < n_tokens) {
+                // The bias as add_bias_f32 adds it: one f32 addition to the sum;
+                // the residual as add_f32 adds it (residual + product).
+                const u64 i = (u64)t * n_rows + r;
+                const float v = bias ? sums[t] + bias[r] : sums[t];
+                y[i] = residual ? residual[i] + v : v;
+            }
         }
+    }
+}
+
+// Up to three GEMVs of one input x over matrices of one type and row length
+// in one launch (attention's Q, K and V projections): blocks 0 .. start1 - 1
+// are matrix 0's launch, start1 .. start2 - 1 matrix 1's, the rest matrix
+// 2's, each exactly as its own gemv launch would run them (its warps per
+// row, its staging), so each output has the bits of gemv alone. A matrix of
+// 0 rows is absent (its pointers may be null).
+template <typename T>
+__device__ void gemv3(const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, const float* b0,
+                      const float* b1, const float* b2, float* y0, float* y1, float* y2, int n_tokens, int rows0,
+                      int rows1, int rows2, int n_cols, int flags0, int flags1, int flags2, int wpr0, int wpr1,
+                      int wpr2, int staged0, int staged1, int staged2, int start1, int start2) {
+    // Block-uniform branches: every thread of a block takes the same one.
+    const int b = blockIdx.x;
+    if (b < start1) {
+        gemv<T>(w0, row_bytes, x, b0, nullptr, y0, n_tokens, rows0, n_cols, flags0, wpr0, staged0, b);
+    } else if (b < start2) {
+        gemv<T>(w1, row_bytes, x, b1, nullptr, y1, n_tokens, rows1, n_cols, flags1, wpr1, staged1, b - start1);
+    } else {
+        gemv<T>(w2, row_bytes, x, b2, nullptr, y2, n_tokens, rows2, n_cols, flags2, wpr2, staged2, b - start2);
     }
 }
 
@@ -493,7 +531,10 @@ __device__ void gemv_glu(const u8* __restrict__ wa, const u8* __restrict__ wb, u
     __syncthreads();
     row_sums(acc_b, partial, warp, lane, part, warps_per_row, n_tokens, gb);
     if (first && r < n_rows) {
-        for (int t = 0; t < n_tokens; t++) y[(u64)t * n_rows + r] = gated(ga[t], gb[t], act);
+#pragma unroll
+        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+            if (t < n_tokens) y[(u64)t * n_rows + r] = gated(ga[t], gb[t], act);
+        }
     }
 }
 
@@ -531,7 +572,16 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
     extern "C" __global__ void gemv_##T(const u8* w, u64 row_bytes, const float* x, const float* bias,            \
                                         const float* residual, float* y, int n_tokens, int n_rows, int n_cols,     \
                                         int flags, int warps_per_row, int staged) {                                \
-        gemv<T>(w, row_bytes, x, bias, residual, y, n_tokens, n_rows, n_cols, flags, warps_per_row, staged);       \
+        gemv<T>(w, row_bytes, x, bias, residual, y, n_tokens, n_rows, n_cols, flags, warps_per_row, staged,        \
+                blockIdx.x);                                                                                       \
+    }                                                                                                              \
+    extern "C" __global__ void gemv3_##T(const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, \
+                                         const float* b0, const float* b1, const float* b2, float* y0, float* y1,  \
+                                         float* y2, int n_tokens, int rows0, int rows1, int rows2, int n_cols,     \
+                                         int flags0, int flags1, int flags2, int wpr0, int wpr1, int wpr2,        \
+                                         int staged0, int staged1, int staged2, int start1, int start2) {         \
+        gemv3<T>(w0, w1, w2, row_bytes, x, b0, b1, b2, y0, y1, y2, n_tokens, rows0, rows1, rows2, n_cols, flags0,  \
+                 flags1, flags2, wpr0, wpr1, wpr2, staged0, staged1, staged2, start1, start2);                    \
     }                                                                                                              \
     extern "C" __global__ void gemv_glu_##T(const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y,  \
                                             int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row,    \

@@ -232,6 +232,32 @@ pub trait Backend {
         let y = self.linear(x, weight, None, read)?;
         self.add(residual, &y)
     }
+    /// Three projections of one input (attention's Q, K and V), each
+    /// `(weight, bias, read)` as [`Backend::linear`] takes them. The same
+    /// values as three `linear`s, which is what this default does; a
+    /// backend may run them in one launch (CUDA: gemv3) but must give the
+    /// same bits.
+    fn linear3(&self, x: &Self::Buf, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[Self::Buf; 3]> {
+        linear3_separately(self, x, projections)
+    }
+    /// RoPE of q and of k at `rope_pos0`, then K (rotated) and V into the
+    /// cache at `kv_pos0`: the rotated q and k. The same values as `rope`,
+    /// `rope`, `kv_store`, which is what this default does; a backend may
+    /// fuse them (CUDA: one kernel) but must give the same bits.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk_kv_store(
+        &mut self,
+        layer: usize,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        rope_pos0: usize,
+        freq_base: f32,
+        pairing: RopePairing,
+        kv_pos0: usize,
+    ) -> Result<(Self::Buf, Self::Buf)> {
+        rope_qk_kv_store_separately(self, layer, q, k, v, rope_pos0, freq_base, pairing, kv_pos0)
+    }
     /// act(gate) * up (act: silu for Qwen2).
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, act: Activation) -> Result<Self::Buf>;
     /// Forget the KV cache (a new sequence starts at position 0).
@@ -268,6 +294,33 @@ pub trait Backend {
     fn recording_status(&self) -> String {
         format!("op by op (the {} backend does not record)", self.name())
     }
+}
+
+/// [`Backend::linear3`] as three [`Backend::linear`]s (its default, and
+/// what a backend that fuses them runs when told not to).
+pub fn linear3_separately<B: Backend + ?Sized>(be: &B, x: &B::Buf, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[B::Buf; 3]> {
+    let [(w0, b0, r0), (w1, b1, r1), (w2, b2, r2)] = projections;
+    Ok([be.linear(x, w0, b0, r0)?, be.linear(x, w1, b1, r1)?, be.linear(x, w2, b2, r2)?])
+}
+
+/// [`Backend::rope_qk_kv_store`] as `rope`, `rope`, `kv_store` (its default,
+/// and what a backend that fuses them runs when told not to).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qk_kv_store_separately<B: Backend + ?Sized>(
+    be: &mut B,
+    layer: usize,
+    q: &B::Buf,
+    k: &B::Buf,
+    v: &B::Buf,
+    rope_pos0: usize,
+    freq_base: f32,
+    pairing: RopePairing,
+    kv_pos0: usize,
+) -> Result<(B::Buf, B::Buf)> {
+    let q = be.rope(q, rope_pos0, freq_base, pairing)?;
+    let k = be.rope(k, rope_pos0, freq_base, pairing)?;
+    be.kv_store(layer, &k, v, kv_pos0)?;
+    Ok((q, k))
 }
 
 /// [`Backend::attention`] as its three ops (the default, and CUDA's path

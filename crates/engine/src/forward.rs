@@ -234,19 +234,38 @@ impl<B: Backend> Model<B> {
 
             // `m(x, W)`: x as the matmul with W sees it (rounded in ggml numerics).
             let rnd = &self.rounding;
-            let q = rnd.linear(be, &h, Weight::AttnQ(l), with_bias(Weight::AttnQBias(l)), read_if(f == Fault::QProjTransposed))?;
+            let projections = [
+                (Weight::AttnQ(l), with_bias(Weight::AttnQBias(l)), read_if(f == Fault::QProjTransposed)),
+                (Weight::AttnK(l), with_bias(Weight::AttnKBias(l)), Rows),
+                (Weight::AttnV(l), with_bias(Weight::AttnVBias(l)), Rows),
+            ];
+            let [q, k, v] = if rnd.same_matmul_input(Weight::AttnQ(l), Weight::AttnK(l)) && rnd.same_matmul_input(Weight::AttnQ(l), Weight::AttnV(l)) {
+                // One input as all three matmuls see it: one op (each output
+                // is the projection's own, so every checkpoint below still sees it).
+                let input = rnd.for_matmul(be, &h, Weight::AttnQ(l))?;
+                be.linear3(input.as_ref().unwrap_or(&h), projections)?
+            } else {
+                let [(wq, bq, rq), (wk, bk, rk), (wv, bv, rv)] = projections;
+                [rnd.linear(be, &h, wq, bq, rq)?, rnd.linear(be, &h, wk, bk, rk)?, rnd.linear(be, &h, wv, bv, rv)?]
+            };
             let q = checkpoint(be, cps, pending, id(Stage::QProj), be.reshape(q, &[n, cfg.n_head, hd])?)?;
-            let k = rnd.linear(be, &h, Weight::AttnK(l), with_bias(Weight::AttnKBias(l)), Rows)?;
             let k = checkpoint(be, cps, pending, id(Stage::KProj), be.reshape(k, &[n, cfg.n_head_kv, hd])?)?;
-            let v = rnd.linear(be, &h, Weight::AttnV(l), with_bias(Weight::AttnVBias(l)), Rows)?;
             let v = checkpoint(be, cps, pending, id(Stage::VProj), be.reshape(v, &[n, cfg.n_head_kv, hd])?)?;
 
-            let q = be.rope(&q, rope_pos, rope_base, pairing)?;
-            let q = checkpoint(be, cps, pending, id(Stage::QRope), q)?;
-            let k = be.rope(&k, rope_pos, rope_base, pairing)?;
-            let k = checkpoint(be, cps, pending, id(Stage::KRope), k)?;
-            let k_twice = if f == Fault::KRoundedTwice { self.rounding.to_kv_type(be, &k)? } else { None };
-            self.backend.kv_store(l, k_twice.as_ref().unwrap_or(&k), &v, kv_pos)?;
+            let q = if f != Fault::KRoundedTwice && !cps.wants(&id(Stage::KRope)) {
+                // Rotated K goes to the cache as it is (no checkpoint may
+                // replace it, no fault rounds it first): one op.
+                let (q, _k) = self.backend.rope_qk_kv_store(l, &q, &k, &v, rope_pos, rope_base, pairing, kv_pos)?;
+                checkpoint(&self.backend, cps, pending, id(Stage::QRope), q)?
+            } else {
+                let q = be.rope(&q, rope_pos, rope_base, pairing)?;
+                let q = checkpoint(be, cps, pending, id(Stage::QRope), q)?;
+                let k = be.rope(&k, rope_pos, rope_base, pairing)?;
+                let k = checkpoint(be, cps, pending, id(Stage::KRope), k)?;
+                let k_twice = if f == Fault::KRoundedTwice { self.rounding.to_kv_type(be, &k)? } else { None };
+                self.backend.kv_store(l, k_twice.as_ref().unwrap_or(&k), &v, kv_pos)?;
+                q
+            };
 
             let be = &self.backend;
             let rnd = &self.rounding;

@@ -696,6 +696,28 @@ fn block_weights_dequantize_bit_exact() {
     assert!(gs.upload_blocks(Weight::AttnQ(0), GgmlType::Q8_0, &q[..34 * 2 * 64], 0).is_err(), "rows of partial blocks accepted");
 }
 
+/// The weights cross two page-locked buffers of 1 MiB in turn (cuda/upload.rs):
+/// a matrix of many chunks, and one that ends mid-chunk, arrive whole, and
+/// an upload replacing a matrix whose copy may still be in flight takes its place.
+#[test]
+fn weights_larger_than_an_upload_chunk_arrive_whole() {
+    let Some(_gpu) = gpu() else {
+        return;
+    };
+    // Qwen2-0.5B's FFN: 4864 x 896 values, 17 MiB as F32, 4.6 MiB as Q8_0.
+    let cfg = Qwen2Config { n_layer: 1, n_embd: 896, n_head: 14, n_head_kv: 2, head_dim: 64, n_ff: 4864, ..block_config() };
+    let (_, mut g) = backends(&cfg, KvType::F16, 41);
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let n = cfg.n_ff * cfg.n_embd;
+    for (w, ty) in [(Weight::FfnUp(0), GgmlType::F32), (Weight::FfnGate(0), GgmlType::Q8_0), (Weight::FfnUp(0), GgmlType::Q5_0)] {
+        let bytes = random_blocks(&mut rng, ty, n);
+        g.upload_blocks(w, ty, &bytes, 0).unwrap();
+        let want = gguf::dequant::dequantize(ty, &bytes, n).unwrap();
+        assert_bits(&format!("{w:?} as {} ({} bytes)", ty.name(), bytes.len()), &want, &g.weight_to_host(w).unwrap().data);
+    }
+    g.finish_uploads().unwrap();
+}
+
 /// Linear (GEMV for up to GEMV_MAX_TOKENS rows, dequantize + sgemm beyond,
 /// and the transposed read) and the embedding lookup on block weights
 /// against the CPU oracle on the same values.
@@ -843,6 +865,101 @@ fn linear_with_residual_gives_the_bits_of_linear_and_add() {
                 let one = host(&g, &g.linear_residual(&x, w, read, &res).unwrap());
                 assert_eq!(two.shape, one.shape);
                 assert_bits(&format!("linear + residual {} n{n_tokens} {read:?}", ty.name()), &two.data, &one.data);
+            }
+        }
+    }
+}
+
+/// RoPE of q and k plus the KV store in one kernel give the bits of the
+/// three launches: the rotated q and k, and the cache (read back through
+/// attention's scores and context), for both cache types, both pairings,
+/// a prefill then decode steps, and positions that differ between RoPE and
+/// the store (as the faults make them).
+#[test]
+fn rope_and_kv_store_in_one_kernel_give_the_bits_of_three() {
+    let Some(_gpu) = gpu() else {
+        return;
+    };
+    for (ci, cfg) in configs().iter().enumerate() {
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head, cfg.n_head_kv);
+        for kv in [KvType::F16, KvType::F32] {
+            for pairing in [RopePairing::Neox, RopePairing::Adjacent] {
+                let opts = BackendOptions { kv_type: kv, max_ctx: MAX_CTX, dequant_bug: None };
+                let mut three = CudaBackend::from_weights(cfg.clone(), weights(cfg, 51), opts).unwrap();
+                let mut one = CudaBackend::from_weights(cfg.clone(), weights(cfg, 51), opts).unwrap();
+                let mut rng = ChaCha8Rng::seed_from_u64(52 + ci as u64);
+                let mut pos0 = 0;
+                for (step, nt) in [7, 1, 1].into_iter().enumerate() {
+                    let (rope_pos, kv_pos) = if step == 2 { (pos0 + 1, pos0) } else { (pos0, pos0) };
+                    let q = rand_tensor(&mut rng, &[nt, nh, hd], 2.0);
+                    let k = rand_tensor(&mut rng, &[nt, nkv, hd], 2.0);
+                    let v = rand_tensor(&mut rng, &[nt, nkv, hd], 2.0);
+                    let what = format!("cfg{ci} {kv:?} {pairing:?} step{step}");
+                    for layer in 0..cfg.n_layer {
+                        let q3 = three.rope(&on_gpu(&three, &q), rope_pos, 1e4, pairing).unwrap();
+                        let k3 = three.rope(&on_gpu(&three, &k), rope_pos, 1e4, pairing).unwrap();
+                        three.kv_store(layer, &k3, &on_gpu(&three, &v), kv_pos).unwrap();
+                        let (qg, kg, vg) = (on_gpu(&one, &q), on_gpu(&one, &k), on_gpu(&one, &v));
+                        let (q1, k1) = one.rope_qk_kv_store(layer, &qg, &kg, &vg, rope_pos, 1e4, pairing, kv_pos).unwrap();
+                        assert_bits(&format!("q_rope {what}"), &host(&three, &q3).data, &host(&one, &q1).data);
+                        assert_bits(&format!("k_rope {what}"), &host(&three, &k3).data, &host(&one, &k1).data);
+                    }
+                    let n_kv = pos0 + nt;
+                    let probe = rand_tensor(&mut rng, &[nt, nh, hd], 1.0);
+                    for layer in 0..cfg.n_layer {
+                        let s3 = host(&three, &three.attn_scores(layer, &on_gpu(&three, &probe), pos0, n_kv, HeadMap::Grouped).unwrap());
+                        let s1 = host(&one, &one.attn_scores(layer, &on_gpu(&one, &probe), pos0, n_kv, HeadMap::Grouped).unwrap());
+                        assert_bits(&format!("cached K {what} layer {layer}"), &s3.data, &s1.data);
+                        let c3 = host(&three, &three.attn_ctx(layer, &on_gpu(&three, &s3), n_kv, HeadMap::Grouped).unwrap());
+                        let c1 = host(&one, &one.attn_ctx(layer, &on_gpu(&one, &s1), n_kv, HeadMap::Grouped).unwrap());
+                        assert_bits(&format!("cached V {what} layer {layer}"), &c3.data, &c1.data);
+                    }
+                    pos0 += nt;
+                }
+            }
+        }
+    }
+}
+
+/// Q, K and V in one launch (`linear3`, gemv3 on blocks of one type) give
+/// the bits of three `linear`s: every block type, the real model's mix
+/// (V in another type: two launches), a transposed Q (the fault: Q leaves
+/// the group), with and without biases, GEMV and prefill token counts.
+#[test]
+fn three_projections_in_one_launch_give_the_bits_of_three() {
+    let Some(_gpu) = gpu() else {
+        return;
+    };
+    let cfg = block_config();
+    let opts = BackendOptions { kv_type: KvType::F16, max_ctx: MAX_CTX, dequant_bug: None };
+    let mut rng = ChaCha8Rng::seed_from_u64(61);
+    let (q, k, v) = (Weight::AttnQ(0), Weight::AttnK(0), Weight::AttnV(0));
+    let mut mixes: Vec<[GgmlType; 3]> = BLOCK_TYPES.iter().map(|&t| [t; 3]).collect();
+    mixes.push([GgmlType::Q5_0, GgmlType::Q5_0, GgmlType::Q8_0]);
+    mixes.push([GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q5_0]);
+    for types in mixes {
+        let mut g = CudaBackend::from_weights(cfg.clone(), weights(&cfg, 62), opts).unwrap();
+        for (w, ty) in [q, k, v].into_iter().zip(types) {
+            let n: usize = w.shape(&cfg).iter().product();
+            g.upload_blocks(w, ty, &random_blocks(&mut rng, ty, n), 0).unwrap();
+        }
+        for n_tokens in [1, 3, engine::cuda::GEMV_MAX_TOKENS, engine::cuda::GEMV_MAX_TOKENS + 1] {
+            let x = on_gpu(&g, &rand_tensor(&mut rng, &[n_tokens, cfg.n_embd], 1.0));
+            for (bias, q_read) in [(true, WeightRead::Rows), (false, WeightRead::Rows), (true, WeightRead::Transposed)] {
+                let b = |w: Weight| bias.then_some(w);
+                let projections = [
+                    (q, b(Weight::AttnQBias(0)), q_read),
+                    (k, b(Weight::AttnKBias(0)), WeightRead::Rows),
+                    (v, b(Weight::AttnVBias(0)), WeightRead::Rows),
+                ];
+                let one = g.linear3(&x, projections).unwrap();
+                for ((w, bw, read), got) in projections.into_iter().zip(&one) {
+                    let want = host(&g, &g.linear(&x, w, bw, read).unwrap());
+                    let got = host(&g, got);
+                    assert_eq!(want.shape, got.shape);
+                    let what = format!("{w:?} in {:?} n{n_tokens} bias {bias} q {q_read:?}", types.map(|t| t.name()));
+                    assert_bits(&what, &want.data, &got.data);
+                }
             }
         }
     }

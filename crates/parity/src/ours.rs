@@ -152,6 +152,15 @@ impl OurEngine {
         }
     }
 
+    /// Seconds each phase of the CUDA backend's load took, in order (None
+    /// on the CPU backend, which maps the file and copies nothing).
+    pub fn load_phases(&self) -> Option<&[(&'static str, f64)]> {
+        match &self.model {
+            Loaded::Cpu(_) => None,
+            Loaded::Cuda(model) => Some(model.backend.load_phases()),
+        }
+    }
+
     /// The arithmetic of the engine's matmuls (CUDA: f32 or TF32 tensor cores).
     pub fn matmul_arithmetic(&self) -> &'static str {
         match &self.model {

@@ -47,6 +47,7 @@ mod graph;
 mod host;
 mod profile;
 mod ptx_cache;
+mod upload;
 
 use crate::arch::ArchSpec;
 use crate::backend::{Backend, BackendOptions, Weight};
@@ -66,11 +67,10 @@ use std::sync::{Arc, OnceLock};
 pub const NO_DEVICE: &str = "no CUDA device: use --backend cpu";
 
 /// Kernel sources, embedded in the binary: (file name, source).
-const SOURCES: [(&str, &str); 5] = [
+const SOURCES: [(&str, &str); 4] = [
     ("elementwise.cu", include_str!("../../../../kernels/elementwise.cu")),
     ("quant.cu", include_str!("../../../../kernels/quant.cu")),
     ("norm.cu", include_str!("../../../../kernels/norm.cu")),
-    ("rope.cu", include_str!("../../../../kernels/rope.cu")),
     ("attention.cu", include_str!("../../../../kernels/attention.cu")),
 ];
 
@@ -110,15 +110,26 @@ fn attention_tile_keys(key_stride: usize, elem: usize) -> usize {
 pub const GEMV_MAX_TOKENS: usize = 8;
 /// Warps per GEMV block (GEMV_WARPS in quant.cu).
 const GEMV_WARPS: u32 = 8;
-/// Warps a GEMV aims to run at once: a matrix of fewer rows than this
-/// gives each row several warps (see [`gemv_warps_per_row`]).
+/// Warps a GEMV aims to run at once (`QWEN2_PARITY_CUDA_GEMV_WARPS`
+/// overrides it, to measure): a matrix of fewer rows than this gives each
+/// row several warps (see [`gemv_warps_per_row`]).
 const GEMV_TARGET_WARPS: usize = 32_768;
 
-/// Warps per output row of a GEMV over `n_rows` rows: 1, 2, 4 or 8, the
-/// most that keeps `n_rows * warps` within [`GEMV_TARGET_WARPS`].
-fn gemv_warps_per_row(n_rows: usize) -> u32 {
+/// The kernels' code for a RoPE pairing (rope_pair in attention.cu).
+fn pairing_code(pairing: RopePairing) -> i32 {
+    match pairing {
+        RopePairing::Neox => 0,
+        RopePairing::Adjacent => 1,
+    }
+}
+
+/// Warps per output row of a GEMV over `n_rows` rows of `n_cols`: 1, 2, 4
+/// or 8, the most that keeps `n_rows * warps` within `target_warps` and
+/// gives every warp some of the row (a warp takes 256 values a step, so a
+/// row of 896 has work for 4 warps, not 8).
+fn gemv_warps_per_row(n_rows: usize, n_cols: usize, target_warps: usize) -> u32 {
     let mut w = 1;
-    while w < GEMV_WARPS && n_rows * (w as usize) * 2 <= GEMV_TARGET_WARPS {
+    while w < GEMV_WARPS && n_rows * (w as usize) * 2 <= target_warps && (w as usize) * 256 < n_cols {
         w *= 2;
     }
     w
@@ -132,18 +143,49 @@ const GEMV_STAGE_MAX_BYTES: usize = 32 * 1024;
 /// `matrices` matrices read side by side (1, or 2 for the gated GEMV):
 /// the configuration, the warps per row, and whether each block first
 /// copies its rows into shared memory (`staged`, see stage_rows in quant.cu).
-fn gemv_launch(n_out: usize, row_bytes: usize, matrices: usize, stage: bool) -> (LaunchConfig, i32, i32) {
-    let wpr = gemv_warps_per_row(n_out);
+fn gemv_launch(n_out: usize, n_cols: usize, row_bytes: usize, matrices: usize, tuning: GemvTuning) -> (LaunchConfig, i32, i32) {
+    let wpr = gemv_warps_per_row(n_out, n_cols, tuning.target_warps);
     let rows_per_block = (GEMV_WARPS / wpr) as usize;
     // Each matrix's region: its rows, widened to 16-byte loads (see stage_rows).
     let region = (rows_per_block * row_bytes + 31) / 16 * 16;
-    let staged = stage && region * matrices <= GEMV_STAGE_MAX_BYTES;
+    let staged = tuning.stage_rows && region * matrices <= GEMV_STAGE_MAX_BYTES;
     let cfg = LaunchConfig {
         grid_dim: (n_out.div_ceil(rows_per_block) as u32, 1, 1),
         block_dim: (GEMV_WARPS * 32, 1, 1),
         shared_mem_bytes: if staged { (region * matrices) as u32 } else { 0 },
     };
     (cfg, wpr as i32, staged as i32)
+}
+
+/// How the decode kernels are launched: the defaults, or the environment's
+/// for measuring alternatives (`QWEN2_PARITY_CUDA_GEMV_STAGE=0`,
+/// `QWEN2_PARITY_CUDA_GEMV_WARPS=<target warps>`, which change the GEMVs'
+/// summation order, so the bits, the same way for every GEMV; and
+/// `QWEN2_PARITY_CUDA_FUSE=0`, which changes no bit).
+#[derive(Clone, Copy, Debug)]
+struct GemvTuning {
+    /// Blocks copy their rows of blocks into shared memory first.
+    stage_rows: bool,
+    /// See [`GEMV_TARGET_WARPS`].
+    target_warps: usize,
+    /// Q, K and V in one launch (`linear3`), RoPE and the KV store in one
+    /// (`rope_qk_kv_store`); `QWEN2_PARITY_CUDA_FUSE=0` runs the separate
+    /// launches instead, to measure what the fusion gains (the same bits).
+    fuse: bool,
+}
+
+impl GemvTuning {
+    fn from_env() -> Result<Self> {
+        let target_warps = match std::env::var("QWEN2_PARITY_CUDA_GEMV_WARPS") {
+            Ok(v) => v.parse::<usize>().ok().filter(|&w| w > 0).ok_or_else(|| anyhow!("QWEN2_PARITY_CUDA_GEMV_WARPS={v}: expected a positive number of warps"))?,
+            Err(_) => GEMV_TARGET_WARPS,
+        };
+        Ok(GemvTuning {
+            stage_rows: std::env::var("QWEN2_PARITY_CUDA_GEMV_STAGE").as_deref() != Ok("0"),
+            target_warps,
+            fuse: std::env::var("QWEN2_PARITY_CUDA_FUSE").as_deref() != Ok("0"),
+        })
+    }
 }
 
 /// The ggml types `kernels/quant.cu` reads, with the suffix of their kernels' names.
@@ -285,6 +327,7 @@ struct QuantKernels {
     dequant: CudaFunction,
     dequant_f16: CudaFunction,
     gemv: CudaFunction,
+    gemv3: CudaFunction,
     gemv_glu: CudaFunction,
     get_rows: CudaFunction,
 }
@@ -302,6 +345,8 @@ struct Kernels {
     swiglu: CudaFunction,
     rms_norm: CudaFunction,
     rope: CudaFunction,
+    rope_qk_kv_store_f32: CudaFunction,
+    rope_qk_kv_store_f16: CudaFunction,
     kv_store_f32: CudaFunction,
     kv_store_f16: CudaFunction,
     attn_scores_f32: CudaFunction,
@@ -338,6 +383,7 @@ impl Kernels {
                 dequant: f("quant.cu", &format!("dequant_{suffix}"))?,
                 dequant_f16: f("quant.cu", &format!("dequant_f16_{suffix}"))?,
                 gemv: f("quant.cu", &format!("gemv_{suffix}"))?,
+                gemv3: f("quant.cu", &format!("gemv3_{suffix}"))?,
                 gemv_glu: f("quant.cu", &format!("gemv_glu_{suffix}"))?,
                 get_rows: f("quant.cu", &format!("get_rows_{suffix}"))?,
             };
@@ -355,7 +401,9 @@ impl Kernels {
             add: f("elementwise.cu", "add_f32")?,
             swiglu: f("quant.cu", "swiglu_f32")?,
             rms_norm: f("norm.cu", "rms_norm_f32")?,
-            rope: f("rope.cu", "rope_f32")?,
+            rope: f("attention.cu", "rope_f32")?,
+            rope_qk_kv_store_f32: f("attention.cu", "rope_qk_kv_store_f32")?,
+            rope_qk_kv_store_f16: f("attention.cu", "rope_qk_kv_store_f16")?,
             kv_store_f32: f("attention.cu", "kv_store_f32")?,
             kv_store_f16: f("attention.cu", "kv_store_f16")?,
             attn_scores_f32: f("attention.cu", "attn_scores_f32")?,
@@ -445,9 +493,13 @@ pub struct CudaBackend {
     step: graph::StepInputs,
     /// The prefill matmuls' arithmetic ([`PrefillMatmul`]).
     prefill_matmul: PrefillMatmul,
-    /// GEMV blocks copy their rows to shared memory first (on unless
-    /// `QWEN2_PARITY_CUDA_GEMV_STAGE=0`, which exists to measure it).
-    stage_gemv_rows: bool,
+    /// How GEMVs are launched ([`GemvTuning`]).
+    gemv_tuning: GemvTuning,
+    /// Seconds each phase of the load took, in order (`load_phases`).
+    load_phases: Vec<(&'static str, f64)>,
+    /// Page-locked buffers the weights' bytes cross (`upload_blocks`),
+    /// freed once the load is done.
+    uploader: Option<upload::Uploader>,
 }
 
 /// Values (64 MiB) of the page-locked memory that started copies land in,
@@ -545,6 +597,7 @@ impl CudaBackend {
     /// never prints).
     pub fn load_observed(gguf: &GgufFile, cfg: &Qwen2Config, opts: BackendOptions, on_weight: &mut dyn FnMut(usize, usize)) -> Result<Self> {
         let mut backend = Self::empty(cfg.clone(), opts)?;
+        let started = std::time::Instant::now();
         // A tied LM head is token_embd: stored once, resolved by `weight`.
         let all = Weight::all(&ArchSpec::qwen2(cfg), cfg.n_layer);
         // QWEN2_PARITY_CUDA_F32_WEIGHTS=1: every weight dequantized on the host
@@ -566,7 +619,16 @@ impl CudaBackend {
             }
             on_weight(done + 1, all.len());
         }
+        backend.finish_uploads()?;
+        backend.load_phases.push(("weights", started.elapsed().as_secs_f64()));
         Ok(backend)
+    }
+
+    /// Seconds each phase of `load` took, in order: the CUDA context,
+    /// stream and cuBLAS handle; the kernels' modules; the KV cache; the
+    /// weights (read from the mapped file and copied to the GPU).
+    pub fn load_phases(&self) -> &[(&'static str, f64)] {
+        &self.load_phases
     }
 
     /// Build from f32 weights in GGUF layout (matrices `[out, in]`, vectors
@@ -587,6 +649,12 @@ impl CudaBackend {
         // The attention kernels give each (query, head) one block of ROW_BLOCK threads, one or more per dimension.
         ensure!(cfg.head_dim <= ROW_BLOCK as usize, "head_dim {} is over {ROW_BLOCK}, which the CUDA attention kernels do not support", cfg.head_dim);
         ensure!(opts.max_ctx > 0, "max_ctx must be positive");
+        let mut load_phases = Vec::new();
+        let mut phase = std::time::Instant::now();
+        let mut lap = |name: &'static str| {
+            load_phases.push((name, phase.elapsed().as_secs_f64()));
+            phase = std::time::Instant::now();
+        };
         let ctx = CudaContext::new(0).context("creating a CUDA context on device 0")?;
         // SAFETY: this backend uses one stream for every allocation, kernel and
         // copy, so stream order alone orders every use of every buffer; the
@@ -599,8 +667,10 @@ impl CudaBackend {
         // into a graph (recorded decode steps, `graph.rs`).
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
+        lap("CUDA context and cuBLAS");
         let prefill_matmul = PrefillMatmul::from_env()?;
         let k = Kernels::load(&ctx)?;
+        lap("kernels");
         let per_layer = opts
             .max_ctx
             .checked_mul(cfg.n_head_kv * cfg.head_dim)
@@ -626,6 +696,7 @@ impl CudaBackend {
                 KvCache::F16 { k, v }
             }
         };
+        lap("KV cache");
         let profile = profile::Profile::from_env();
         let recording = if profile.is_some() {
             graph::Recording::Off("op by op: the profile times each op with events, which a recording cannot hold".into())
@@ -656,7 +727,9 @@ impl CudaBackend {
             recording,
             step,
             prefill_matmul,
-            stage_gemv_rows: std::env::var("QWEN2_PARITY_CUDA_GEMV_STAGE").as_deref() != Ok("0"),
+            gemv_tuning: GemvTuning::from_env()?,
+            load_phases,
+            uploader: None,
         };
         backend.set_prefill_matmul(prefill_matmul)?;
         Ok(backend)
@@ -730,7 +803,9 @@ impl CudaBackend {
 
     /// Keep the matrix `w` on the GPU as `bytes`, rows of `ty` blocks in
     /// GGUF's layout (`flags` bit 0: read Q5_0 with the `q5-0-high-bit`
-    /// fault). Replaces any earlier copy of `w`.
+    /// fault). Replaces any earlier copy of `w`. The copy may still be in
+    /// flight on return (ordered before every kernel on the stream);
+    /// `finish_uploads` waits for it and frees the upload buffers.
     pub fn upload_blocks(&mut self, w: Weight, ty: GgmlType, bytes: &[u8], flags: i32) -> Result<()> {
         let shape = w.shape(&self.cfg);
         ensure!(shape.len() == 2, "{w:?} is not a matrix");
@@ -740,9 +815,21 @@ impl CudaBackend {
         ensure!(bytes.len() == rows * row_bytes, "{w:?}: {} bytes of {}, expected {rows} rows of {row_bytes}", bytes.len(), ty.name());
         i32_of(rows, "rows")?;
         i32_of(cols, "cols")?;
-        let data = self.stream.clone_htod(bytes).context("host-to-device copy")?;
+        let uploader = match &mut self.uploader {
+            Some(u) => u,
+            None => self.uploader.insert(upload::Uploader::new(&self.ctx, &self.stream)?),
+        };
+        let data = uploader.upload(bytes)?;
         self.weights.insert(w, DeviceWeight::Blocks { ty, data, rows, cols, row_bytes, flags });
         Ok(())
+    }
+
+    /// Wait for the copies `upload_blocks` started and free its page-locked buffers.
+    pub fn finish_uploads(&mut self) -> Result<()> {
+        match self.uploader.take() {
+            Some(mut u) => u.finish(),
+            None => Ok(()),
+        }
     }
 
     fn weight(&self, w: Weight) -> Result<&DeviceWeight> {
@@ -846,7 +933,7 @@ impl CudaBackend {
             DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } if read == WeightRead::Rows && n <= GEMV_MAX_TOKENS => {
                 let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(n_in, "cols")?);
                 let rb = *row_bytes as u64;
-                let (cfg, wpr_arg, staged) = gemv_launch(n_out, *row_bytes, 1, self.stage_gemv_rows);
+                let (cfg, wpr_arg, staged) = gemv_launch(n_out, n_in, *row_bytes, 1, self.gemv_tuning);
                 let no_bias: u64 = 0;
                 let mut b = self.stream.launch_builder(&self.k.quant[ty].gemv);
                 b.arg(data).arg(&rb).arg(&x.data);
@@ -903,6 +990,103 @@ impl CudaBackend {
             Some(res) => self.add(res, &y),
             None => Ok(y),
         }
+    }
+
+    /// One to three GEMVs of x (`n` tokens) over block matrices of type
+    /// `ty` with the same row length, in one gemv3 launch: each matrix's
+    /// blocks are launched as its own gemv launch would be, so each output
+    /// has the bits of `linear` (and its bias added as `linear` adds it).
+    fn gemv_group(&self, x: &CudaBuf, n: usize, ty: GgmlType, group: &[(Weight, Option<Weight>)]) -> Result<Vec<CudaBuf>> {
+        ensure!((1..=3).contains(&group.len()), "gemv3 takes 1 to 3 matrices, not {}", group.len());
+        let t0 = self.prof_start()?;
+        let n_in = *x.shape.last().ok_or_else(|| anyhow!("linear of a scalar"))?;
+        struct Segment<'a> {
+            data: &'a CudaSlice<u8>,
+            bias: Option<&'a CudaBuf>,
+            rows: i32,
+            flags: i32,
+            wpr: i32,
+            staged: i32,
+            blocks: u32,
+        }
+        let mut segments = Vec::with_capacity(3);
+        // The outputs, one per matrix ([n, rows]).
+        let mut ys: Vec<CudaBuf> = Vec::with_capacity(3);
+        let mut row_bytes_all = None;
+        let mut shared = 0u32;
+        for &(w, b) in group {
+            let DeviceWeight::Blocks { ty: wty, data, rows, cols, row_bytes, flags } = self.weight(w)? else {
+                bail!("gemv3: {w:?} is not blocks");
+            };
+            ensure!(*wty == ty && *cols == n_in, "gemv3: {w:?} is {} [{rows}, {cols}], expected {} rows of {n_in}", wty.name(), ty.name());
+            ensure!(*row_bytes_all.get_or_insert(*row_bytes) == *row_bytes, "gemv3: {w:?} has rows of {row_bytes} bytes, unlike the others");
+            let bias = match b {
+                Some(bw) => {
+                    let bvec = self.vector(bw)?;
+                    ensure!(bvec.len() == *rows, "bias {bw:?} has {} values, output rows {rows}", bvec.len());
+                    Some(bvec)
+                }
+                None => None,
+            };
+            let (cfg, wpr, staged) = gemv_launch(*rows, n_in, *row_bytes, 1, self.gemv_tuning);
+            shared = shared.max(cfg.shared_mem_bytes);
+            segments.push(Segment { data, bias, rows: i32_of(*rows, "rows")?, flags: *flags, wpr, staged, blocks: cfg.grid_dim.0 });
+            ys.push(self.alloc(vec![n, *rows])?);
+        }
+        let row_bytes = row_bytes_all.unwrap_or(0) as u64;
+        // Block starts of matrices 1 and 2; an absent matrix starts at the end.
+        let total: u32 = segments.iter().map(|s| s.blocks).sum();
+        let start1 = segments.first().map_or(total, |s| s.blocks);
+        let start2 = if segments.len() > 2 { start1 + segments[1].blocks } else { total };
+        let (nt, c) = (i32_of(n, "n_tokens")?, i32_of(n_in, "cols")?);
+        let (null, zero) = (0u64, 0i32);
+        let mut b = self.stream.launch_builder(&self.k.quant[&ty].gemv3);
+        for k in 0..3 {
+            match segments.get(k) {
+                Some(s) => b.arg(s.data),
+                None => b.arg(&null),
+            };
+        }
+        b.arg(&row_bytes).arg(&x.data);
+        for k in 0..3 {
+            match segments.get(k).and_then(|s| s.bias) {
+                Some(bvec) => b.arg(&bvec.data),
+                None => b.arg(&null),
+            };
+        }
+        let mut ys_left = ys.iter_mut();
+        for _ in 0..3 {
+            match ys_left.next() {
+                Some(y) => b.arg(&mut y.data),
+                None => b.arg(&null),
+            };
+        }
+        b.arg(&nt);
+        for k in 0..3 {
+            b.arg(segments.get(k).map_or(&zero, |s| &s.rows));
+        }
+        b.arg(&c);
+        for k in 0..3 {
+            b.arg(segments.get(k).map_or(&zero, |s| &s.flags));
+        }
+        for k in 0..3 {
+            b.arg(segments.get(k).map_or(&zero, |s| &s.wpr));
+        }
+        for k in 0..3 {
+            b.arg(segments.get(k).map_or(&zero, |s| &s.staged));
+        }
+        let (s1, s2) = (start1 as i32, start2 as i32);
+        b.arg(&s1).arg(&s2);
+        let cfg = LaunchConfig { grid_dim: (total, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: shared };
+        // SAFETY: each present matrix holds `rows` rows of row_bytes (checked at
+        // upload; one row_bytes for all, checked above); x is [n, n_in] with
+        // n <= GEMV_MAX_TOKENS (linear3); each y is [n, rows], each bias (when
+        // given) `rows` values; absent matrices have 0 rows and null pointers,
+        // and no block is theirs (their start is the grid's end); the shared
+        // memory is the largest a segment's staging needs.
+        unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv3_{} for {:?}", ty.name(), group.iter().map(|g| g.0).collect::<Vec<_>>()))?;
+        self.prof_end("linear (gemv3 on blocks)", t0)?;
+        Ok(ys)
     }
 
     /// `y = x · W^T (+ bias)` on f16 tensor cores for a quantized W: W
@@ -1259,16 +1443,69 @@ impl Backend for CudaBackend {
         let (nt_, nh_, hd_) = (i32_of(nt, "n_tokens")?, i32_of(nh, "n_heads")?, i32_of(hd, "head_dim")?);
         let (p0, step_pos) = self.position(pos0)?;
         i32_of(pos0 + nt, "last position")?;
-        let pairing: i32 = match pairing {
-            RopePairing::Neox => 0,
-            RopePairing::Adjacent => 1,
-        };
+        let pairing = pairing_code(pairing);
         let mut b = self.stream.launch_builder(&self.k.rope);
         b.arg(&x.data).arg(&mut out.data).arg(&nt_).arg(&nh_).arg(&hd_).arg(&p0).arg(&freq_base).arg(&pairing).arg(&step_pos);
         // SAFETY: x and out are [nt, nh, hd]; step_pos is null or the step's device int.
         unsafe { b.launch(grid_for(nt * nh * hd / 2)) }.context("launching rope_f32")?;
         self.prof_end("rope", t0)?;
         Ok(out)
+    }
+
+    /// One kernel for the three launches (rope_qk_kv_store in attention.cu).
+    fn rope_qk_kv_store(
+        &mut self,
+        layer: usize,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        rope_pos0: usize,
+        freq_base: f32,
+        pairing: RopePairing,
+        kv_pos0: usize,
+    ) -> Result<(CudaBuf, CudaBuf)> {
+        if !self.gemv_tuning.fuse {
+            return crate::backend::rope_qk_kv_store_separately(self, layer, q, k, v, rope_pos0, freq_base, pairing, kv_pos0);
+        }
+        let t0 = self.prof_start()?;
+        self.check_layer(layer)?;
+        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_head_kv, self.cfg.head_dim);
+        ensure!(q.shape.len() == 3 && q.shape[1..] == [nh, hd], "rope: q {:?} is not [n_tokens, {nh}, {hd}]", q.shape);
+        let nt = q.shape[0];
+        ensure!(k.shape == [nt, nkv, hd] && v.shape == k.shape, "rope/kv_store: K {:?} and V {:?} are not [{nt}, {nkv}, {hd}]", k.shape, v.shape);
+        ensure!(hd.is_multiple_of(2), "rope: odd head_dim {hd}");
+        ensure!(kv_pos0 + nt <= self.opts.max_ctx, "kv_store: positions {kv_pos0}..{} beyond the cache capacity {}", kv_pos0 + nt, self.opts.max_ctx);
+        i32_of(rope_pos0 + nt, "last position")?;
+        let mut q_out = self.alloc(q.shape.clone())?;
+        let mut k_out = self.alloc(k.shape.clone())?;
+        let a = [i32_of(nt, "n_tokens")?, i32_of(nh, "n_head")?, i32_of(nkv, "n_head_kv")?, i32_of(hd, "head_dim")?];
+        let (rope_p0, step_pos) = self.position(rope_pos0)?;
+        let (kv_p0, _) = self.position(kv_pos0)?;
+        let pairing = pairing_code(pairing);
+        let work = nt * (nh + nkv) * hd / 2 + v.len();
+        let stream = self.stream.clone();
+        let mut b = match &mut self.cache {
+            KvCache::F32 { k: kc, v: vc } => {
+                let mut b = stream.launch_builder(&self.k.rope_qk_kv_store_f32);
+                b.arg(&q.data).arg(&k.data).arg(&v.data).arg(&mut q_out.data).arg(&mut k_out.data).arg(&mut kc[layer]).arg(&mut vc[layer]);
+                b
+            }
+            KvCache::F16 { k: kc, v: vc } => {
+                let mut b = stream.launch_builder(&self.k.rope_qk_kv_store_f16);
+                b.arg(&q.data).arg(&k.data).arg(&v.data).arg(&mut q_out.data).arg(&mut k_out.data).arg(&mut kc[layer]).arg(&mut vc[layer]);
+                b
+            }
+        };
+        for x in &a {
+            b.arg(x);
+        }
+        b.arg(&rope_p0).arg(&kv_p0).arg(&freq_base).arg(&pairing).arg(&step_pos);
+        // SAFETY: q and q_out are [nt, nh, hd], k, v and k_out [nt, nkv, hd]
+        // (checked above); the layer's caches hold max_ctx >= kv_pos0 + nt rows
+        // of nkv * hd; step_pos is null or the step's device int.
+        unsafe { b.launch(grid_for(work)) }.context("launching rope_qk_kv_store")?;
+        self.prof_end("rope + kv_store", t0)?;
+        Ok((q_out, k_out))
     }
 
     fn kv_store(&mut self, layer: usize, k: &CudaBuf, v: &CudaBuf, pos0: usize) -> Result<()> {
@@ -1436,6 +1673,40 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    /// Runs of projections that are GEMVs on blocks of one type go to one
+    /// gemv3 launch each ([`CudaBackend::gemv_group`]); the others to `linear`.
+    fn linear3(&self, x: &CudaBuf, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[CudaBuf; 3]> {
+        if !self.gemv_tuning.fuse {
+            return crate::backend::linear3_separately(self, x, projections);
+        }
+        let n_in = *x.shape.last().ok_or_else(|| anyhow!("linear of a scalar"))?;
+        let n = x.len() / n_in.max(1);
+        // The block type of each projection that is a GEMV over blocks.
+        let mut gemv_type = [None; 3];
+        for (slot, (w, _, read)) in gemv_type.iter_mut().zip(&projections) {
+            if let DeviceWeight::Blocks { ty, cols, .. } = self.weight(*w)? {
+                if *read == WeightRead::Rows && n <= GEMV_MAX_TOKENS && *cols == n_in {
+                    *slot = Some(*ty);
+                }
+            }
+        }
+        let mut out: Vec<CudaBuf> = Vec::with_capacity(3);
+        let mut i = 0;
+        while i < 3 {
+            let Some(ty) = gemv_type[i] else {
+                let (w, b, read) = projections[i];
+                out.push(self.linear(x, w, b, read)?);
+                i += 1;
+                continue;
+            };
+            let end = (i..3).find(|&j| gemv_type[j] != Some(ty)).unwrap_or(3);
+            let group: Vec<(Weight, Option<Weight>)> = projections[i..end].iter().map(|&(w, b, _)| (w, b)).collect();
+            out.extend(self.gemv_group(x, n, ty, &group)?);
+            i = end;
+        }
+        out.try_into().map_err(|_| anyhow!("linear3: not three outputs"))
+    }
+
     fn gated_linear(&self, x: &CudaBuf, a: Weight, b: Weight, act: Activation) -> Result<CudaBuf> {
         let n_in = *x.shape.last().ok_or_else(|| anyhow!("gated_linear of a scalar"))?;
         let n = x.len() / n_in.max(1);
@@ -1458,7 +1729,7 @@ impl Backend for CudaBackend {
         let mut y = self.alloc(vec![n, n_out])?;
         let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(cols, "cols")?);
         let rb = row_bytes as u64;
-        let (cfg, wpr_arg, staged) = gemv_launch(n_out, row_bytes, 2, self.stage_gemv_rows);
+        let (cfg, wpr_arg, staged) = gemv_launch(n_out, cols, row_bytes, 2, self.gemv_tuning);
         let act_code = activation_code(act);
         let mut l = self.stream.launch_builder(&self.k.quant[&ty].gemv_glu);
         l.arg(wa).arg(wb).arg(&rb).arg(&x.data).arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code).arg(&staged);
@@ -1675,7 +1946,7 @@ mod tests {
             for elem in [2, 4] {
                 let stride = attention_key_stride(hd, elem);
                 let keys = attention_tile_keys(stride, elem);
-                assert!(keys % 32 == 0 && (32..=ROW_BLOCK as usize).contains(&keys));
+                assert!(keys.is_multiple_of(32) && (32..=ROW_BLOCK as usize).contains(&keys));
                 assert!(keys * stride * elem <= ATTENTION_TILE_BYTES);
                 assert!(FUSED_ATTENTION_MAX_KV * 4 + keys * stride * elem <= ATTENTION_MAX_SHARED);
             }
