@@ -662,6 +662,8 @@ impl CudaBackend {
         // synchronization are never needed.
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx)?;
+        // Checkpoints copied to the host land in heap pages already mapped.
+        host::keep_freed_host_memory();
         let device_name = ctx.name().context("cuDeviceGetName")?;
         // A stream of our own: the legacy default stream cannot be captured
         // into a graph (recorded decode steps, `graph.rs`).
@@ -793,10 +795,11 @@ impl CudaBackend {
         }
         self.synchronize()?;
         let arena = f.arena.as_ref().context("copies in flight without their arena")?.as_slice().context("page-locked arena")?;
-        for (offset, shape) in f.copies.drain(..) {
-            let n = shape.iter().product::<usize>();
-            f.done.push(Tensor::new(shape, host::copy_to_fresh_vec(&arena[offset..offset + n])));
-        }
+        let copies = std::mem::take(&mut f.copies);
+        let srcs: Vec<&[f32]> = copies.iter().map(|(offset, shape)| &arena[*offset..*offset + shape.iter().product::<usize>()]).collect();
+        // All at once: the host fills them on every core (`host.rs`).
+        let filled = host::copy_to_fresh_vecs(&srcs);
+        f.done.extend(copies.into_iter().zip(filled).map(|((_, shape), data)| Tensor::new(shape, data)));
         f.used = 0;
         Ok(())
     }
