@@ -111,6 +111,10 @@ pub struct OurEngine {
     model: Loaded,
     /// The KV cache type the backend was built with (recorded in captures).
     kv_type: KvType,
+    /// Seconds the CUDA probe took at load (loading the driver's and the
+    /// CUDA libraries, cuInit; 0 once done earlier in the process or on
+    /// the CPU backend).
+    driver_s: f64,
 }
 
 enum Loaded {
@@ -126,6 +130,7 @@ impl OurEngine {
         let rounding = Rounding::from_gguf(eo.numerics, kv_type, gguf, cfg)?;
         let mut progress = crate::progress::Progress::new(format!("ours-{}", backend.name()), 0, crate::progress::Unit::Items("weights"), crate::progress::Milestones::EveryTenth);
         let mut on_weight = |done: usize, total: usize| progress.set(done as u64, total as u64, "");
+        let mut driver_s = 0.0;
         let model = match backend {
             BackendKind::Cpu => {
                 let be = CpuBackend::load_observed(gguf, cfg, opts, &mut on_weight).context("loading the model on the CPU backend")?;
@@ -133,14 +138,16 @@ impl OurEngine {
             }
             BackendKind::Cuda => {
                 // Probe before cudarc touches the driver: it panics where libcuda is missing.
+                let probe = Instant::now();
                 cuda_available().map_err(anyhow::Error::msg)?;
+                driver_s = probe.elapsed().as_secs_f64();
                 let be = CudaBackend::load_observed(gguf, cfg, opts, &mut on_weight).context("loading the model on the CUDA backend")?;
                 crate::progress::note(&format!("ours-cuda: device {}; {}", be.device_name(), be.matmul_arithmetic()));
                 Loaded::Cuda(Model::new(be, cfg.clone(), fault).with_rounding(rounding))
             }
         };
         progress.finish("weights loaded");
-        Ok(OurEngine { model, kv_type })
+        Ok(OurEngine { model, kv_type, driver_s })
     }
 
     /// Bytes of weights held on the GPU (None on the CPU backend, whose
@@ -152,12 +159,13 @@ impl OurEngine {
         }
     }
 
-    /// Seconds each phase of the CUDA backend's load took, in order (None
-    /// on the CPU backend, which maps the file and copies nothing).
-    pub fn load_phases(&self) -> Option<&[(&'static str, f64)]> {
+    /// Seconds each phase of the CUDA load took, in order: the driver
+    /// probe, then the backend's phases (None on the CPU backend, which maps
+    /// the file and copies nothing).
+    pub fn load_phases(&self) -> Option<Vec<(&'static str, f64)>> {
         match &self.model {
             Loaded::Cpu(_) => None,
-            Loaded::Cuda(model) => Some(model.backend.load_phases()),
+            Loaded::Cuda(model) => Some(std::iter::once(("CUDA driver and libraries", self.driver_s)).chain(model.backend.load_phases().iter().copied()).collect()),
         }
     }
 

@@ -624,7 +624,7 @@ impl CudaBackend {
         Ok(backend)
     }
 
-    /// Seconds each phase of `load` took, in order: the CUDA context,
+    /// Seconds each phase of `load` took, in order: the CUDA context; the
     /// stream and cuBLAS handle; the kernels' modules; the KV cache; the
     /// weights (read from the mapped file and copied to the GPU).
     pub fn load_phases(&self) -> &[(&'static str, f64)] {
@@ -665,11 +665,12 @@ impl CudaBackend {
         // Checkpoints copied to the host land in heap pages already mapped.
         host::keep_freed_host_memory();
         let device_name = ctx.name().context("cuDeviceGetName")?;
+        lap("CUDA context");
         // A stream of our own: the legacy default stream cannot be captured
         // into a graph (recorded decode steps, `graph.rs`).
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
-        lap("CUDA context and cuBLAS");
+        lap("stream and cuBLAS");
         let prefill_matmul = PrefillMatmul::from_env()?;
         let k = Kernels::load(&ctx)?;
         lap("kernels");

@@ -88,7 +88,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if let Some(bytes) = engine.device_weight_bytes() {
         println!("weights held on the GPU: {:.1} MiB (file: {:.1} MiB)", bytes as f64 / 1048576.0, model_file.gguf.file_size() as f64 / 1048576.0);
         if let Some(phases) = engine.load_phases() {
-            println!("load phases: {}", load_phases_line(phases, bytes));
+            println!("load phases: {}", load_phases_line(&phases, bytes, load_s));
         }
     }
     println!("{}; decode steps with no checkpoint: {}", engine.matmul_arithmetic(), engine.recording_status());
@@ -113,14 +113,17 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The load's phases on one line, the weights' phase with its rate:
-/// `CUDA context and cuBLAS 0.21 s, ..., weights 0.12 s (463.0 MiB, 4.0 GB/s)`.
-fn load_phases_line(phases: &[(&str, f64)], weight_bytes: usize) -> String {
+/// The load's phases on one line, the weights' phase with its rate, then
+/// what the whole load took outside them (opening the model's tensors,
+/// the numerics' tables): `CUDA driver and libraries 0.08 s, ..., weights
+/// 0.12 s (463.0 MiB, 4.0 GB/s), the rest 0.01 s`.
+fn load_phases_line(phases: &[(&str, f64)], weight_bytes: usize, total_s: f64) -> String {
     let part = |&(name, s): &(&str, f64)| match name {
         "weights" if s > 0.0 => format!("{name} {s:.3} s ({:.1} MiB, {:.1} GB/s)", weight_bytes as f64 / 1048576.0, weight_bytes as f64 / s / 1e9),
         _ => format!("{name} {s:.3} s"),
     };
-    phases.iter().map(part).collect::<Vec<_>>().join(", ")
+    let rest = total_s - phases.iter().map(|&(_, s)| s).sum::<f64>();
+    phases.iter().map(part).chain(std::iter::once(format!("the rest {:.3} s", rest.max(0.0)))).collect::<Vec<_>>().join(", ")
 }
 
 /// Token ids spread over the vocabulary; fixed, so runs are comparable (and
@@ -262,9 +265,11 @@ mod tests {
 
     #[test]
     fn the_load_line_names_every_phase_in_order_and_rates_the_weights() {
-        let line = load_phases_line(&[("CUDA context and cuBLAS", 0.2104), ("kernels", 0.05), ("weights", 0.5)], 500_000_000);
-        assert_eq!(line, "CUDA context and cuBLAS 0.210 s, kernels 0.050 s, weights 0.500 s (476.8 MiB, 1.0 GB/s)");
-        // A phase of no measurable time gets no rate (no division by zero).
-        assert_eq!(load_phases_line(&[("weights", 0.0)], 10), "weights 0.000 s");
+        let line = load_phases_line(&[("CUDA context", 0.2104), ("kernels", 0.05), ("weights", 0.5)], 500_000_000, 0.9);
+        assert_eq!(line, "CUDA context 0.210 s, kernels 0.050 s, weights 0.500 s (476.8 MiB, 1.0 GB/s), the rest 0.140 s");
+        // A phase of no measurable time gets no rate (no division by zero),
+        // and phases timed a little past the whole leave no negative rest.
+        assert_eq!(load_phases_line(&[("weights", 0.0)], 10, 0.0), "weights 0.000 s, the rest 0.000 s");
+        assert_eq!(load_phases_line(&[("kernels", 0.0106)], 10, 0.01), "kernels 0.011 s, the rest 0.000 s");
     }
 }
