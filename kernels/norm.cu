@@ -6,7 +6,8 @@
 
 extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,
                                         float* __restrict__ out, int n_cols, float eps) {
-    __shared__ double partial[NORM_THREADS];
+    // One partial sum per warp (blockDim is a multiple of 32).
+    __shared__ double partial[NORM_THREADS / 32];
     const unsigned long long row = blockIdx.x;
     const float* xr = x + row * (unsigned long long)n_cols;
     float* yr = out + row * (unsigned long long)n_cols;
@@ -15,13 +16,16 @@ extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float
         double v = (double)xr[c];
         acc += v * v;
     }
-    partial[threadIdx.x] = acc;
+    // Within each warp by shuffles, then the warps' sums in order by every
+    // thread: one barrier instead of one per halving of a shared array (a
+    // decode step's row of 896 is under four values a thread, so the
+    // reduction is most of the kernel's work).
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
     __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-        __syncthreads();
-    }
-    const double scale = 1.0 / sqrt(partial[0] / (double)n_cols + (double)eps);
+    double total = 0.0;
+    for (int k = 0; k < (int)(blockDim.x >> 5); k++) total += partial[k];
+    const double scale = 1.0 / sqrt(total / (double)n_cols + (double)eps);
     for (int c = threadIdx.x; c < n_cols; c += blockDim.x) {
         yr[c] = (float)((double)xr[c] * scale * (double)w[c]);
     }

@@ -13,7 +13,8 @@
 //   gemv_<ty>     y[t, r] = sum_i W[r, i] x[t, i] (+ bias[r] when bias is not
 //                 null) (residual[t, r] + that, when residual is not null)
 //                 for a few tokens (decode): 1 to 8 warps per output row,
-//                 the blocks read once for all tokens;
+//                 each lane 32 values (a block) at a time, the blocks read
+//                 once for all tokens;
 //   gemv3_<ty>    up to three gemv_<ty> of one x in one launch (Q, K and V);
 //   gemv_glu_<ty> act(x Wa^T) * (x Wb^T), the FFN's gate, up and SwiGLU in one;
 //   get_rows_<ty> the embedding lookup: out[t, c] = W[tok[t], c], or with the
@@ -331,38 +332,137 @@ __device__ void dequant(const u8* __restrict__ w, u64 row_bytes, O* __restrict__
     }
 }
 
+// The 32 values of group g (elements 32 g .. 32 g + 31) of a row whose
+// length is a multiple of 32: one whole block of a 32-value type, one of
+// the eight 32-value groups of a K-quant block, or 32 values of a plain
+// type. Generic: four elems8, so the values of T::at bit for bit.
+template <typename T>
+__device__ __forceinline__ void group32(const u8* row, int g, int flags, float* v) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) elems8<T>(row, g * 32 + 8 * k, flags, v + 8 * k);
+}
+
+// f16 bits to f32 (PTX cvt, as f16_at).
+__device__ __forceinline__ float f16_bits(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// The real model's types with loads as wide as their blocks' alignment
+// allows, every load of the block issued before any value is computed (a
+// GEMV's speed is the bytes it keeps in flight). The same f32 operations
+// per element as T::at, so the same values, bit for bit. Alignment: a
+// matrix starts 256-byte aligned (checked at upload); Q5_0 and Q8_0 blocks
+// (22 and 34 bytes) are then 2-byte aligned, Q4_K blocks (144 bytes) 16-byte
+// aligned; staged rows keep their offset modulo 16 (stage_rows).
+template <>
+__device__ __forceinline__ void group32<Q5_0>(const u8* row, int g, int flags, float* v) {
+    const u8* blk = row + (u64)g * Q5_0::TS;
+    if (flags & 1) {
+        // The fault's dequantization, element by element.
+#pragma unroll
+        for (int e = 0; e < 32; e++) v[e] = Q5_0::at(blk, e, flags);
+        return;
+    }
+    // block_q5_0 { half d; u8 qh[4]; u8 qs[16]; } as 11 halfwords.
+    const unsigned short* h = (const unsigned short*)blk;
+    unsigned short w[11];
+#pragma unroll
+    for (int k = 0; k < 11; k++) w[k] = h[k];
+    const float d = f16_bits(w[0]);
+    const unsigned int qh = (unsigned int)w[1] | ((unsigned int)w[2] << 16);
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int q = (w[3 + (j >> 1)] >> (8 * (j & 1))) & 0xFF;
+        v[j] = mul((float)(((q & 0xF) | (((qh >> j) << 4) & 0x10)) - 16), d);
+        v[j + 16] = mul((float)(((q >> 4) | ((qh >> (j + 12)) & 0x10)) - 16), d);
+    }
+}
+template <>
+__device__ __forceinline__ void group32<Q8_0>(const u8* row, int g, int, float* v) {
+    // block_q8_0 { half d; i8 qs[32]; } as 17 halfwords.
+    const unsigned short* h = (const unsigned short*)(row + (u64)g * Q8_0::TS);
+    unsigned short w[17];
+#pragma unroll
+    for (int k = 0; k < 17; k++) w[k] = h[k];
+    const float d = f16_bits(w[0]);
+#pragma unroll
+    for (int j = 0; j < 32; j++) v[j] = mul((float)(signed char)(w[1 + (j >> 1)] >> (8 * (j & 1))), d);
+}
+template <>
+__device__ __forceinline__ void group32<Q4_K>(const u8* row, int g, int, float* v) {
+    // Group g is j = g % 8 of its block: scale/min j, nibble h = j % 2 of
+    // qs[32 (j / 2) .. + 32]. The block's first 16 bytes (d, dmin, the
+    // packed scales) and the group's 32 quant bytes: three 16-byte loads.
+    const u8* blk = row + (u64)(g >> 3) * Q4_K::TS;
+    const int j = g & 7, h = j & 1;
+    const uint4 head = *(const uint4*)blk;
+    const uint4 q0 = *(const uint4*)(blk + 16 + 32 * (j >> 1));
+    const uint4 q1 = *(const uint4*)(blk + 32 + 32 * (j >> 1));
+    // get_scale_min_k4 on the 12 packed bytes, which are head.y, head.z and
+    // head.w (bytes picked by shifts: a byte array indexed by j would live
+    // in local memory).
+    const int jj = j & 3;
+    const int by = (head.y >> (8 * jj)) & 0xFF, bz = (head.z >> (8 * jj)) & 0xFF, bw = (head.w >> (8 * jj)) & 0xFF;
+    const int sc = j < 4 ? by & 63 : (bw & 0xF) | ((by >> 6) << 4);
+    const int m = j < 4 ? bz & 63 : (bw >> 4) | ((bz >> 6) << 4);
+    const float d1 = mul(f16_bits((unsigned short)(head.x & 0xFFFF)), (float)sc);
+    const float m1 = mul(f16_bits((unsigned short)(head.x >> 16)), (float)m);
+    const unsigned int qw[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+    for (int l = 0; l < 32; l++) {
+        const unsigned int q = (qw[l >> 2] >> (8 * (l & 3))) & 0xFF;
+        v[l] = __fsub_rn(mul(d1, (float)(h ? q >> 4 : q & 0xF)), m1);
+    }
+}
+
 // `warps_per_row` warps per output row r (1, 2, 4 or 8; a block holds
-// GEMV_WARPS / warps_per_row rows). Each lane takes 8 consecutive elements
-// at a time (a warp covers 256 values per step, reads of W and x
-// coalesced), the row's warps interleaved 256 values apart; it dequantizes
-// them once and multiplies them into every token's accumulator (f32, FMA
-// allowed: accumulation order is not ggml's anyway). Each warp reduces its
-// lanes, then the row's warps are added in order. A row length that is not
-// a multiple of 8 (plain types only) ends element by element. Several warps
-// per row keep a matrix of few rows (896 or 128 of them in Qwen2-0.5B's
-// attention) from leaving most of the GPU idle while each warp walks a long
-// row. Launch: blockDim GEMV_WARPS * 32.
+// GEMV_WARPS / warps_per_row rows). Each lane takes a group of 32
+// consecutive values at a time (for a block type, one block or one K-quant
+// group: its bytes loaded at once), the row's warps interleaved 32 groups
+// apart (a warp covers 1024 values per step); it dequantizes them once and
+// multiplies them into every token's accumulator (f32, FMA allowed:
+// accumulation order is not ggml's anyway). Each warp reduces its lanes,
+// then the row's warps are added in order. The values of a row that is not
+// whole groups of 32 (plain types only) end element by element. Several
+// warps per row keep a matrix of few rows (128 in Qwen2-0.5B's K and V)
+// from leaving most of the GPU idle while each warp walks a long row.
+// Launch: blockDim GEMV_WARPS * 32.
 
 // This thread's share of row `row` times every token of x, into acc.
 template <typename T>
 __device__ __forceinline__ void row_dot(const u8* __restrict__ row, const float* __restrict__ x, int n_tokens,
                                         int n_cols, int flags, int part, int lane, int warps_per_row, float* acc) {
-    const int n8 = n_cols & ~7;
-    const int stride = 256 * warps_per_row;
-#pragma unroll 2
-    for (int base = (part * 32 + lane) * 8; base < n8; base += stride) {
-        float v[8];
-        elems8<T>(row, base, flags, v);
+    const int n_groups = n_cols >> 5;
+    // x's groups as 16-byte loads when every token's row starts 16-byte
+    // aligned (uniform across the launch).
+    const bool x16 = ((((u64)x) & 15) == 0) && ((n_cols & 3) == 0);
+#pragma unroll 1
+    for (int g = part * 32 + lane; g < n_groups; g += 32 * warps_per_row) {
+        float v[32];
+        group32<T>(row, g, flags, v);
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
             if (t < n_tokens) {
-                const float* xt = x + (u64)t * n_cols + base;
+                const float* xt = x + (u64)t * n_cols + (u64)g * 32;
+                if (x16) {
 #pragma unroll
-                for (int e = 0; e < 8; e++) acc[t] += v[e] * xt[e];
+                    for (int e = 0; e < 32; e += 4) {
+                        const float4 xv = *(const float4*)(xt + e);
+                        acc[t] += v[e] * xv.x;
+                        acc[t] += v[e + 1] * xv.y;
+                        acc[t] += v[e + 2] * xv.z;
+                        acc[t] += v[e + 3] * xv.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 32; e++) acc[t] += v[e] * xt[e];
+                }
             }
         }
     }
-    for (int c = n8 + part * 32 + lane; c < n_cols; c += 32 * warps_per_row) {
+    for (int c = (n_groups << 5) + part * 32 + lane; c < n_cols; c += 32 * warps_per_row) {
         const float v = elem<T>(row, c, flags);
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
@@ -569,13 +669,13 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
                                                int n_cols, int flags) {                                            \
         dequant<T>(w, row_bytes, out, n_rows, n_cols, flags);                                                      \
     }                                                                                                              \
-    extern "C" __global__ void gemv_##T(const u8* w, u64 row_bytes, const float* x, const float* bias,            \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemv_##T(const u8* w, u64 row_bytes, const float* x, const float* bias,            \
                                         const float* residual, float* y, int n_tokens, int n_rows, int n_cols,     \
                                         int flags, int warps_per_row, int staged) {                                \
         gemv<T>(w, row_bytes, x, bias, residual, y, n_tokens, n_rows, n_cols, flags, warps_per_row, staged,        \
                 blockIdx.x);                                                                                       \
     }                                                                                                              \
-    extern "C" __global__ void gemv3_##T(const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemv3_##T(const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, \
                                          const float* b0, const float* b1, const float* b2, float* y0, float* y1,  \
                                          float* y2, int n_tokens, int rows0, int rows1, int rows2, int n_cols,     \
                                          int flags0, int flags1, int flags2, int wpr0, int wpr1, int wpr2,        \
@@ -583,7 +683,7 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
         gemv3<T>(w0, w1, w2, row_bytes, x, b0, b1, b2, y0, y1, y2, n_tokens, rows0, rows1, rows2, n_cols, flags0,  \
                  flags1, flags2, wpr0, wpr1, wpr2, staged0, staged1, staged2, start1, start2);                    \
     }                                                                                                              \
-    extern "C" __global__ void gemv_glu_##T(const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y,  \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemv_glu_##T(const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y,  \
                                             int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row,    \
                                             int act, int staged) {                                                 \
         gemv_glu<T>(wa, wb, row_bytes, x, y, n_tokens, n_rows, n_cols, flags, warps_per_row, act, staged);         \

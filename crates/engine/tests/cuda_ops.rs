@@ -842,6 +842,52 @@ fn gated_gemv_gives_the_bits_of_two_gemvs_and_swiglu() {
     }
 }
 
+/// The GEMVs on the real model's shapes against the CPU oracle, for 1, 2
+/// and the most tokens: rows of 896 values (28 groups of 32: a warp's
+/// last lanes idle) and of 4864 (152 groups over eight warps), 1280 for the
+/// K-quants (whose blocks hold 256), 128 rows (K) to 4864; and each with
+/// the rows staged through shared memory (`set_gemv_staging`), which must
+/// give the same bits.
+#[test]
+fn block_gemv_on_the_real_model_shapes() {
+    let Some(_gpu) = gpu() else {
+        return;
+    };
+    let opts = BackendOptions { kv_type: KvType::F16, max_ctx: MAX_CTX, dequant_bug: None };
+    let mut rng = ChaCha8Rng::seed_from_u64(61);
+    let quantized = [Weight::AttnQ(0), Weight::AttnK(0), Weight::FfnUp(0), Weight::FfnDown(0), Weight::Output];
+    for ty in BLOCK_TYPES {
+        let n_embd = if ty.block_size().unwrap() == 256 { 1280 } else { 896 };
+        let cfg = Qwen2Config {
+            n_layer: 1,
+            n_embd,
+            n_head: n_embd / 64,
+            n_head_kv: 2,
+            head_dim: 64,
+            n_ff: 4864,
+            n_vocab: 2000,
+            rope_freq_base: 1_000_000.0,
+            rms_eps: 1e-6,
+            n_ctx_train: 4096,
+            tied_output: false,
+        };
+        let (cpu, mut g) = oracle_and_gpu_on_blocks(&cfg, ty, &quantized, 62, &mut rng, opts);
+        for n in [1, 2, engine::cuda::GEMV_MAX_TOKENS] {
+            for w in quantized {
+                let x = rand_tensor(&mut rng, &[n, w.shape(&cfg)[1]], 1.0);
+                let want = cpu.linear(&x, w, None, WeightRead::Rows).unwrap();
+                let what = format!("gemv {} {w:?} n{n}", ty.name());
+                g.set_gemv_staging(false);
+                let direct = host(&g, &g.linear(&on_gpu(&g, &x), w, None, WeightRead::Rows).unwrap());
+                close(&what, &want, &direct, 1e-5, 1e-5);
+                g.set_gemv_staging(true);
+                let staged = host(&g, &g.linear(&on_gpu(&g, &x), w, None, WeightRead::Rows).unwrap());
+                assert_bits(&format!("{what} staged"), &direct.data, &staged.data);
+            }
+        }
+    }
+}
+
 /// The projection with its residual add in the GEMV gives the bits of
 /// `linear` then `add`, for every block type, with the bias-free and the
 /// transposed read (which takes the other path and adds after it).

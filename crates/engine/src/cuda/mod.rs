@@ -24,10 +24,11 @@
 //!   CPU oracle's weights exactly, so CUDA vs CPU differs only by f32
 //!   summation order. [`PrefillMatmul`] (`QWEN2_PARITY_CUDA_MATMUL=tf32` or
 //!   `f16`) puts the prefill on tensor cores instead: faster, with numerics
-//!   of its own, stated in every run's log. The GEMV blocks copy their rows
-//!   of blocks into shared memory first (coalesced 16-byte loads all in
-//!   flight at once; `QWEN2_PARITY_CUDA_GEMV_STAGE=0` reads them in place,
-//!   to measure it): the same bytes, the same bits.
+//!   of its own, stated in every run's log. Each GEMV lane loads a whole
+//!   block (or K-quant group) of 32 values at once, as wide as the block's
+//!   alignment allows; `QWEN2_PARITY_CUDA_GEMV_STAGE=1` has each block
+//!   first copy its rows into shared memory with 16-byte loads, to measure
+//!   it: the same bytes, the same bits.
 //! - **KV cache** per layer `[max_ctx, n_head_kv, head_dim]` on the GPU, f16
 //!   (raw 16-bit words, round-to-nearest-even on store, as ggml's f32->f16) or
 //!   f32 per [`BackendOptions::kv_type`]. GQA is an index map inside the
@@ -125,11 +126,11 @@ fn pairing_code(pairing: RopePairing) -> i32 {
 
 /// Warps per output row of a GEMV over `n_rows` rows of `n_cols`: 1, 2, 4
 /// or 8, the most that keeps `n_rows * warps` within `target_warps` and
-/// gives every warp some of the row (a warp takes 256 values a step, so a
-/// row of 896 has work for 4 warps, not 8).
+/// gives every warp some of the row (a warp takes 1024 values a step, 32
+/// per lane, so a row of 896 has work for one warp, a row of 4864 for 8).
 fn gemv_warps_per_row(n_rows: usize, n_cols: usize, target_warps: usize) -> u32 {
     let mut w = 1;
-    while w < GEMV_WARPS && n_rows * (w as usize) * 2 <= target_warps && (w as usize) * 256 < n_cols {
+    while w < GEMV_WARPS && n_rows * (w as usize) * 2 <= target_warps && (w as usize) * 1024 < n_cols {
         w *= 2;
     }
     w
@@ -158,10 +159,10 @@ fn gemv_launch(n_out: usize, n_cols: usize, row_bytes: usize, matrices: usize, t
 }
 
 /// How the decode kernels are launched: the defaults, or the environment's
-/// for measuring alternatives (`QWEN2_PARITY_CUDA_GEMV_STAGE=0`,
-/// `QWEN2_PARITY_CUDA_GEMV_WARPS=<target warps>`, which change the GEMVs'
-/// summation order, so the bits, the same way for every GEMV; and
-/// `QWEN2_PARITY_CUDA_FUSE=0`, which changes no bit).
+/// for measuring alternatives: `QWEN2_PARITY_CUDA_GEMV_STAGE=1` (rows
+/// through shared memory) and `QWEN2_PARITY_CUDA_FUSE=0`, which change no
+/// bit; `QWEN2_PARITY_CUDA_GEMV_WARPS=<target warps>`, which changes the
+/// GEMVs' summation order, so the bits, the same way for every GEMV.
 #[derive(Clone, Copy, Debug)]
 struct GemvTuning {
     /// Blocks copy their rows of blocks into shared memory first.
@@ -181,7 +182,7 @@ impl GemvTuning {
             Err(_) => GEMV_TARGET_WARPS,
         };
         Ok(GemvTuning {
-            stage_rows: std::env::var("QWEN2_PARITY_CUDA_GEMV_STAGE").as_deref() != Ok("0"),
+            stage_rows: std::env::var("QWEN2_PARITY_CUDA_GEMV_STAGE").as_deref() == Ok("1"),
             target_warps,
             fuse: std::env::var("QWEN2_PARITY_CUDA_FUSE").as_deref() != Ok("0"),
         })
@@ -749,6 +750,13 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Whether GEMV blocks copy their rows into shared memory first (the
+    /// environment's `QWEN2_PARITY_CUDA_GEMV_STAGE=1` at load): the same
+    /// bits either way, so the kernel tests can hold one against the other.
+    pub fn set_gemv_staging(&mut self, on: bool) {
+        self.gemv_tuning.stage_rows = on;
+    }
+
     fn upload_weight(&mut self, w: Weight, data: &[f32]) -> Result<()> {
         let shape = w.shape(&self.cfg);
         let n: usize = shape.iter().product();
@@ -824,6 +832,10 @@ impl CudaBackend {
             None => self.uploader.insert(upload::Uploader::new(&self.ctx, &self.stream)?),
         };
         let data = uploader.upload(bytes)?;
+        // The GEMVs load blocks with loads as wide as a 16-byte-aligned
+        // matrix makes their blocks (group32 in quant.cu).
+        let ptr = data.device_ptr(&self.stream).0;
+        ensure!(ptr % 16 == 0, "{w:?}: device memory at {ptr:#x} is not 16-byte aligned");
         self.weights.insert(w, DeviceWeight::Blocks { ty, data, rows, cols, row_bytes, flags });
         Ok(())
     }
@@ -1928,6 +1940,21 @@ impl Drop for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A warp takes 32 values a lane: rows of Qwen2-0.5B's 896 values get
+    /// one warp, its 4864-value down projection eight; a matrix of many
+    /// rows gets one warp a row whatever its length.
+    #[test]
+    fn gemv_warps_follow_the_row_length() {
+        let w = |rows, cols| gemv_warps_per_row(rows, cols, GEMV_TARGET_WARPS);
+        assert_eq!(w(896, 896), 1);
+        assert_eq!(w(128, 896), 1);
+        assert_eq!(w(896, 4864), 8);
+        assert_eq!(w(896, 2048), 2);
+        assert_eq!(w(896, 2049), 4);
+        assert_eq!(w(151_936, 4864), 1);
+        assert_eq!(w(100, 64), 1);
+    }
 
     #[test]
     fn staged_key_rows_are_an_odd_number_of_words() {
