@@ -536,6 +536,46 @@ fn observing_fewer_stages_changes_no_bits() {
     }
 }
 
+/// Every stage captured through the checkpoint arena (noted on the device,
+/// brought over in one copy) is the tensor of a capture with the arena off
+/// (one copy per checkpoint), bit for bit: with the default arena, and with
+/// one of 1 MiB that fills during the prefill, so that the pass mixes the
+/// two kinds; over a prefill and decode steps, twice in a row (the arena
+/// starts again at each pass).
+#[test]
+fn checkpoints_through_the_arena_are_the_copies_one_by_one() {
+    let Some(_gpu) = gpu() else {
+        return;
+    };
+    let cfg = &configs()[0];
+    let mut rng = ChaCha8Rng::seed_from_u64(71);
+    let prompt: Vec<i32> = (0..20).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
+    let forced: Vec<i32> = (0..3).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
+    let capture = |arena_mib: usize| {
+        let (_, mut g) = backends(cfg, KvType::F16, 72);
+        g.set_checkpoint_arena_mib(arena_mib).unwrap();
+        let mut m = Model::new(g, cfg.clone(), FaultSpec::from(Fault::None));
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let mut r = Recorder::new(StageFilter::default(), "cuda");
+            m.generate(&prompt, forced.len(), Some(&forced), &mut r).unwrap();
+            runs.push(r);
+        }
+        runs
+    };
+    let one_by_one = capture(0);
+    for mib in [64, 1] {
+        for (run, (want, got)) in one_by_one.iter().zip(capture(mib)).enumerate() {
+            assert_eq!(want.tensors.len(), got.tensors.len(), "arena {mib} MiB run {run}: different stage sets");
+            for (id, t) in &want.tensors {
+                let g = &got.tensors.get(id).unwrap_or_else(|| panic!("{id} missing with the arena")).tensor;
+                assert_eq!(t.tensor.shape, g.shape, "{id}: shapes differ");
+                assert_bits(&format!("arena {mib} MiB run {run} {id}"), &t.tensor.data, &g.data);
+            }
+        }
+    }
+}
+
 #[test]
 fn no_device_error_is_clear() {
     // Runs everywhere: on a machine without CUDA the constructor must fail

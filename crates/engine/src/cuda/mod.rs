@@ -44,6 +44,7 @@
 //!   events and its host time is measured; the per-op table is printed to
 //!   stderr when the backend is dropped (see `profile.rs`; off by default).
 
+mod arena;
 mod graph;
 mod host;
 mod profile;
@@ -61,6 +62,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStrea
 use cudarc::nvrtc::Ptx;
 use gguf::{GgmlType, GgufFile, Qwen2Config};
 use std::cell::RefCell;
+use std::mem::ManuallyDrop;
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
@@ -307,19 +309,53 @@ fn ptx() -> Result<&'static [(&'static str, Ptx)]> {
     }
 }
 
-/// A tensor on the GPU: f32, row-major, with its shape.
+/// A tensor on the GPU: f32, row-major, with its shape. Its memory is its
+/// own (freed when dropped) or a slice of the checkpoint arena (`arena.rs`:
+/// never freed on its own; `arena` counts the slices alive).
 pub struct CudaBuf {
-    pub data: CudaSlice<f32>,
+    data: ManuallyDrop<CudaSlice<f32>>,
     pub shape: Vec<usize>,
+    arena: Option<arena::Ticket>,
 }
 
 impl CudaBuf {
+    /// A buffer that owns its memory.
+    fn owned(data: CudaSlice<f32>, shape: Vec<usize>) -> Self {
+        CudaBuf { data: ManuallyDrop::new(data), shape, arena: None }
+    }
+
     pub fn len(&self) -> usize {
         self.data.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.data.len() == 0
+    }
+
+    /// Give up the buffer without freeing its memory (a graph frees it).
+    fn leak(mut self) -> cudarc::driver::sys::CUdeviceptr {
+        // SAFETY: `data` is taken once; `self` is then forgotten, so Drop never sees it again.
+        let data = unsafe { ManuallyDrop::take(&mut self.data) };
+        let arena = self.arena.take();
+        std::mem::forget(self);
+        drop(arena);
+        data.leak()
+    }
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        // SAFETY: `data` is taken here and only here (`leak` forgets `self`
+        // after taking it), so it is never used or dropped again.
+        let data = unsafe { ManuallyDrop::take(&mut self.data) };
+        match self.arena.take() {
+            // The arena's memory stays allocated: the slice only lets go of it.
+            Some(ticket) => {
+                data.leak();
+                drop(ticket);
+            }
+            None => drop(data),
+        }
     }
 }
 
@@ -488,6 +524,8 @@ pub struct CudaBackend {
     staging: RefCell<Option<PinnedHostSlice<f32>>>,
     /// Copies started for checkpoints and not yet waited for.
     in_flight: RefCell<InFlight>,
+    /// Device memory an observed pass's outputs are carved from (`arena.rs`).
+    arena: RefCell<arena::Arena>,
     /// The recorded decode step, or why none is (`graph.rs`).
     recording: graph::Recording,
     /// Token and position of the step a recorded pass replays.
@@ -515,10 +553,22 @@ struct InFlight {
     arena: Option<PinnedHostSlice<f32>>,
     /// Values of the arena in use.
     used: usize,
-    /// (offset in the arena, shape) of each copy in it, in the order started.
-    copies: Vec<(usize, Vec<usize>)>,
+    /// Where each checkpoint's values are, in the order started.
+    copies: Vec<(Held, Vec<usize>)>,
+    /// Page-locked memory the device checkpoint arena's values land in at
+    /// the end (allocated at the first use, as large as that arena).
+    landing: Option<PinnedHostSlice<f32>>,
     /// Copies already finished (the arena was full), in the order started.
     done: Vec<Tensor>,
+}
+
+/// Where a started checkpoint's values are until `drain_in_flight`.
+#[derive(Clone, Copy)]
+enum Held {
+    /// Copied (in flight) into the page-locked arena at this offset.
+    Pinned(usize),
+    /// Still on the device, in the checkpoint arena at this offset.
+    Device(usize),
 }
 
 /// Let the device's default memory pool keep what is freed. Every buffer
@@ -728,6 +778,7 @@ impl CudaBackend {
             profile,
             staging: RefCell::new(None),
             in_flight: RefCell::new(InFlight::default()),
+            arena: RefCell::new(arena::Arena::from_env()?),
             recording,
             step,
             prefill_matmul,
@@ -757,12 +808,20 @@ impl CudaBackend {
         self.gemv_tuning.stage_rows = on;
     }
 
+    /// The checkpoint arena's size in MiB (0 turns it off; the
+    /// environment's `QWEN2_PARITY_CUDA_CHECKPOINT_ARENA_MIB` at load):
+    /// the same values reach the host either way, so the kernel tests can
+    /// hold one against the other.
+    pub fn set_checkpoint_arena_mib(&mut self, mib: usize) -> Result<()> {
+        self.arena.borrow_mut().resize(mib)
+    }
+
     fn upload_weight(&mut self, w: Weight, data: &[f32]) -> Result<()> {
         let shape = w.shape(&self.cfg);
         let n: usize = shape.iter().product();
         ensure!(data.len() == n, "{w:?} has {} values, expected {n} for shape {shape:?}", data.len());
         let data = self.stream.clone_htod(data).context("host-to-device copy")?;
-        self.weights.insert(w, DeviceWeight::F32(CudaBuf { data, shape }));
+        self.weights.insert(w, DeviceWeight::F32(CudaBuf::owned(data, shape)));
         Ok(())
     }
 
@@ -802,10 +861,44 @@ impl CudaBackend {
         if f.copies.is_empty() {
             return Ok(());
         }
+        // The device arena's values up to its last noted checkpoint, in one copy.
+        let on_device = f.copies.iter().filter_map(|(held, shape)| match held {
+            Held::Device(offset) => Some(offset + shape.iter().product::<usize>()),
+            Held::Pinned(_) => None,
+        });
+        if let Some(end) = on_device.max() {
+            if f.landing.as_ref().is_none_or(|l| l.len() < end) {
+                f.landing = None;
+                let len = end.max(IN_FLIGHT_VALUES);
+                // SAFETY: plain page-locked memory (flags 0), uninitialized:
+                // only its first `end` values are read, after the copy below.
+                f.landing = Some(unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.with_context(|| format!("allocating {} MiB of page-locked host memory", (len * 4) >> 20))?);
+            }
+            let landing = &mut f.landing.as_mut().expect("allocated above").as_mut_slice().context("page-locked landing buffer")?[..end];
+            let arena = self.arena.borrow();
+            self.stream.memcpy_dtoh(&arena.prefix(end)?, landing).context("device-to-host copy of the checkpoint arena")?;
+        }
         self.synchronize()?;
-        let arena = f.arena.as_ref().context("copies in flight without their arena")?.as_slice().context("page-locked arena")?;
+        let pinned = match f.arena.as_ref() {
+            Some(a) => a.as_slice().context("page-locked arena")?,
+            None => &[],
+        };
+        let landing = match f.landing.as_ref() {
+            Some(l) => l.as_slice().context("page-locked landing buffer")?,
+            None => &[],
+        };
         let copies = std::mem::take(&mut f.copies);
-        let srcs: Vec<&[f32]> = copies.iter().map(|(offset, shape)| &arena[*offset..*offset + shape.iter().product::<usize>()]).collect();
+        let srcs: Vec<&[f32]> = copies
+            .iter()
+            .map(|(held, shape)| {
+                let n = shape.iter().product::<usize>();
+                match *held {
+                    Held::Pinned(offset) => pinned.get(offset..offset + n),
+                    Held::Device(offset) => landing.get(offset..offset + n),
+                }
+                .context("a checkpoint's values outside the memory they were copied to")
+            })
+            .collect::<Result<_>>()?;
         // All at once: the host fills them on every core (`host.rs`).
         let filled = host::copy_to_fresh_vecs(&srcs);
         f.done.extend(copies.into_iter().zip(filled).map(|((_, shape), data)| Tensor::new(shape, data)));
@@ -876,7 +969,7 @@ impl CudaBackend {
             DeviceWeight::F32(b) => Ok(F32Matrix::Resident(b)),
             blocks @ DeviceWeight::Blocks { rows, cols, .. } => {
                 let mut out = self.alloc(vec![*rows, *cols])?;
-                self.dequantize_into(blocks, Dequantized::F32(&mut out.data))?;
+                self.dequantize_into(blocks, Dequantized::F32(&mut *out.data))?;
                 Ok(F32Matrix::Scratch(out))
             }
         }
@@ -952,17 +1045,17 @@ impl CudaBackend {
                 let (cfg, wpr_arg, staged) = gemv_launch(n_out, n_in, *row_bytes, 1, self.gemv_tuning);
                 let no_bias: u64 = 0;
                 let mut b = self.stream.launch_builder(&self.k.quant[ty].gemv);
-                b.arg(data).arg(&rb).arg(&x.data);
+                b.arg(data).arg(&rb).arg(&*x.data);
                 match bias_left.take() {
-                    Some(bvec) => b.arg(&bvec.data),
+                    Some(bvec) => b.arg(&*bvec.data),
                     // A null `const float*`: the kernel adds no bias.
                     None => b.arg(&no_bias),
                 };
                 match residual_left.take() {
-                    Some(res) => b.arg(&res.data),
+                    Some(res) => b.arg(&*res.data),
                     None => b.arg(&no_bias),
                 };
-                b.arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(flags).arg(&wpr_arg).arg(&staged);
+                b.arg(&mut *y.data).arg(&nt).arg(&r).arg(&c).arg(flags).arg(&wpr_arg).arg(&staged);
                 // SAFETY: the blocks hold n_out rows of row_bytes (checked at upload); x is [n, n_in], y [n, n_out],
                 // n <= GEMV_MAX_TOKENS; the bias, when given, holds n_out values, the residual n * n_out (checked
                 // above); when staged, the launch gives the shared memory stage_rows fills (gemv_launch).
@@ -990,7 +1083,7 @@ impl CudaBackend {
                     ldc: i32_of(n_out, "ldc")?,
                 };
                 // SAFETY: the dimensions above describe w ([n_out, n_in]), x ([n, n_in]) and y ([n, n_out]) exactly.
-                unsafe { self.blas.gemm(cfg, &w.data, &x.data, &mut y.data) }.with_context(|| format!("cublasSgemm for {weight:?}"))?;
+                unsafe { self.blas.gemm(cfg, &*w.data, &*x.data, &mut *y.data) }.with_context(|| format!("cublasSgemm for {weight:?}"))?;
                 path
             }
         };
@@ -998,7 +1091,7 @@ impl CudaBackend {
             let (nr, nc) = (i32_of(n, "rows")?, i32_of(n_out, "cols")?);
             let cfg = grid_for(y.len());
             let mut b = self.stream.launch_builder(&self.k.add_bias);
-            b.arg(&mut y.data).arg(&bvec.data).arg(&nr).arg(&nc);
+            b.arg(&mut *y.data).arg(&*bvec.data).arg(&nr).arg(&nc);
             unsafe { b.launch(cfg) }.context("launching add_bias_f32")?;
         }
         self.prof_end(path, t0)?;
@@ -1063,17 +1156,17 @@ impl CudaBackend {
                 None => b.arg(&null),
             };
         }
-        b.arg(&row_bytes).arg(&x.data);
+        b.arg(&row_bytes).arg(&*x.data);
         for k in 0..3 {
             match segments.get(k).and_then(|s| s.bias) {
-                Some(bvec) => b.arg(&bvec.data),
+                Some(bvec) => b.arg(&*bvec.data),
                 None => b.arg(&null),
             };
         }
         let mut ys_left = ys.iter_mut();
         for _ in 0..3 {
             match ys_left.next() {
-                Some(y) => b.arg(&mut y.data),
+                Some(y) => b.arg(&mut *y.data),
                 None => b.arg(&null),
             };
         }
@@ -1120,7 +1213,7 @@ impl CudaBackend {
         let mut scales = unsafe { self.stream.alloc::<f32>(n) }.context("allocating the row scales")?;
         self.dequantize_into(self.weight(weight)?, Dequantized::F16(&mut w16))?;
         let mut b = self.stream.launch_builder(&self.k.rows_to_f16);
-        b.arg(&x.data).arg(&mut x16).arg(&mut scales).arg(&c);
+        b.arg(&*x.data).arg(&mut x16).arg(&mut scales).arg(&c);
         // SAFETY: x is [n, n_in] (checked by linear), x16 [n, n_in], scales [n]; one block per row.
         unsafe { b.launch(rows_grid(n)?) }.context("launching rows_to_f16")?;
         let (transa, lda) = weight_op(read, n_out, n_in);
@@ -1162,9 +1255,9 @@ impl CudaBackend {
         }
         let no_bias: u64 = 0;
         let mut b = self.stream.launch_builder(&self.k.scale_rows_add_bias);
-        b.arg(&mut y.data).arg(&scales);
+        b.arg(&mut *y.data).arg(&scales);
         match bias {
-            Some(bvec) => b.arg(&bvec.data),
+            Some(bvec) => b.arg(&*bvec.data),
             None => b.arg(&no_bias),
         };
         b.arg(&nt).arg(&r);
@@ -1207,6 +1300,9 @@ impl CudaBackend {
     fn alloc(&self, shape: Vec<usize>) -> Result<CudaBuf> {
         let n: usize = shape.iter().product();
         ensure!(n > 0, "empty tensor of shape {shape:?}");
+        if let Some((data, ticket)) = self.arena.borrow_mut().take(&self.stream, n) {
+            return Ok(CudaBuf { data: ManuallyDrop::new(data), shape, arena: Some(ticket) });
+        }
         // SAFETY: every kernel that receives a fresh buffer writes all of it.
         let data = unsafe { self.stream.alloc::<f32>(n) }.with_context(|| {
             format!(
@@ -1215,7 +1311,7 @@ impl CudaBackend {
                 n as f64 * 4.0 / (1u64 << 30) as f64
             )
         })?;
-        Ok(CudaBuf { data, shape })
+        Ok(CudaBuf::owned(data, shape))
     }
 
     /// Start timing an op (only when profiling).
@@ -1298,12 +1394,14 @@ impl Backend for CudaBackend {
     fn reshape(&self, buf: CudaBuf, shape: &[usize]) -> Result<CudaBuf> {
         let n: usize = shape.iter().product();
         ensure!(n == buf.len(), "cannot reshape {:?} ({} values) to {shape:?}", buf.shape, buf.len());
-        Ok(CudaBuf { data: buf.data, shape: shape.to_vec() })
+        let mut buf = buf;
+        buf.shape = shape.to_vec();
+        Ok(buf)
     }
 
     fn to_host(&self, buf: &CudaBuf) -> Result<Tensor> {
         let t0 = self.prof_start()?;
-        let data = self.copy_to_host(&buf.data)?;
+        let data = self.copy_to_host(&*buf.data)?;
         ensure!(data.len() == buf.shape.iter().product::<usize>(), "buffer of {} values has shape {:?}", data.len(), buf.shape);
         self.prof_end("to_host", t0)?;
         Ok(Tensor::new(buf.shape.clone(), data))
@@ -1311,8 +1409,16 @@ impl Backend for CudaBackend {
 
     fn start_to_host(&self, buf: &CudaBuf) -> Result<Option<Tensor>> {
         let t0 = self.prof_start()?;
-        let n = buf.len();
+        // Outputs from here to the end of the pass come from the arena.
+        self.arena.borrow_mut().activate(&self.stream)?;
         let mut f = self.in_flight.borrow_mut();
+        if buf.arena.is_some() {
+            let offset = self.arena.borrow().offset_of(&self.stream, &buf.data).context("a buffer of the checkpoint arena outside it")?;
+            f.copies.push((Held::Device(offset), buf.shape.clone()));
+            self.prof_end("to_host", t0)?;
+            return Ok(None);
+        }
+        let n = buf.len();
         let capacity = f.arena.as_ref().map_or(0, |a| a.len());
         if f.used + n > capacity {
             self.drain_in_flight(&mut f)?;
@@ -1329,8 +1435,8 @@ impl Backend for CudaBackend {
         let arena = f.arena.as_mut().expect("allocated above");
         let dst = &mut arena.as_mut_slice().context("page-locked arena")?[offset..offset + n];
         // Asynchronous into page-locked memory: `drain_in_flight` waits.
-        self.stream.memcpy_dtoh(&buf.data, dst).context("device-to-host copy")?;
-        f.copies.push((offset, buf.shape.clone()));
+        self.stream.memcpy_dtoh(&*buf.data, dst).context("device-to-host copy")?;
+        f.copies.push((Held::Pinned(offset), buf.shape.clone()));
         f.used += n;
         self.prof_end("to_host", t0)?;
         Ok(None)
@@ -1339,7 +1445,10 @@ impl Backend for CudaBackend {
     fn finish_to_host(&self) -> Result<Vec<Tensor>> {
         let t0 = self.prof_start()?;
         let mut f = self.in_flight.borrow_mut();
-        if let Err(e) = self.drain_in_flight(&mut f) {
+        let drained = self.drain_in_flight(&mut f);
+        // The pass is over: its outputs are gone, so the arena may start again.
+        self.arena.borrow_mut().deactivate();
+        if let Err(e) = drained {
             // Nothing of this pass is delivered; the next starts empty.
             f.copies.clear();
             f.done.clear();
@@ -1363,14 +1472,14 @@ impl Backend for CudaBackend {
         let cols = *buf.shape.last().ok_or_else(|| anyhow!("rows of a scalar"))?;
         ensure!((start + n) * cols <= buf.len(), "rows {start}..{} of a buffer of shape {:?}", start + n, buf.shape);
         let mut out = self.alloc(vec![n, cols])?;
-        self.stream.memcpy_dtod(&buf.data.slice(start * cols..(start + n) * cols), &mut out.data).context("device-to-device copy")?;
+        self.stream.memcpy_dtod(&buf.data.slice(start * cols..(start + n) * cols), &mut *out.data).context("device-to-device copy")?;
         Ok(out)
     }
 
     fn from_host(&self, tensor: &Tensor) -> Result<CudaBuf> {
         ensure!(!tensor.data.is_empty(), "empty tensor");
         let data = self.stream.clone_htod(&tensor.data).context("host-to-device copy")?;
-        Ok(CudaBuf { data, shape: tensor.shape.clone() })
+        Ok(CudaBuf::owned(data, tensor.shape.clone()))
     }
 
     fn embed(&self, tokens: &[i32], read: WeightRead) -> Result<CudaBuf> {
@@ -1396,14 +1505,14 @@ impl Backend for CudaBackend {
         match self.weight(Weight::TokenEmbd)? {
             DeviceWeight::F32(table) => {
                 let mut b = self.stream.launch_builder(&self.k.embed);
-                b.arg(&table.data).arg(ids).arg(&mut out.data).arg(&nt).arg(&ne).arg(&nv).arg(&transposed);
+                b.arg(&*table.data).arg(ids).arg(&mut *out.data).arg(&nt).arg(&ne).arg(&nv).arg(&transposed);
                 // SAFETY: ids are range-checked above; table is [n_vocab, n_embd], out [n_tokens, n_embd].
                 unsafe { b.launch(cfg) }.context("launching embed_f32")?;
             }
             DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } => {
                 let rb = *row_bytes as u64;
                 let mut b = self.stream.launch_builder(&self.k.quant[ty].get_rows);
-                b.arg(data).arg(&rb).arg(ids).arg(&mut out.data).arg(&nt).arg(&nv).arg(&ne).arg(&transposed).arg(flags);
+                b.arg(data).arg(&rb).arg(ids).arg(&mut *out.data).arg(&nt).arg(&nv).arg(&ne).arg(&transposed).arg(flags);
                 // SAFETY: as above; the blocks hold n_vocab rows of row_bytes (checked at upload).
                 unsafe { b.launch(cfg) }.with_context(|| format!("launching get_rows_{}", ty.name()))?;
             }
@@ -1421,7 +1530,7 @@ impl Backend for CudaBackend {
         let mut out = self.alloc(x.shape.clone())?;
         let nc = i32_of(n_cols, "n_cols")?;
         let mut b = self.stream.launch_builder(&self.k.rms_norm);
-        b.arg(&x.data).arg(&w.data).arg(&mut out.data).arg(&nc).arg(&eps);
+        b.arg(&*x.data).arg(&*w.data).arg(&mut *out.data).arg(&nc).arg(&eps);
         unsafe { b.launch(rows_grid(rows)?) }.context("launching rms_norm_f32")?;
         self.prof_end("rms_norm", t0)?;
         Ok(out)
@@ -1461,7 +1570,7 @@ impl Backend for CudaBackend {
         i32_of(pos0 + nt, "last position")?;
         let pairing = pairing_code(pairing);
         let mut b = self.stream.launch_builder(&self.k.rope);
-        b.arg(&x.data).arg(&mut out.data).arg(&nt_).arg(&nh_).arg(&hd_).arg(&p0).arg(&freq_base).arg(&pairing).arg(&step_pos);
+        b.arg(&*x.data).arg(&mut *out.data).arg(&nt_).arg(&nh_).arg(&hd_).arg(&p0).arg(&freq_base).arg(&pairing).arg(&step_pos);
         // SAFETY: x and out are [nt, nh, hd]; step_pos is null or the step's device int.
         unsafe { b.launch(grid_for(nt * nh * hd / 2)) }.context("launching rope_f32")?;
         self.prof_end("rope", t0)?;
@@ -1503,12 +1612,12 @@ impl Backend for CudaBackend {
         let mut b = match &mut self.cache {
             KvCache::F32 { k: kc, v: vc } => {
                 let mut b = stream.launch_builder(&self.k.rope_qk_kv_store_f32);
-                b.arg(&q.data).arg(&k.data).arg(&v.data).arg(&mut q_out.data).arg(&mut k_out.data).arg(&mut kc[layer]).arg(&mut vc[layer]);
+                b.arg(&*q.data).arg(&*k.data).arg(&*v.data).arg(&mut *q_out.data).arg(&mut *k_out.data).arg(&mut kc[layer]).arg(&mut vc[layer]);
                 b
             }
             KvCache::F16 { k: kc, v: vc } => {
                 let mut b = stream.launch_builder(&self.k.rope_qk_kv_store_f16);
-                b.arg(&q.data).arg(&k.data).arg(&v.data).arg(&mut q_out.data).arg(&mut k_out.data).arg(&mut kc[layer]).arg(&mut vc[layer]);
+                b.arg(&*q.data).arg(&*k.data).arg(&*v.data).arg(&mut *q_out.data).arg(&mut *k_out.data).arg(&mut kc[layer]).arg(&mut vc[layer]);
                 b
             }
         };
@@ -1543,12 +1652,12 @@ impl Backend for CudaBackend {
         match &mut self.cache {
             KvCache::F32 { k: kc, v: vc } => {
                 let mut b = self.stream.launch_builder(&self.k.kv_store_f32);
-                b.arg(&k.data).arg(&v.data).arg(&mut kc[layer]).arg(&mut vc[layer]).arg(&nt_).arg(&row_).arg(&p0).arg(&step_pos);
+                b.arg(&*k.data).arg(&*v.data).arg(&mut kc[layer]).arg(&mut vc[layer]).arg(&nt_).arg(&row_).arg(&p0).arg(&step_pos);
                 unsafe { b.launch(cfg) }.context("launching kv_store_f32")?;
             }
             KvCache::F16 { k: kc, v: vc } => {
                 let mut b = self.stream.launch_builder(&self.k.kv_store_f16);
-                b.arg(&k.data).arg(&v.data).arg(&mut kc[layer]).arg(&mut vc[layer]).arg(&nt_).arg(&row_).arg(&p0).arg(&step_pos);
+                b.arg(&*k.data).arg(&*v.data).arg(&mut kc[layer]).arg(&mut vc[layer]).arg(&nt_).arg(&row_).arg(&p0).arg(&step_pos);
                 unsafe { b.launch(cfg) }.context("launching kv_store_f16")?;
             }
         }
@@ -1571,16 +1680,16 @@ impl Backend for CudaBackend {
         let mut b = match &self.cache {
             KvCache::F32 { k, .. } => {
                 let mut b = self.stream.launch_builder(&self.k.attn_scores_f32);
-                b.arg(&q.data).arg(&k[layer]);
+                b.arg(&*q.data).arg(&k[layer]);
                 b
             }
             KvCache::F16 { k, .. } => {
                 let mut b = self.stream.launch_builder(&self.k.attn_scores_f16);
-                b.arg(&q.data).arg(&k[layer]);
+                b.arg(&*q.data).arg(&k[layer]);
                 b
             }
         };
-        b.arg(&mut out.data);
+        b.arg(&mut *out.data);
         for v in &a {
             b.arg(v);
         }
@@ -1596,7 +1705,7 @@ impl Backend for CudaBackend {
         let mut out = self.alloc(scores.shape.clone())?;
         let (nt_, nkv_, p0) = (i32_of(nt, "n_tokens")?, i32_of(n_kv, "n_kv")?, i32_of(pos0, "pos0")?);
         let mut b = self.stream.launch_builder(&self.k.softmax_causal);
-        b.arg(&scores.data).arg(&mut out.data).arg(&nt_).arg(&nkv_).arg(&scale).arg(&p0);
+        b.arg(&*scores.data).arg(&mut *out.data).arg(&nt_).arg(&nkv_).arg(&scale).arg(&p0);
         unsafe { b.launch(rows_grid(nh * nt)?) }.context("launching softmax_causal_f32")?;
         self.prof_end("softmax", t0)?;
         Ok(out)
@@ -1616,16 +1725,16 @@ impl Backend for CudaBackend {
         let mut b = match &self.cache {
             KvCache::F32 { v, .. } => {
                 let mut b = self.stream.launch_builder(&self.k.attn_ctx_f32);
-                b.arg(&probs.data).arg(&v[layer]);
+                b.arg(&*probs.data).arg(&v[layer]);
                 b
             }
             KvCache::F16 { v, .. } => {
                 let mut b = self.stream.launch_builder(&self.k.attn_ctx_f16);
-                b.arg(&probs.data).arg(&v[layer]);
+                b.arg(&*probs.data).arg(&v[layer]);
                 b
             }
         };
-        b.arg(&mut out.data);
+        b.arg(&mut *out.data);
         for v in &a {
             b.arg(v);
         }
@@ -1665,16 +1774,16 @@ impl Backend for CudaBackend {
         let mut b = match &self.cache {
             KvCache::F32 { k, v } => {
                 let mut b = self.stream.launch_builder(&self.k.attention_f32);
-                b.arg(&q.data).arg(&k[layer]).arg(&v[layer]);
+                b.arg(&*q.data).arg(&k[layer]).arg(&v[layer]);
                 b
             }
             KvCache::F16 { k, v } => {
                 let mut b = self.stream.launch_builder(&self.k.attention_f16);
-                b.arg(&q.data).arg(&k[layer]).arg(&v[layer]);
+                b.arg(&*q.data).arg(&k[layer]).arg(&v[layer]);
                 b
             }
         };
-        b.arg(&mut out.data);
+        b.arg(&mut *out.data);
         for v in &a {
             b.arg(v);
         }
@@ -1748,7 +1857,7 @@ impl Backend for CudaBackend {
         let (cfg, wpr_arg, staged) = gemv_launch(n_out, cols, row_bytes, 2, self.gemv_tuning);
         let act_code = activation_code(act);
         let mut l = self.stream.launch_builder(&self.k.quant[&ty].gemv_glu);
-        l.arg(wa).arg(wb).arg(&rb).arg(&x.data).arg(&mut y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code).arg(&staged);
+        l.arg(wa).arg(wb).arg(&rb).arg(&*x.data).arg(&mut *y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code).arg(&staged);
         // SAFETY: both matrices hold n_out rows of row_bytes (checked at upload, and equal above); x is [n, cols],
         // y [n, n_out], n <= GEMV_MAX_TOKENS; when staged, the launch gives the shared memory of both regions.
         unsafe { l.launch(cfg) }.with_context(|| format!("launching gemv_glu_{} for {a:?} and {b:?}", ty.name()))?;
@@ -1763,7 +1872,7 @@ impl Backend for CudaBackend {
         let n = out.len() as u64;
         let cfg = grid_for(out.len());
         let mut l = self.stream.launch_builder(&self.k.add);
-        l.arg(&a.data).arg(&b.data).arg(&mut out.data).arg(&n);
+        l.arg(&*a.data).arg(&*b.data).arg(&mut *out.data).arg(&n);
         unsafe { l.launch(cfg) }.context("launching add_f32")?;
         self.prof_end("add", t0)?;
         Ok(out)
@@ -1777,7 +1886,7 @@ impl Backend for CudaBackend {
         let cfg = grid_for(out.len());
         let code = activation_code(act);
         let mut l = self.stream.launch_builder(&self.k.swiglu);
-        l.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n).arg(&code);
+        l.arg(&*gate.data).arg(&*up.data).arg(&mut *out.data).arg(&n).arg(&code);
         unsafe { l.launch(cfg) }.context("launching swiglu_f32")?;
         self.prof_end("swiglu", t0)?;
         Ok(out)
@@ -1786,14 +1895,15 @@ impl Backend for CudaBackend {
     fn round_rows(&self, x: &CudaBuf, ty: GgmlType) -> Result<CudaBuf> {
         let t0 = self.prof_start()?;
         let width = *x.shape.last().ok_or_else(|| anyhow!("round_rows of a scalar"))?;
-        let mut out = CudaBuf { data: self.stream.clone_dtod(&x.data).context("device-to-device copy")?, shape: x.shape.clone() };
+        let mut out = self.alloc(x.shape.clone())?;
+        self.stream.memcpy_dtod(&*x.data, &mut *out.data).context("device-to-device copy")?;
         let n = out.len() as u64;
         let launched = match ty {
             GgmlType::F32 => Ok(()),
             GgmlType::F16 | GgmlType::BF16 => {
                 let kind: i32 = if ty == GgmlType::F16 { 0 } else { 1 };
                 let mut b = self.stream.launch_builder(&self.k.round_half);
-                b.arg(&mut out.data).arg(&n).arg(&kind);
+                b.arg(&mut *out.data).arg(&n).arg(&kind);
                 // SAFETY: out holds n f32.
                 unsafe { b.launch(grid_for(n as usize)) }.map(|_| ())
             }
@@ -1802,7 +1912,7 @@ impl Backend for CudaBackend {
                 let warps = 8u32;
                 let cfg = LaunchConfig { grid_dim: (blocks.div_ceil(warps as u64) as u32, 1, 1), block_dim: (warps * 32, 1, 1), shared_mem_bytes: 0 };
                 let mut b = self.stream.launch_builder(&self.k.round_q8_0);
-                b.arg(&mut out.data).arg(&blocks);
+                b.arg(&mut *out.data).arg(&blocks);
                 // SAFETY: out holds `blocks` whole blocks of 32 f32 (rows are whole blocks).
                 unsafe { b.launch(cfg) }.map(|_| ())
             }
@@ -1811,7 +1921,7 @@ impl Backend for CudaBackend {
                 let grid = u32::try_from(blocks).map_err(|_| anyhow!("{blocks} q8_K blocks: too many for one launch"))?;
                 let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                 let mut b = self.stream.launch_builder(&self.k.round_q8_k);
-                b.arg(&mut out.data).arg(&blocks);
+                b.arg(&mut *out.data).arg(&blocks);
                 // SAFETY: out holds `blocks` whole blocks of 256 f32 (rows are whole blocks).
                 unsafe { b.launch(cfg) }.map(|_| ())
             }
@@ -1869,7 +1979,7 @@ impl Backend for CudaBackend {
         };
         ensure!(logits.len() == self.cfg.n_vocab, "a recorded pass ended with {} logits, not {}", logits.len(), self.cfg.n_vocab);
         // The graph allocates the logits at each launch; the replay frees them.
-        let ptr = logits.data.leak();
+        let ptr = logits.leak();
         let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
         match self.stream.end_capture(flags) {
             Ok(Some(graph)) => {
