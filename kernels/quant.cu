@@ -375,8 +375,11 @@ __device__ __forceinline__ void group32<Q5_0>(const u8* row, int g, int flags, f
 #pragma unroll
     for (int j = 0; j < 16; j++) {
         const int q = (w[3 + (j >> 1)] >> (8 * (j & 1))) & 0xFF;
-        v[j] = mul((float)(((q & 0xF) | (((qh >> j) << 4) & 0x10)) - 16), d);
-        v[j + 16] = mul((float)(((q >> 4) | ((qh >> (j + 12)) & 0x10)) - 16), d);
+        // As ints before the 16 comes off (qh is unsigned).
+        const int lo = (q & 0xF) | (int)(((qh >> j) << 4) & 0x10);
+        const int hi = (q >> 4) | (int)((qh >> (j + 12)) & 0x10);
+        v[j] = mul((float)(lo - 16), d);
+        v[j + 16] = mul((float)(hi - 16), d);
     }
 }
 template <>
