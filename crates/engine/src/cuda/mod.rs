@@ -969,7 +969,7 @@ impl CudaBackend {
             DeviceWeight::F32(b) => Ok(F32Matrix::Resident(b)),
             blocks @ DeviceWeight::Blocks { rows, cols, .. } => {
                 let mut out = self.alloc(vec![*rows, *cols])?;
-                self.dequantize_into(blocks, Dequantized::F32(&mut *out.data))?;
+                self.dequantize_into(blocks, Dequantized::F32(&mut out.data))?;
                 Ok(F32Matrix::Scratch(out))
             }
         }
