@@ -5,8 +5,9 @@
 //! 411 for a decode step of Qwen2-0.5B, each a `cuMemcpyAsync` of a few KB
 //! that the stream waits for before the next kernel. Here, once a pass has
 //! started its first checkpoint copy, every op output after it is a slice of
-//! one device buffer, handed out in order and never freed on its own. A
-//! checkpoint whose tensor is such a slice is only noted (its offset and
+//! one device buffer, handed out in order and never freed on its own (a
+//! prefill's dequantized matrices are scratch, not outputs: they come from
+//! the pool). A checkpoint whose tensor is such a slice is only noted (its offset and
 //! shape); when the pass's copies are finished, the arena's bytes up to the
 //! last noted slice cross to the host in one copy, and each noted range is
 //! handed out from there. Outputs are never written after the op that made

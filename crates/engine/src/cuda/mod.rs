@@ -968,7 +968,10 @@ impl CudaBackend {
         match self.weight(w)? {
             DeviceWeight::F32(b) => Ok(F32Matrix::Resident(b)),
             blocks @ DeviceWeight::Blocks { rows, cols, .. } => {
-                let mut out = self.alloc(vec![*rows, *cols])?;
+                // Scratch, read by the one matmul: never from the checkpoint
+                // arena, which it would fill (17 MB for one of Qwen2-0.5B's
+                // FFN matrices) before the pass's checkpoints reach it.
+                let mut out = self.alloc_from_pool(vec![*rows, *cols])?;
                 self.dequantize_into(blocks, Dequantized::F32(&mut out.data))?;
                 Ok(F32Matrix::Scratch(out))
             }
@@ -1297,12 +1300,21 @@ impl CudaBackend {
         self.stream.synchronize().context("synchronizing the CUDA stream")
     }
 
+    /// An op's output: from the checkpoint arena while it is active and has
+    /// room (`arena.rs`), else from the memory pool.
     fn alloc(&self, shape: Vec<usize>) -> Result<CudaBuf> {
         let n: usize = shape.iter().product();
         ensure!(n > 0, "empty tensor of shape {shape:?}");
         if let Some((data, ticket)) = self.arena.borrow_mut().take(&self.stream, n) {
             return Ok(CudaBuf { data: ManuallyDrop::new(data), shape, arena: Some(ticket) });
         }
+        self.alloc_from_pool(shape)
+    }
+
+    /// A buffer from the device's memory pool (`cuMemAllocAsync`).
+    fn alloc_from_pool(&self, shape: Vec<usize>) -> Result<CudaBuf> {
+        let n: usize = shape.iter().product();
+        ensure!(n > 0, "empty tensor of shape {shape:?}");
         // SAFETY: every kernel that receives a fresh buffer writes all of it.
         let data = unsafe { self.stream.alloc::<f32>(n) }.with_context(|| {
             format!(
