@@ -33,9 +33,13 @@
 //!   (raw 16-bit words, round-to-nearest-even on store, as ggml's f32->f16) or
 //!   f32 per [`BackendOptions::kv_type`]. GQA is an index map inside the
 //!   attention kernels ([`HeadMap`]), K/V are never repeated.
-//! - **Checkpoints**: ops only launch kernels; [`Backend::to_host`] is the one
-//!   device-to-host copy and is synchronous (the stream is synchronized and
-//!   any asynchronous kernel error surfaces there, with context).
+//! - **Checkpoints**: ops only launch kernels. [`Backend::to_host`] copies
+//!   synchronously (the stream is synchronized and any asynchronous kernel
+//!   error surfaces there, with context); a checkpoint that never replaces
+//!   its tensor goes through [`Backend::start_to_host`]: copied into a
+//!   page-locked arena without waiting, or, once the pass's outputs come
+//!   from the device checkpoint arena (`arena.rs`), only noted, and all of
+//!   them cross in one copy when [`Backend::finish_to_host`] waits.
 //! - **Attention** that no checkpoint observes is one fused kernel per
 //!   (head, query) row, its scores in shared memory ([`Backend::attention`]);
 //!   the three separate kernels run only when scores or probabilities are
@@ -1403,10 +1407,9 @@ impl Backend for CudaBackend {
         &buf.shape
     }
 
-    fn reshape(&self, buf: CudaBuf, shape: &[usize]) -> Result<CudaBuf> {
+    fn reshape(&self, mut buf: CudaBuf, shape: &[usize]) -> Result<CudaBuf> {
         let n: usize = shape.iter().product();
         ensure!(n == buf.len(), "cannot reshape {:?} ({} values) to {shape:?}", buf.shape, buf.len());
-        let mut buf = buf;
         buf.shape = shape.to_vec();
         Ok(buf)
     }
