@@ -159,10 +159,13 @@ pub trait Backend {
     fn reshape(&self, buf: Self::Buf, shape: &[usize]) -> Result<Self::Buf>;
     fn to_host(&self, buf: &Self::Buf) -> Result<Tensor>;
     /// The buffer's values on the host, the buffer given up (a host backend
-    /// hands it over without a copy).
+    /// hands it over without a copy). `into`/`from` name the direction of a
+    /// buffer's move, not a conversion of the backend itself.
+    #[allow(clippy::wrong_self_convention)]
     fn into_host(&self, buf: Self::Buf) -> Result<Tensor> {
         self.to_host(&buf)
     }
+    #[allow(clippy::wrong_self_convention)]
     fn from_host(&self, tensor: &Tensor) -> Result<Self::Buf>;
     /// Start bringing `buf` to the host without waiting for it: `Some` when
     /// the copy is already done (a host backend), `None` when it is in

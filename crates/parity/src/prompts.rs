@@ -20,7 +20,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>> {
     let prompts: Vec<Prompt> = text
         .lines()
         .map(str::trim_end)
-        .filter(|l| !l.trim().is_empty() && !(l == &"#" || l.starts_with("# ")))
+        .filter(|l| !l.trim().is_empty() && l != &"#" && !l.starts_with("# "))
         .map(|l| match l.strip_prefix("chat: ") {
             Some(text) => Prompt { text: text.replace("\\n", "\n"), chat: true },
             None => Prompt { text: l.replace("\\n", "\n"), chat: false },

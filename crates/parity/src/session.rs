@@ -204,6 +204,8 @@ pub fn backend_of(engine: &str) -> &str {
 
 /// A reference captured whole, or the prompt's tokens when the comparison
 /// runs chunk by chunk instead.
+// One per prompt at a time: boxing the larger variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum Reference {
     Whole(Capture),
     Chunked(Vec<i32>),
@@ -211,6 +213,8 @@ enum Reference {
 
 /// The captures of one prompt (teacher-forced, free-running, reference), or
 /// its tokens when the comparison runs chunk by chunk (`chunked::judge`).
+// One per prompt at a time: boxing the larger variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Captured {
     Whole(Capture, Capture, Capture),
     Chunked(Vec<i32>),

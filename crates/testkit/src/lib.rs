@@ -86,7 +86,7 @@ pub fn next(state: &mut u64) -> u64 {
 /// parser reads sizes (the data section is only bounds-checked).
 pub fn mutate(base: &[u8], header_len: usize, state: &mut u64) -> Vec<u8> {
     let mut b = base.to_vec();
-    let pos = |s: &mut u64, len: usize| if next(s) % 4 == 0 { (next(s) as usize) % len } else { (next(s) as usize) % header_len.min(len) };
+    let pos = |s: &mut u64, len: usize| if next(s).is_multiple_of(4) { (next(s) as usize) % len } else { (next(s) as usize) % header_len.min(len) };
     for _ in 0..1 + next(state) % 4 {
         match next(state) % 6 {
             0 => {
