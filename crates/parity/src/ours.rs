@@ -111,10 +111,10 @@ pub struct OurEngine {
     model: Loaded,
     /// The KV cache type the backend was built with (recorded in captures).
     kv_type: KvType,
-    /// Seconds the CUDA probe took at load (loading the driver's and the
-    /// CUDA libraries, cuInit; 0 once done earlier in the process or on
-    /// the CPU backend).
-    driver_s: f64,
+    /// The parts of the CUDA probe and their seconds, when this load ran it
+    /// (dlopen of libcuda, cuBLAS and NVRTC, cuInit); empty when an earlier
+    /// load in the process did, and on the CPU backend.
+    driver_phases: Vec<(&'static str, f64)>,
 }
 
 // One per engine, never in a collection: boxing the larger variant buys nothing.
@@ -132,7 +132,8 @@ impl OurEngine {
         let rounding = Rounding::from_gguf(eo.numerics, kv_type, gguf, cfg)?;
         let mut progress = crate::progress::Progress::new(format!("ours-{}", backend.name()), 0, crate::progress::Unit::Items("weights"), crate::progress::Milestones::EveryTenth);
         let mut on_weight = |done: usize, total: usize| progress.set(done as u64, total as u64, "");
-        let mut driver_s = 0.0;
+        // The probe's parts when this load ran it (the first in the process).
+        let mut driver_phases = Vec::new();
         let model = match backend {
             BackendKind::Cpu => {
                 let be = CpuBackend::load_observed(gguf, cfg, opts, &mut on_weight).context("loading the model on the CPU backend")?;
@@ -140,16 +141,18 @@ impl OurEngine {
             }
             BackendKind::Cuda => {
                 // Probe before cudarc touches the driver: it panics where libcuda is missing.
-                let probe = Instant::now();
+                let probed_before = !engine::cuda::probe_phases().is_empty();
                 cuda_available().map_err(anyhow::Error::msg)?;
-                driver_s = probe.elapsed().as_secs_f64();
+                if !probed_before {
+                    driver_phases = engine::cuda::probe_phases().to_vec();
+                }
                 let be = CudaBackend::load_observed(gguf, cfg, opts, &mut on_weight).context("loading the model on the CUDA backend")?;
                 crate::progress::note(&format!("ours-cuda: device {}; {}", be.device_name(), be.matmul_arithmetic()));
                 Loaded::Cuda(Model::new(be, cfg.clone(), fault).with_rounding(rounding))
             }
         };
         progress.finish("weights loaded");
-        Ok(OurEngine { model, kv_type, driver_s })
+        Ok(OurEngine { model, kv_type, driver_phases })
     }
 
     /// Bytes of weights held on the GPU (None on the CPU backend, whose
@@ -162,12 +165,12 @@ impl OurEngine {
     }
 
     /// Seconds each phase of the CUDA load took, in order: the driver
-    /// probe, then the backend's phases (None on the CPU backend, which maps
+    /// probe's parts, then the backend's phases (None on the CPU backend, which maps
     /// the file and copies nothing).
     pub fn load_phases(&self) -> Option<Vec<(&'static str, f64)>> {
         match &self.model {
             Loaded::Cpu(_) => None,
-            Loaded::Cuda(model) => Some(std::iter::once(("CUDA driver and libraries", self.driver_s)).chain(model.backend.load_phases().iter().copied()).collect()),
+            Loaded::Cuda(model) => Some(self.driver_phases.iter().chain(model.backend.load_phases()).copied().collect()),
         }
     }
 

@@ -256,24 +256,54 @@ impl PrefillMatmul {
 /// probe that keeps cudarc's panicking loader from ever running without a
 /// driver). The error is one line starting with [`NO_DEVICE`].
 pub fn cuda_available() -> Result<(), String> {
-    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
-    PROBE.get_or_init(probe).clone()
+    probed().0.clone()
 }
 
-fn probe() -> Result<(), String> {
-    // SAFETY: dlopen of the named libraries; nothing is called in them.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+/// Seconds each part of the probe took, in order (dlopen of libcuda, of
+/// cuBLAS, of NVRTC, then cuInit and the device count), as far as it got;
+/// empty until the probe has run (once per process, at the first
+/// `cuda_available`).
+pub fn probe_phases() -> &'static [(&'static str, f64)] {
+    PROBE.get().map_or(&[], |(_, phases)| phases.as_slice())
+}
+
+/// The probe's verdict and the seconds of its parts (`probe`).
+type Probe = (Result<(), String>, Vec<(&'static str, f64)>);
+static PROBE: OnceLock<Probe> = OnceLock::new();
+
+fn probed() -> &'static Probe {
+    PROBE.get_or_init(|| {
+        let mut phases = Vec::new();
+        let result = probe(&mut phases);
+        (result, phases)
+    })
+}
+
+fn probe(phases: &mut Vec<(&'static str, f64)>) -> Result<(), String> {
+    // Each step timed: the load's first phase is this probe, and which
+    // part of it costs what says where a faster load could come from.
+    let mut timed = |name: &'static str, present: &dyn Fn() -> bool| {
+        let t = std::time::Instant::now();
+        let ok = present();
+        phases.push((name, t.elapsed().as_secs_f64()));
+        ok
+    };
+    // SAFETY (the three closures): dlopen of the named libraries; nothing is called in them.
+    if !timed("libcuda", &|| unsafe { cudarc::driver::sys::is_culib_present() }) {
         return Err(NO_DEVICE.to_string());
     }
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+    if !timed("cuBLAS library", &|| unsafe { cudarc::cublas::sys::is_culib_present() }) {
         return Err(format!("{NO_DEVICE} (libcuda loads but cuBLAS does not)"));
     }
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+    if !timed("NVRTC library", &|| unsafe { cudarc::nvrtc::sys::is_culib_present() }) {
         return Err(format!("{NO_DEVICE} (libcuda loads but NVRTC does not)"));
     }
     // The driver is present; a missing symbol (a driver too old for the
     // CUDA 13.0 bindings) would still panic inside cudarc: catch that too.
-    match std::panic::catch_unwind(CudaContext::device_count) {
+    let t = std::time::Instant::now();
+    let count = std::panic::catch_unwind(CudaContext::device_count);
+    phases.push(("cuInit", t.elapsed().as_secs_f64()));
+    match count {
         Ok(Ok(n)) if n > 0 => Ok(()),
         Ok(Ok(_)) => Err(format!("{NO_DEVICE} (the driver reports 0 devices)")),
         Ok(Err(e)) => Err(format!("{NO_DEVICE} (cuInit/cuDeviceGetCount: {e})")),
