@@ -28,6 +28,10 @@ typedef unsigned char u8;
 
 #define GEMV_MAX_TOKENS 8
 #define GEMV_WARPS 8
+// The GEMV kernels' register cap: three blocks of GEMV_WARPS warps per SM
+// (80 registers a thread; without it ptxas took up to 107, two
+// blocks per SM). Not measured apart from the rest of the 2026-12-07 change.
+#define GEMV_BOUNDS __launch_bounds__(GEMV_WARPS * 32, 3)
 
 __device__ __forceinline__ float f16_at(const u8* p) {
     unsigned short h = (unsigned short)p[0] | ((unsigned short)p[1] << 8);
@@ -353,7 +357,7 @@ __device__ __forceinline__ float f16_bits(unsigned short h) {
 // allows, every load of the block issued before any value is computed (a
 // GEMV's speed is the bytes it keeps in flight). The same f32 operations
 // per element as T::at, so the same values, bit for bit. Alignment: a
-// matrix starts 256-byte aligned (checked at upload); Q5_0 and Q8_0 blocks
+// matrix starts 16-byte aligned (checked at upload); Q5_0 and Q8_0 blocks
 // (22 and 34 bytes) are then 2-byte aligned, Q4_K blocks (144 bytes) 16-byte
 // aligned; staged rows keep their offset modulo 16 (stage_rows).
 template <>
@@ -672,23 +676,23 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
                                                int n_cols, int flags) {                                            \
         dequant<T>(w, row_bytes, out, n_rows, n_cols, flags);                                                      \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemv_##T(const u8* w, u64 row_bytes, const float* x, const float* bias,            \
-                                        const float* residual, float* y, int n_tokens, int n_rows, int n_cols,     \
-                                        int flags, int warps_per_row, int staged) {                                \
+    extern "C" __global__ void GEMV_BOUNDS gemv_##T(                                                               \
+        const u8* w, u64 row_bytes, const float* x, const float* bias, const float* residual, float* y,            \
+        int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged) {                          \
         gemv<T>(w, row_bytes, x, bias, residual, y, n_tokens, n_rows, n_cols, flags, warps_per_row, staged,        \
                 blockIdx.x);                                                                                       \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemv3_##T(const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, \
-                                         const float* b0, const float* b1, const float* b2, float* y0, float* y1,  \
-                                         float* y2, int n_tokens, int rows0, int rows1, int rows2, int n_cols,     \
-                                         int flags0, int flags1, int flags2, int wpr0, int wpr1, int wpr2,        \
-                                         int staged0, int staged1, int staged2, int start1, int start2) {         \
+    extern "C" __global__ void GEMV_BOUNDS gemv3_##T(                                                              \
+        const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, const float* b0, const float* b1, \
+        const float* b2, float* y0, float* y1, float* y2, int n_tokens, int rows0, int rows1, int rows2, int n_cols,\
+        int flags0, int flags1, int flags2, int wpr0, int wpr1, int wpr2, int staged0, int staged1, int staged2,   \
+        int start1, int start2) {                                                                                  \
         gemv3<T>(w0, w1, w2, row_bytes, x, b0, b1, b2, y0, y1, y2, n_tokens, rows0, rows1, rows2, n_cols, flags0,  \
-                 flags1, flags2, wpr0, wpr1, wpr2, staged0, staged1, staged2, start1, start2);                    \
+                 flags1, flags2, wpr0, wpr1, wpr2, staged0, staged1, staged2, start1, start2);                     \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemv_glu_##T(const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y,  \
-                                            int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row,    \
-                                            int act, int staged) {                                                 \
+    extern "C" __global__ void GEMV_BOUNDS gemv_glu_##T(                                                           \
+        const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y, int n_tokens, int n_rows, int n_cols, \
+        int flags, int warps_per_row, int act, int staged) {                                                       \
         gemv_glu<T>(wa, wb, row_bytes, x, y, n_tokens, n_rows, n_cols, flags, warps_per_row, act, staged);         \
     }                                                                                                              \
     extern "C" __global__ void get_rows_##T(const u8* w, u64 row_bytes, const int* tokens, float* out,             \
