@@ -859,6 +859,17 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// `len` values of page-locked host memory for device-to-host copies,
+    /// uninitialized: its callers read a range only after a copy into it
+    /// has finished.
+    fn alloc_pinned(&self, len: usize) -> Result<PinnedHostSlice<f32>> {
+        // SAFETY: flags 0 asks for plain page-locked memory (not
+        // write-combined, which the CPU reads slowly); its contents are
+        // uninitialized, and every caller reads only ranges a finished copy
+        // has written (see the callers).
+        unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.with_context(|| format!("allocating {} MiB of page-locked host memory", (len * 4) >> 20))
+    }
+
     /// The values of `src` on the host: copied at the link's speed into
     /// the page-locked staging buffer (grown when too small), then into a
     /// fresh vector once the stream has finished the copy.
@@ -869,12 +880,8 @@ impl CudaBackend {
             // Drop the old buffer first (its drop waits for its last copy).
             *staging = None;
             // Whole MiB, at least 4: most checkpoints then share one buffer.
-            let len = n.max(1 << 20).next_multiple_of(1 << 18);
-            // SAFETY: flags 0 asks for plain page-locked memory (not
-            // write-combined, which the CPU reads slowly); its contents are
-            // uninitialized, and only the first `n` values are ever read,
-            // after the copy below has written them.
-            *staging = Some(unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.with_context(|| format!("allocating {} MiB of page-locked host memory", (len * 4) >> 20))?);
+            // Only the first `n` values are read, after the copy below.
+            *staging = Some(self.alloc_pinned(n.max(1 << 20).next_multiple_of(1 << 18))?);
         }
         let pinned = staging.as_mut().expect("allocated above");
         // The first `n` values as a plain slice: cudarc copies as many bytes
@@ -903,10 +910,8 @@ impl CudaBackend {
         if let Some(end) = on_device.max() {
             if f.landing.as_ref().is_none_or(|l| l.len() < end) {
                 f.landing = None;
-                let len = end.max(IN_FLIGHT_VALUES);
-                // SAFETY: plain page-locked memory (flags 0), uninitialized:
-                // only its first `end` values are read, after the copy below.
-                f.landing = Some(unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.with_context(|| format!("allocating {} MiB of page-locked host memory", (len * 4) >> 20))?);
+                // Only its first `end` values are read, after the copy below.
+                f.landing = Some(self.alloc_pinned(end.max(IN_FLIGHT_VALUES))?);
             }
             let landing = &mut f.landing.as_mut().expect("allocated above").as_mut_slice().context("page-locked landing buffer")?[..end];
             let arena = self.arena.borrow();
@@ -1470,10 +1475,8 @@ impl Backend for CudaBackend {
             if n > capacity {
                 // Nothing is in flight into the old arena any more.
                 f.arena = None;
-                let len = n.max(IN_FLIGHT_VALUES);
-                // SAFETY: plain page-locked memory (flags 0), uninitialized:
-                // a range of it is only read after a copy into it finished.
-                f.arena = Some(unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len, 0) }.with_context(|| format!("allocating {} MiB of page-locked host memory", (len * 4) >> 20))?);
+                // A range of it is only read after a copy into it finished.
+                f.arena = Some(self.alloc_pinned(n.max(IN_FLIGHT_VALUES))?);
             }
         }
         let offset = f.used;
