@@ -13,10 +13,14 @@
 //   gemv_<ty>     y[t, r] = sum_i W[r, i] x[t, i] (+ bias[r] when bias is not
 //                 null) (residual[t, r] + that, when residual is not null)
 //                 for a few tokens (decode): 1 to 8 warps per output row,
-//                 each lane 32 values (a block) at a time, the blocks read
-//                 once for all tokens;
+//                 each lane 4 consecutive values at a time (a warp's loads
+//                 coalesced), the blocks read once for all tokens;
 //   gemv3_<ty>    up to three gemv_<ty> of one x in one launch (Q, K and V);
 //   gemv_glu_<ty> act(x Wa^T) * (x Wb^T), the FFN's gate, up and SwiGLU in one;
+//   rms_norm_f32  RMSNorm of rows times the weight (not a weight type's
+//                 kernel: here because gemv3 and gemv_glu can fuse the same
+//                 norm into their input, and must compute it with the same
+//                 device code to give the same bits);
 //   get_rows_<ty> the embedding lookup: out[t, c] = W[tok[t], c], or with the
 //                 embed-transposed fault the flat element c * n_rows + tok[t].
 // `flags` bit 0: the q5-0-high-bit fault (Q5_0's second half takes bit
@@ -336,16 +340,6 @@ __device__ void dequant(const u8* __restrict__ w, u64 row_bytes, O* __restrict__
     }
 }
 
-// The 32 values of group g (elements 32 g .. 32 g + 31) of a row whose
-// length is a multiple of 32: one whole block of a 32-value type, one of
-// the eight 32-value groups of a K-quant block, or 32 values of a plain
-// type. Generic: four elems8, so the values of T::at bit for bit.
-template <typename T>
-__device__ __forceinline__ void group32(const u8* row, int g, int flags, float* v) {
-#pragma unroll
-    for (int k = 0; k < 4; k++) elems8<T>(row, g * 32 + 8 * k, flags, v + 8 * k);
-}
-
 // f16 bits to f32 (PTX cvt, as f16_at).
 __device__ __forceinline__ float f16_bits(unsigned short h) {
     float f;
@@ -353,127 +347,163 @@ __device__ __forceinline__ float f16_bits(unsigned short h) {
     return f;
 }
 
-// The real model's types with loads as wide as their blocks' alignment
-// allows, every load of the block issued before any value is computed (a
-// GEMV's speed is the bytes it keeps in flight). The same f32 operations
-// per element as T::at, so the same values, bit for bit. Alignment: a
-// matrix starts 16-byte aligned (checked at upload); Q5_0 and Q8_0 blocks
-// (22 and 34 bytes) are then 2-byte aligned, Q4_K blocks (144 bytes) 16-byte
-// aligned; staged rows keep their offset modulo 16 (stage_rows).
-template <>
-__device__ __forceinline__ void group32<Q5_0>(const u8* row, int g, int flags, float* v) {
-    const u8* blk = row + (u64)g * Q5_0::TS;
-    if (flags & 1) {
-        // The fault's dequantization, element by element.
+// Four consecutive elements base..base+3 of a row (base a multiple of 4:
+// every block size is 1 or a multiple of 32, so they share one block and
+// one scale). Generic: T::at each, so the values of T::at bit for bit.
+template <typename T>
+__device__ __forceinline__ void elems4(const u8* row, int base, int flags, float* v) {
+    if (T::BS == 1) {
 #pragma unroll
-        for (int e = 0; e < 32; e++) v[e] = Q5_0::at(blk, e, flags);
-        return;
-    }
-    // block_q5_0 { half d; u8 qh[4]; u8 qs[16]; } as 11 halfwords.
-    const unsigned short* h = (const unsigned short*)blk;
-    unsigned short w[11];
+        for (int e = 0; e < 4; e++) v[e] = T::at(row + (u64)(base + e) * T::TS, 0, flags);
+    } else {
+        const u8* blk = row + (u64)(base / T::BS) * T::TS;
+        const int j0 = base % T::BS;
 #pragma unroll
-    for (int k = 0; k < 11; k++) w[k] = h[k];
-    const float d = f16_bits(w[0]);
-    const unsigned int qh = (unsigned int)w[1] | ((unsigned int)w[2] << 16);
-#pragma unroll
-    for (int j = 0; j < 16; j++) {
-        const int q = (w[3 + (j >> 1)] >> (8 * (j & 1))) & 0xFF;
-        // As ints before the 16 comes off (qh is unsigned).
-        const int lo = (q & 0xF) | (int)(((qh >> j) << 4) & 0x10);
-        const int hi = (q >> 4) | (int)((qh >> (j + 12)) & 0x10);
-        v[j] = mul((float)(lo - 16), d);
-        v[j + 16] = mul((float)(hi - 16), d);
-    }
-}
-template <>
-__device__ __forceinline__ void group32<Q8_0>(const u8* row, int g, int, float* v) {
-    // block_q8_0 { half d; i8 qs[32]; } as 17 halfwords.
-    const unsigned short* h = (const unsigned short*)(row + (u64)g * Q8_0::TS);
-    unsigned short w[17];
-#pragma unroll
-    for (int k = 0; k < 17; k++) w[k] = h[k];
-    const float d = f16_bits(w[0]);
-#pragma unroll
-    for (int j = 0; j < 32; j++) v[j] = mul((float)(signed char)(w[1 + (j >> 1)] >> (8 * (j & 1))), d);
-}
-template <>
-__device__ __forceinline__ void group32<Q4_K>(const u8* row, int g, int, float* v) {
-    // Group g is j = g % 8 of its block: scale/min j, nibble h = j % 2 of
-    // qs[32 (j / 2) .. + 32]. The block's first 16 bytes (d, dmin, the
-    // packed scales) and the group's 32 quant bytes: three 16-byte loads.
-    const u8* blk = row + (u64)(g >> 3) * Q4_K::TS;
-    const int j = g & 7, h = j & 1;
-    const uint4 head = *(const uint4*)blk;
-    const uint4 q0 = *(const uint4*)(blk + 16 + 32 * (j >> 1));
-    const uint4 q1 = *(const uint4*)(blk + 32 + 32 * (j >> 1));
-    // get_scale_min_k4 on the 12 packed bytes, which are head.y, head.z and
-    // head.w (bytes picked by shifts: a byte array indexed by j would live
-    // in local memory).
-    const int jj = j & 3;
-    const int by = (head.y >> (8 * jj)) & 0xFF, bz = (head.z >> (8 * jj)) & 0xFF, bw = (head.w >> (8 * jj)) & 0xFF;
-    const int sc = j < 4 ? by & 63 : (bw & 0xF) | ((by >> 6) << 4);
-    const int m = j < 4 ? bz & 63 : (bw >> 4) | ((bz >> 6) << 4);
-    const float d1 = mul(f16_bits((unsigned short)(head.x & 0xFFFF)), (float)sc);
-    const float m1 = mul(f16_bits((unsigned short)(head.x >> 16)), (float)m);
-    const unsigned int qw[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
-#pragma unroll
-    for (int l = 0; l < 32; l++) {
-        const unsigned int q = (qw[l >> 2] >> (8 * (l & 3))) & 0xFF;
-        v[l] = __fsub_rn(mul(d1, (float)(h ? q >> 4 : q & 0xF)), m1);
+        for (int e = 0; e < 4; e++) v[e] = T::at(blk, j0 + e, flags);
     }
 }
 
+// The real model's types with halfword or word loads instead of bytes: the
+// same f32 operations per element as T::at, so the same values, bit for
+// bit. Alignment: a matrix starts 16-byte aligned (checked at upload), so
+// Q5_0, Q8_0 and Q6_K blocks (22, 34 and 210 bytes) are 2-byte aligned and
+// Q4_K blocks (144 bytes) 16-byte aligned; staged rows keep their offset
+// modulo 16 (stage_rows).
+template <>
+__device__ __forceinline__ void elems4<Q5_0>(const u8* row, int base, int flags, float* v) {
+    const u8* blk = row + (u64)(base >> 5) * Q5_0::TS;
+    const int j0 = base & 31;
+    if (flags & 1) {
+        // The fault's dequantization, element by element.
+#pragma unroll
+        for (int e = 0; e < 4; e++) v[e] = Q5_0::at(blk, j0 + e, flags);
+        return;
+    }
+    // block_q5_0 { half d; u8 qh[4]; u8 qs[16]; } as halfwords: d, qh, and
+    // the four quant bytes qs[l .. l + 3] (l = j0 % 16, even).
+    const unsigned short* h = (const unsigned short*)blk;
+    const int l = j0 & 15;
+    const float d = f16_bits(h[0]);
+    const unsigned int qh = (unsigned int)h[1] | ((unsigned int)h[2] << 16);
+    const unsigned int qs = (unsigned int)h[3 + (l >> 1)] | ((unsigned int)h[4 + (l >> 1)] << 16);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int b = (int)((qs >> (8 * e)) & 0xFF);
+        const int j = l + e;
+        // As ints before the 16 comes off (qh is unsigned).
+        const int q = j0 < 16 ? (b & 0xF) | (int)(((qh >> j) << 4) & 0x10) : (b >> 4) | (int)((qh >> (j + 12)) & 0x10);
+        v[e] = mul((float)(q - 16), d);
+    }
+}
+template <>
+__device__ __forceinline__ void elems4<Q8_0>(const u8* row, int base, int, float* v) {
+    // block_q8_0 { half d; i8 qs[32]; }: d, and qs[j0 .. j0 + 3] as two halfwords.
+    const unsigned short* h = (const unsigned short*)(row + (u64)(base >> 5) * Q8_0::TS);
+    const int j0 = base & 31;
+    const float d = f16_bits(h[0]);
+    const unsigned int qs = (unsigned int)h[1 + (j0 >> 1)] | ((unsigned int)h[2 + (j0 >> 1)] << 16);
+#pragma unroll
+    for (int e = 0; e < 4; e++) v[e] = mul((float)(signed char)(qs >> (8 * e)), d);
+}
+template <>
+__device__ __forceinline__ void elems4<Q4_K>(const u8* row, int base, int, float* v) {
+    // Element i = 64 g + 32 h + l: nibble h of qs[32 g + l], scale/min j = 2 g + h.
+    const u8* blk = row + (u64)(base >> 8) * Q4_K::TS;
+    const int i = base & 255;
+    const int j = i >> 5, h = j & 1, l0 = i & 31;
+    const unsigned int* w = (const unsigned int*)blk;
+    // d and dmin, then the 12 packed scale bytes as words 1 to 3:
+    // get_scale_min_k4 with bytes picked by shifts.
+    const unsigned int dm = w[0], s0 = w[1], s1 = w[2], s2 = w[3];
+    const unsigned int qs = *(const unsigned int*)(blk + 16 + 32 * (j >> 1) + l0);
+    const int jj = j & 3;
+    const int by = (s0 >> (8 * jj)) & 0xFF, bz = (s1 >> (8 * jj)) & 0xFF, bw = (s2 >> (8 * jj)) & 0xFF;
+    const int sc = j < 4 ? by & 63 : (bw & 0xF) | ((by >> 6) << 4);
+    const int m = j < 4 ? bz & 63 : (bw >> 4) | ((bz >> 6) << 4);
+    const float d1 = mul(f16_bits((unsigned short)(dm & 0xFFFF)), (float)sc);
+    const float m1 = mul(f16_bits((unsigned short)(dm >> 16)), (float)m);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const unsigned int q = (qs >> (8 * e)) & 0xFF;
+        v[e] = __fsub_rn(mul(d1, (float)(h ? q >> 4 : q & 0xF)), m1);
+    }
+}
+template <>
+__device__ __forceinline__ void elems4<Q6_K>(const u8* row, int base, int, float* v) {
+    // Element i = 128 n + 32 k + l: low nibble of ql[64 n + l (+32 for k
+    // odd)] (high nibble for k >= 2), 2 bits at 2k of qh[32 n + l]; scale
+    // 8 n + l/16 + 2k. The four ql and qh bytes as two halfwords each.
+    const u8* blk = row + (u64)(base >> 8) * Q6_K::TS;
+    const int i = base & 255;
+    const int n = i >> 7, k = (i >> 5) & 3, l0 = i & 31;
+    const unsigned short* lo = (const unsigned short*)(blk + 64 * n + l0 + ((k & 1) ? 32 : 0));
+    const unsigned short* hi = (const unsigned short*)(blk + 128 + 32 * n + l0);
+    const unsigned int ql = (unsigned int)lo[0] | ((unsigned int)lo[1] << 16);
+    const unsigned int qh = (unsigned int)hi[0] | ((unsigned int)hi[1] << 16);
+    const float dsc = mul(f16_bits(*(const unsigned short*)(blk + 208)), (float)(signed char)blk[192 + 8 * n + (l0 >> 4) + 2 * k]);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const int lb = (int)((ql >> (8 * e)) & 0xFF), hb = (int)((qh >> (8 * e)) & 0xFF);
+        const int q = ((k >= 2 ? lb >> 4 : lb & 0xF) | (((hb >> (2 * k)) & 3) << 4)) - 32;
+        v[e] = mul(dsc, (float)q);
+    }
+}
+
+
 // `warps_per_row` warps per output row r (1, 2, 4 or 8; a block holds
-// GEMV_WARPS / warps_per_row rows). Each lane takes a group of 32
-// consecutive values at a time (for a block type, one block or one K-quant
-// group: its bytes loaded at once), the row's warps interleaved 32 groups
-// apart (a warp covers 1024 values per step); it dequantizes them once and
+// GEMV_WARPS / warps_per_row rows). Each lane takes 4 consecutive values
+// at a time, so a warp covers 128 consecutive values a step and its loads
+// of x (one 16-byte load a lane) and of the blocks are coalesced; the
+// row's warps are interleaved 128 values apart, and a lane keeps several
+// steps' loads in flight (unrolled). It dequantizes its values once and
 // multiplies them into every token's accumulator (f32, FMA allowed:
 // accumulation order is not ggml's anyway). Each warp reduces its lanes,
 // then the row's warps are added in order. The values of a row that is not
-// whole groups of 32 (plain types only) end element by element. Several
+// whole groups of 4 (plain types only) end element by element. Several
 // warps per row keep a matrix of few rows (128 in Qwen2-0.5B's K and V)
 // from leaving most of the GPU idle while each warp walks a long row.
 // Launch: blockDim GEMV_WARPS * 32.
 
-// This thread's share of row `row` times every token of x, into acc.
-template <typename T>
-__device__ __forceinline__ void row_dot(const u8* __restrict__ row, const float* __restrict__ x, int n_tokens,
-                                        int n_cols, int flags, int part, int lane, int warps_per_row, float* acc) {
-    const int n_groups = n_cols >> 5;
-    // x's groups as 16-byte loads when every token's row starts 16-byte
+// This thread's share of rows `rows[0..R)` (of one matrix each: R = 2 in
+// gemv_glu, so that both matrices' loads are in flight together) times
+// every token of x, into acc[k] for rows[k]. Each acc[k] sees the same
+// operations in the same order whatever R is.
+template <typename T, int R>
+__device__ __forceinline__ void row_dot(const u8* const* rows, const float* __restrict__ x, int n_tokens, int n_cols,
+                                        int flags, int part, int lane, int warps_per_row,
+                                        float (*acc)[GEMV_MAX_TOKENS]) {
+    const int n4 = n_cols & ~3;
+    // x as one 16-byte load a lane when every token's row starts 16-byte
     // aligned (uniform across the launch).
     const bool x16 = ((((u64)x) & 15) == 0) && ((n_cols & 3) == 0);
-#pragma unroll 1
-    for (int g = part * 32 + lane; g < n_groups; g += 32 * warps_per_row) {
-        float v[32];
-        group32<T>(row, g, flags, v);
+#pragma unroll 4
+    for (int base = part * 128 + lane * 4; base < n4; base += 128 * warps_per_row) {
+        float v[R][4];
+#pragma unroll
+        for (int k = 0; k < R; k++) elems4<T>(rows[k], base, flags, v[k]);
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
             if (t < n_tokens) {
-                const float* xt = x + (u64)t * n_cols + (u64)g * 32;
-                if (x16) {
+                const float* xt = x + (u64)t * n_cols + base;
+                const float4 xv = x16 ? *(const float4*)xt : make_float4(xt[0], xt[1], xt[2], xt[3]);
 #pragma unroll
-                    for (int e = 0; e < 32; e += 4) {
-                        const float4 xv = *(const float4*)(xt + e);
-                        acc[t] += v[e] * xv.x;
-                        acc[t] += v[e + 1] * xv.y;
-                        acc[t] += v[e + 2] * xv.z;
-                        acc[t] += v[e + 3] * xv.w;
-                    }
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 32; e++) acc[t] += v[e] * xt[e];
+                for (int k = 0; k < R; k++) {
+                    acc[k][t] += v[k][0] * xv.x;
+                    acc[k][t] += v[k][1] * xv.y;
+                    acc[k][t] += v[k][2] * xv.z;
+                    acc[k][t] += v[k][3] * xv.w;
                 }
             }
         }
     }
-    for (int c = (n_groups << 5) + part * 32 + lane; c < n_cols; c += 32 * warps_per_row) {
-        const float v = elem<T>(row, c, flags);
+    for (int c = n4 + part * 32 + lane; c < n_cols; c += 32 * warps_per_row) {
 #pragma unroll
-        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-            if (t < n_tokens) acc[t] += v * x[(u64)t * n_cols + c];
+        for (int k = 0; k < R; k++) {
+            const float v = elem<T>(rows[k], c, flags);
+#pragma unroll
+            for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
+                if (t < n_tokens) acc[k][t] += v * x[(u64)t * n_cols + c];
+            }
         }
     }
 }
@@ -506,6 +536,67 @@ __device__ __forceinline__ bool row_sums(float* acc, float (*partial)[GEMV_MAX_T
         }
     }
     return true;
+}
+
+// RMSNorm over the last dim times the weight. The sum of squares is
+// accumulated in f64 (like the CPU oracle), the scale 1/sqrt(mean + eps)
+// computed in f64.
+#define NORM_THREADS 256
+
+// The scale 1/sqrt(mean(xr^2) + eps) of one row of n_cols values, by the
+// whole block (NORM_THREADS threads: the summation order follows from
+// that alone, so every caller gets the same bits), returned to every
+// thread. Each thread sums its stride of the row, then each warp by
+// shuffles, then the warps' sums in order by every thread: one barrier
+// instead of one per halving of a shared array (a decode step's row of 896
+// is under four values a thread, so the reduction is most of the work).
+// A second barrier lets the block call it again for another row.
+__device__ double rms_scale(const float* __restrict__ xr, int n_cols, float eps) {
+    __shared__ double partial[NORM_THREADS / 32];
+    double acc = 0.0;
+    for (int c = threadIdx.x; c < n_cols; c += NORM_THREADS) {
+        const double v = (double)xr[c];
+        acc += v * v;
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    double total = 0.0;
+    for (int k = 0; k < NORM_THREADS / 32; k++) total += partial[k];
+    __syncthreads();
+    return 1.0 / sqrt(total / (double)n_cols + (double)eps);
+}
+
+// One normalized value: x times the scale times the weight, in f64, rounded once.
+__device__ __forceinline__ float rms_normed(float x, double scale, float w) {
+    return (float)((double)x * scale * (double)w);
+}
+
+// One block (NORM_THREADS threads) per row.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm_f32(const float* __restrict__ x,
+                                                                         const float* __restrict__ w,
+                                                                         float* __restrict__ out, int n_cols,
+                                                                         float eps) {
+    const u64 row = blockIdx.x;
+    const float* xr = x + row * (u64)n_cols;
+    float* yr = out + row * (u64)n_cols;
+    const double scale = rms_scale(xr, n_cols, eps);
+    for (int c = threadIdx.x; c < n_cols; c += NORM_THREADS) yr[c] = rms_normed(xr[c], scale, w[c]);
+}
+
+// The GEMVs' fused RMSNorm: the block's input x ([n_tokens, n_cols]) as
+// rms_norm_f32 would write it (rms_scale and rms_normed, this block being
+// NORM_THREADS threads as that launch is), into shared memory `xs`.
+// Returns xs, ready for every thread.
+__device__ const float* normed_rows(const float* __restrict__ x, const float* __restrict__ w, float eps, int n_tokens,
+                                    int n_cols, float* xs) {
+    for (int t = 0; t < n_tokens; t++) {
+        const float* xr = x + (u64)t * n_cols;
+        const double scale = rms_scale(xr, n_cols, eps);
+        for (int c = threadIdx.x; c < n_cols; c += NORM_THREADS) xs[(u64)t * n_cols + c] = rms_normed(xr[c], scale, w[c]);
+    }
+    __syncthreads();
+    return xs;
 }
 
 // The bytes of the block's rows r0 .. r0 + n - 1 (contiguous in the
@@ -541,10 +632,26 @@ __device__ const u8* stage_rows(const u8* __restrict__ w, u64 row_bytes, int n_r
 // the same operations: the same bits either way.
 // `block`: this block's index among the launch's blocks for this matrix
 // (blockIdx.x, or less in gemv3).
+// `norm_w` (not null: the RMSNorm before the projection, fused): x is the
+// norm's input, and each block first normalizes it into shared memory
+// (normed_rows: the bits of rms_norm_f32), ahead of the staged rows; the
+// launch gives n_tokens * n_cols floats more, rounded up to 16 bytes.
+// Dynamic shared memory: [normalized x][staged rows].
+__device__ __forceinline__ const float* gemv_input(const float* x, const float* norm_w, float eps, int n_tokens,
+                                                   int n_cols, uint4* shared, uint4** after) {
+    if (!norm_w) {
+        *after = shared;
+        return x;
+    }
+    *after = shared + ((u64)n_tokens * n_cols + 3) / 4;
+    return normed_rows(x, norm_w, eps, n_tokens, n_cols, (float*)shared);
+}
+
 template <typename T>
-__device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
+__device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x_in,
                      const float* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ y,
-                     int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged, int block) {
+                     int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged, int block,
+                     const float* __restrict__ norm_w, float eps) {
     __shared__ float partial[GEMV_WARPS][GEMV_MAX_TOKENS];
     extern __shared__ uint4 stage[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -552,13 +659,18 @@ __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __res
     const int r0 = block * rows_per_block;
     const int r = r0 + warp / warps_per_row;
     const int part = warp % warps_per_row;
-    const u8* rows = staged ? stage_rows(w, row_bytes, n_rows, r0, min(rows_per_block, n_rows - r0), stage) - (u64)r0 * row_bytes : w;
-    float acc[GEMV_MAX_TOKENS];
+    uint4* rows_stage;
+    const float* x = gemv_input(x_in, norm_w, eps, n_tokens, n_cols, stage, &rows_stage);
+    const u8* rows = staged ? stage_rows(w, row_bytes, n_rows, r0, min(rows_per_block, n_rows - r0), rows_stage) - (u64)r0 * row_bytes : w;
+    float acc[1][GEMV_MAX_TOKENS];
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[t] = 0.0f;
-    if (r < n_rows) row_dot<T>(rows + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc);
+    for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[0][t] = 0.0f;
+    if (r < n_rows) {
+        const u8* row[1] = {rows + (u64)r * row_bytes};
+        row_dot<T, 1>(row, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc);
+    }
     float sums[GEMV_MAX_TOKENS];
-    if (row_sums(acc, partial, warp, lane, part, warps_per_row, n_tokens, sums) && r < n_rows) {
+    if (row_sums(acc[0], partial, warp, lane, part, warps_per_row, n_tokens, sums) && r < n_rows) {
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
             if (t < n_tokens) {
@@ -582,15 +694,18 @@ template <typename T>
 __device__ void gemv3(const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, const float* b0,
                       const float* b1, const float* b2, float* y0, float* y1, float* y2, int n_tokens, int rows0,
                       int rows1, int rows2, int n_cols, int flags0, int flags1, int flags2, int wpr0, int wpr1,
-                      int wpr2, int staged0, int staged1, int staged2, int start1, int start2) {
+                      int wpr2, int staged0, int staged1, int staged2, int start1, int start2, const float* norm_w,
+                      float eps) {
     // Block-uniform branches: every thread of a block takes the same one.
     const int b = blockIdx.x;
     if (b < start1) {
-        gemv<T>(w0, row_bytes, x, b0, nullptr, y0, n_tokens, rows0, n_cols, flags0, wpr0, staged0, b);
+        gemv<T>(w0, row_bytes, x, b0, nullptr, y0, n_tokens, rows0, n_cols, flags0, wpr0, staged0, b, norm_w, eps);
     } else if (b < start2) {
-        gemv<T>(w1, row_bytes, x, b1, nullptr, y1, n_tokens, rows1, n_cols, flags1, wpr1, staged1, b - start1);
+        gemv<T>(w1, row_bytes, x, b1, nullptr, y1, n_tokens, rows1, n_cols, flags1, wpr1, staged1, b - start1, norm_w,
+                eps);
     } else {
-        gemv<T>(w2, row_bytes, x, b2, nullptr, y2, n_tokens, rows2, n_cols, flags2, wpr2, staged2, b - start2);
+        gemv<T>(w2, row_bytes, x, b2, nullptr, y2, n_tokens, rows2, n_cols, flags2, wpr2, staged2, b - start2, norm_w,
+                eps);
     }
 }
 
@@ -606,12 +721,16 @@ __device__ __forceinline__ float gated(float g, float u, int act) {
 // y[t, r] = act(x Wa^T)[t, r] * (x Wb^T)[t, r]: the FFN's gate, up and
 // SwiGLU in one pass over x, each product summed as gemv sums it (so the
 // bits of gemv, gemv, swiglu_f32). Wa and Wb share type and shape.
+// `norm_w`: the fused RMSNorm, as in gemv.
 template <typename T>
 __device__ void gemv_glu(const u8* __restrict__ wa, const u8* __restrict__ wb, u64 row_bytes,
-                         const float* __restrict__ x, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
-                         int flags, int warps_per_row, int act, int staged) {
+                         const float* __restrict__ x_in, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
+                         int flags, int warps_per_row, int act, int staged, const float* __restrict__ norm_w,
+                         float eps) {
     __shared__ float partial[GEMV_WARPS][GEMV_MAX_TOKENS];
-    extern __shared__ uint4 stage[];
+    extern __shared__ uint4 shared[];
+    uint4* stage;
+    const float* x = gemv_input(x_in, norm_w, eps, n_tokens, n_cols, shared, &stage);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rows_per_block = GEMV_WARPS / warps_per_row;
     const int r0 = blockIdx.x * rows_per_block;
@@ -626,17 +745,17 @@ __device__ void gemv_glu(const u8* __restrict__ wa, const u8* __restrict__ wb, u
         rows_a = stage_rows(wa, row_bytes, n_rows, r0, n, stage) - (u64)r0 * row_bytes;
         rows_b = stage_rows(wb, row_bytes, n_rows, r0, n, stage + region) - (u64)r0 * row_bytes;
     }
-    float acc_a[GEMV_MAX_TOKENS], acc_b[GEMV_MAX_TOKENS];
+    float acc[2][GEMV_MAX_TOKENS];
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc_a[t] = acc_b[t] = 0.0f;
+    for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[0][t] = acc[1][t] = 0.0f;
     if (r < n_rows) {
-        row_dot<T>(rows_a + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc_a);
-        row_dot<T>(rows_b + (u64)r * row_bytes, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc_b);
+        const u8* row[2] = {rows_a + (u64)r * row_bytes, rows_b + (u64)r * row_bytes};
+        row_dot<T, 2>(row, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc);
     }
     float ga[GEMV_MAX_TOKENS], gb[GEMV_MAX_TOKENS];
-    const bool first = row_sums(acc_a, partial, warp, lane, part, warps_per_row, n_tokens, ga);
+    const bool first = row_sums(acc[0], partial, warp, lane, part, warps_per_row, n_tokens, ga);
     __syncthreads();
-    row_sums(acc_b, partial, warp, lane, part, warps_per_row, n_tokens, gb);
+    row_sums(acc[1], partial, warp, lane, part, warps_per_row, n_tokens, gb);
     if (first && r < n_rows) {
 #pragma unroll
         for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
@@ -680,20 +799,21 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
         const u8* w, u64 row_bytes, const float* x, const float* bias, const float* residual, float* y,            \
         int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged) {                          \
         gemv<T>(w, row_bytes, x, bias, residual, y, n_tokens, n_rows, n_cols, flags, warps_per_row, staged,        \
-                blockIdx.x);                                                                                       \
+                blockIdx.x, nullptr, 0.0f);                                                                        \
     }                                                                                                              \
     extern "C" __global__ void GEMV_BOUNDS gemv3_##T(                                                              \
         const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, const float* b0, const float* b1, \
         const float* b2, float* y0, float* y1, float* y2, int n_tokens, int rows0, int rows1, int rows2, int n_cols,\
         int flags0, int flags1, int flags2, int wpr0, int wpr1, int wpr2, int staged0, int staged1, int staged2,   \
-        int start1, int start2) {                                                                                  \
+        int start1, int start2, const float* norm_w, float eps) {                                                  \
         gemv3<T>(w0, w1, w2, row_bytes, x, b0, b1, b2, y0, y1, y2, n_tokens, rows0, rows1, rows2, n_cols, flags0,  \
-                 flags1, flags2, wpr0, wpr1, wpr2, staged0, staged1, staged2, start1, start2);                     \
+                 flags1, flags2, wpr0, wpr1, wpr2, staged0, staged1, staged2, start1, start2, norm_w, eps);        \
     }                                                                                                              \
     extern "C" __global__ void GEMV_BOUNDS gemv_glu_##T(                                                           \
         const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y, int n_tokens, int n_rows, int n_cols, \
-        int flags, int warps_per_row, int act, int staged) {                                                       \
-        gemv_glu<T>(wa, wb, row_bytes, x, y, n_tokens, n_rows, n_cols, flags, warps_per_row, act, staged);         \
+        int flags, int warps_per_row, int act, int staged, const float* norm_w, float eps) {                      \
+        gemv_glu<T>(wa, wb, row_bytes, x, y, n_tokens, n_rows, n_cols, flags, warps_per_row, act, staged, norm_w,  \
+                    eps);                                                                                          \
     }                                                                                                              \
     extern "C" __global__ void get_rows_##T(const u8* w, u64 row_bytes, const int* tokens, float* out,             \
                                             int n_tokens, int n_rows, int n_cols, int transposed, int flags) {     \

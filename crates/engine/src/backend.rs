@@ -243,6 +243,20 @@ pub trait Backend {
     fn linear3(&self, x: &Self::Buf, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[Self::Buf; 3]> {
         linear3_separately(self, x, projections)
     }
+    /// `linear3` of `rms_norm(x, norm, eps)`, for a pass that does not
+    /// observe the norm's output. The same values as the two, which is what
+    /// this default does; a backend may fuse the norm into the projections
+    /// (CUDA: each GEMV block normalizes x) but must give the same bits.
+    fn norm_linear3(&self, x: &Self::Buf, norm: Weight, eps: f32, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[Self::Buf; 3]> {
+        let h = self.rms_norm(x, norm, eps)?;
+        self.linear3(&h, projections)
+    }
+    /// `gated_linear` of `rms_norm(x, norm, eps)`, under the same terms as
+    /// [`Backend::norm_linear3`].
+    fn norm_gated_linear(&self, x: &Self::Buf, norm: Weight, eps: f32, a: Weight, b: Weight, act: Activation) -> Result<Self::Buf> {
+        let h = self.rms_norm(x, norm, eps)?;
+        self.gated_linear(&h, a, b, act)
+    }
     /// RoPE of q and of k at `rope_pos0`, then K (rotated) and V into the
     /// cache at `kv_pos0`: the rotated q and k. The same values as `rope`,
     /// `rope`, `kv_store`, which is what this default does; a backend may

@@ -229,9 +229,6 @@ impl<B: Backend> Model<B> {
             let id = |stage| StageId::layer(step, l, stage);
             let be = &self.backend;
             let norm_w = if f == Fault::NormWeightSwapped { Weight::FfnNorm(l) } else { Weight::AttnNorm(l) };
-            let h = be.rms_norm(&x, norm_w, eps_l)?;
-            let h = checkpoint(be, cps, pending, id(Stage::AttnNorm), h)?;
-
             // `m(x, W)`: x as the matmul with W sees it (rounded in ggml numerics).
             let rnd = &self.rounding;
             let projections = [
@@ -239,14 +236,22 @@ impl<B: Backend> Model<B> {
                 (Weight::AttnK(l), with_bias(Weight::AttnKBias(l)), Rows),
                 (Weight::AttnV(l), with_bias(Weight::AttnVBias(l)), Rows),
             ];
-            let [q, k, v] = if rnd.same_matmul_input(Weight::AttnQ(l), Weight::AttnK(l)) && rnd.same_matmul_input(Weight::AttnQ(l), Weight::AttnV(l)) {
-                // One input as all three matmuls see it: one op (each output
-                // is the projection's own, so every checkpoint below still sees it).
-                let input = rnd.for_matmul(be, &h, Weight::AttnQ(l))?;
-                be.linear3(input.as_ref().unwrap_or(&h), projections)?
+            let [q, k, v] = if !cps.wants(&id(Stage::AttnNorm)) && rnd.leaves_matmul_inputs() {
+                // The norm is not observed and the matmuls take its output
+                // as it is: one op (CUDA fuses the norm into the GEMVs).
+                be.norm_linear3(&x, norm_w, eps_l, projections)?
             } else {
-                let [(wq, bq, rq), (wk, bk, rk), (wv, bv, rv)] = projections;
-                [rnd.linear(be, &h, wq, bq, rq)?, rnd.linear(be, &h, wk, bk, rk)?, rnd.linear(be, &h, wv, bv, rv)?]
+                let h = be.rms_norm(&x, norm_w, eps_l)?;
+                let h = checkpoint(be, cps, pending, id(Stage::AttnNorm), h)?;
+                if rnd.same_matmul_input(Weight::AttnQ(l), Weight::AttnK(l)) && rnd.same_matmul_input(Weight::AttnQ(l), Weight::AttnV(l)) {
+                    // One input as all three matmuls see it: one op (each output
+                    // is the projection's own, so every checkpoint below still sees it).
+                    let input = rnd.for_matmul(be, &h, Weight::AttnQ(l))?;
+                    be.linear3(input.as_ref().unwrap_or(&h), projections)?
+                } else {
+                    let [(wq, bq, rq), (wk, bk, rk), (wv, bv, rv)] = projections;
+                    [rnd.linear(be, &h, wq, bq, rq)?, rnd.linear(be, &h, wk, bk, rk)?, rnd.linear(be, &h, wv, bv, rv)?]
+                }
             };
             let q = checkpoint(be, cps, pending, id(Stage::QProj), be.reshape(q, &[n, cfg.n_head, hd])?)?;
             let k = checkpoint(be, cps, pending, id(Stage::KProj), be.reshape(k, &[n, cfg.n_head_kv, hd])?)?;
@@ -296,23 +301,29 @@ impl<B: Backend> Model<B> {
             };
             let resid = checkpoint(be, cps, pending, id(Stage::AttnResidual), resid)?;
 
-            let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps_l)?;
-            let h = checkpoint(be, cps, pending, id(Stage::FfnNorm), h)?;
             let act_fn = if f == Fault::WrongActivation { Activation::Gelu } else { Activation::Silu };
             let (gate_w, up_w) = (Weight::FfnGate(l), Weight::FfnUp(l));
             let ffn_observed = [Stage::FfnGate, Stage::FfnUp, Stage::FfnAct].iter().any(|&st| cps.wants(&id(st)));
-            let act = if !ffn_observed && rnd.same_matmul_input(gate_w, up_w) {
-                // Gate and up are made only when a checkpoint asks for them, else one fused op.
-                let input = rnd.for_matmul(be, &h, gate_w)?;
-                let (a, b) = if f == Fault::SwigluSwapped { (up_w, gate_w) } else { (gate_w, up_w) };
-                be.gated_linear(input.as_ref().unwrap_or(&h), a, b, act_fn)?
+            let (a, b) = if f == Fault::SwigluSwapped { (up_w, gate_w) } else { (gate_w, up_w) };
+            let act = if !ffn_observed && !cps.wants(&id(Stage::FfnNorm)) && rnd.leaves_matmul_inputs() {
+                // Neither the norm nor gate and up are observed: one op from
+                // the residual (CUDA fuses the norm into the gated GEMV).
+                be.norm_gated_linear(&resid, Weight::FfnNorm(l), eps_l, a, b, act_fn)?
             } else {
-                let gate = rnd.linear(be, &h, gate_w, None, Rows)?;
-                let gate = checkpoint(be, cps, pending, id(Stage::FfnGate), gate)?;
-                let up = rnd.linear(be, &h, up_w, None, Rows)?;
-                let up = checkpoint(be, cps, pending, id(Stage::FfnUp), up)?;
-                let act = if f == Fault::SwigluSwapped { be.swiglu(&up, &gate, act_fn)? } else { be.swiglu(&gate, &up, act_fn)? };
-                checkpoint(be, cps, pending, id(Stage::FfnAct), act)?
+                let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps_l)?;
+                let h = checkpoint(be, cps, pending, id(Stage::FfnNorm), h)?;
+                if !ffn_observed && rnd.same_matmul_input(gate_w, up_w) {
+                    // Gate and up are made only when a checkpoint asks for them, else one fused op.
+                    let input = rnd.for_matmul(be, &h, gate_w)?;
+                    be.gated_linear(input.as_ref().unwrap_or(&h), a, b, act_fn)?
+                } else {
+                    let gate = rnd.linear(be, &h, gate_w, None, Rows)?;
+                    let gate = checkpoint(be, cps, pending, id(Stage::FfnGate), gate)?;
+                    let up = rnd.linear(be, &h, up_w, None, Rows)?;
+                    let up = checkpoint(be, cps, pending, id(Stage::FfnUp), up)?;
+                    let act = if f == Fault::SwigluSwapped { be.swiglu(&up, &gate, act_fn)? } else { be.swiglu(&gate, &up, act_fn)? };
+                    checkpoint(be, cps, pending, id(Stage::FfnAct), act)?
+                }
             };
             let down_read = read_if(f == Fault::FfnDownTransposed);
             let skip_from = if f == Fault::ResidualWrongInput { &x } else { &resid };

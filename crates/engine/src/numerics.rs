@@ -170,6 +170,12 @@ impl Rounding {
         }
     }
 
+    /// Whether no matmul input is rounded (numerics exact): then an op
+    /// may fuse what comes before a matmul into it.
+    pub fn leaves_matmul_inputs(&self) -> bool {
+        self.numerics == Numerics::Exact
+    }
+
     /// Whether every rounding is a backend op: false when a q8_1 min
     /// correction is computed on the host (a recorded decode step must not
     /// leave the device).

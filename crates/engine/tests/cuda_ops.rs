@@ -1051,6 +1051,52 @@ fn three_projections_in_one_launch_give_the_bits_of_three() {
     }
 }
 
+/// The RMSNorm fused into the GEMVs after it (`norm_linear3`,
+/// `norm_gated_linear`) gives the bits of `rms_norm` then the projections,
+/// for every block type and a mix of two (the real model's V is Q8_0 where
+/// Q and K are Q5_0: the norm is then computed in both launches), with and
+/// without staged rows, for one token, a few, the most a GEMV takes, and
+/// one more (which takes the separate norm and the matmul path).
+#[test]
+fn norm_fused_into_the_gemvs_gives_the_bits_of_the_norm_then_the_gemvs() {
+    let Some(_gpu) = gpu() else {
+        return;
+    };
+    let cfg = block_config();
+    let opts = BackendOptions { kv_type: KvType::F16, max_ctx: MAX_CTX, dequant_bug: None };
+    let mut rng = ChaCha8Rng::seed_from_u64(63);
+    let (q, k, v, gate, up) = (Weight::AttnQ(0), Weight::AttnK(0), Weight::AttnV(0), Weight::FfnGate(0), Weight::FfnUp(0));
+    let mut mixes: Vec<[GgmlType; 3]> = BLOCK_TYPES.iter().map(|&t| [t; 3]).collect();
+    mixes.push([GgmlType::Q5_0, GgmlType::Q5_0, GgmlType::Q8_0]);
+    let eps = cfg.rms_eps;
+    for types in mixes {
+        let mut g = CudaBackend::from_weights(cfg.clone(), weights(&cfg, 64), opts).unwrap();
+        for (w, ty) in [q, k, v, gate, up].into_iter().zip([types[0], types[1], types[2], types[0], types[0]]) {
+            let n: usize = w.shape(&cfg).iter().product();
+            g.upload_blocks(w, ty, &random_blocks(&mut rng, ty, n), 0).unwrap();
+        }
+        for n_tokens in [1, 3, engine::cuda::GEMV_MAX_TOKENS, engine::cuda::GEMV_MAX_TOKENS + 1] {
+            let x = on_gpu(&g, &rand_tensor(&mut rng, &[n_tokens, cfg.n_embd], 3.0));
+            let projections = [(q, Some(Weight::AttnQBias(0)), WeightRead::Rows), (k, Some(Weight::AttnKBias(0)), WeightRead::Rows), (v, Some(Weight::AttnVBias(0)), WeightRead::Rows)];
+            for staged in [false, true] {
+                g.set_gemv_staging(staged);
+                let what = format!("{:?} n{n_tokens} staged {staged}", types.map(|t| t.name()));
+                let h = g.rms_norm(&x, Weight::AttnNorm(0), eps).unwrap();
+                let two = g.linear3(&h, projections).unwrap();
+                let one = g.norm_linear3(&x, Weight::AttnNorm(0), eps, projections).unwrap();
+                for ((w, _, _), (want, got)) in projections.iter().zip(two.iter().zip(&one)) {
+                    assert_bits(&format!("{w:?} {what}"), &host(&g, want).data, &host(&g, got).data);
+                }
+                let h = g.rms_norm(&x, Weight::FfnNorm(0), eps).unwrap();
+                let want = host(&g, &g.gated_linear(&h, gate, up, Activation::Silu).unwrap());
+                let got = host(&g, &g.norm_gated_linear(&x, Weight::FfnNorm(0), eps, gate, up, Activation::Silu).unwrap());
+                assert_eq!(want.shape, got.shape);
+                assert_bits(&format!("gate/up {what}"), &want.data, &got.data);
+            }
+        }
+    }
+}
+
 /// A random model of `cfg` whose matrices are blocks in the real model's
 /// mix of types: the f32 values (for the CPU oracle) and the blocks.
 #[allow(clippy::type_complexity)]

@@ -24,9 +24,9 @@
 //!   CPU oracle's weights exactly, so CUDA vs CPU differs only by f32
 //!   summation order. [`PrefillMatmul`] (`QWEN2_PARITY_CUDA_MATMUL=tf32` or
 //!   `f16`) puts the prefill on tensor cores instead: faster, with numerics
-//!   of its own, stated in every run's log. Each GEMV lane loads a whole
-//!   block (or K-quant group) of 32 values at once, as wide as the block's
-//!   alignment allows; `QWEN2_PARITY_CUDA_GEMV_STAGE=1` has each block
+//!   of its own, stated in every run's log. Each GEMV lane takes 4
+//!   consecutive values at a time (a warp's loads coalesced), the blocks
+//!   read with halfword or word loads; `QWEN2_PARITY_CUDA_GEMV_STAGE=1` has each block
 //!   first copy its rows into shared memory with 16-byte loads, to measure
 //!   it: the same bytes, the same bits.
 //! - **KV cache** per layer `[max_ctx, n_head_kv, head_dim]` on the GPU, f16
@@ -74,10 +74,9 @@ use std::sync::{Arc, OnceLock};
 pub const NO_DEVICE: &str = "no CUDA device: use --backend cpu";
 
 /// Kernel sources, embedded in the binary: (file name, source).
-const SOURCES: [(&str, &str); 4] = [
+const SOURCES: [(&str, &str); 3] = [
     ("elementwise.cu", include_str!("../../../../kernels/elementwise.cu")),
     ("quant.cu", include_str!("../../../../kernels/quant.cu")),
-    ("norm.cu", include_str!("../../../../kernels/norm.cu")),
     ("attention.cu", include_str!("../../../../kernels/attention.cu")),
 ];
 
@@ -132,11 +131,11 @@ fn pairing_code(pairing: RopePairing) -> i32 {
 
 /// Warps per output row of a GEMV over `n_rows` rows of `n_cols`: 1, 2, 4
 /// or 8, the most that keeps `n_rows * warps` within `target_warps` and
-/// gives every warp some of the row (a warp takes 1024 values a step, 32
-/// per lane, so a row of 896 has work for one warp, a row of 4864 for 8).
+/// gives every warp some of the row (a warp takes 128 values a step, 4 per
+/// lane, so a row of 256 has work for 2 warps, a row of 896 for 8).
 fn gemv_warps_per_row(n_rows: usize, n_cols: usize, target_warps: usize) -> u32 {
     let mut w = 1;
-    while w < GEMV_WARPS && n_rows * (w as usize) * 2 <= target_warps && (w as usize) * 1024 < n_cols {
+    while w < GEMV_WARPS && n_rows * (w as usize) * 2 <= target_warps && (w as usize) * 128 < n_cols {
         w *= 2;
     }
     w
@@ -145,12 +144,25 @@ fn gemv_warps_per_row(n_rows: usize, n_cols: usize, target_warps: usize) -> u32 
 /// Shared memory a GEMV block may fill with its rows of blocks (all its
 /// matrices together); rows longer than that are read where they are.
 const GEMV_STAGE_MAX_BYTES: usize = 32 * 1024;
+/// Shared memory a GEMV block may fill with its normalized input (a fused
+/// RMSNorm, see gemv_input in quant.cu); a larger input is normalized by
+/// its own launch first. With the staged rows, under the 48 KiB a launch
+/// may have without asking.
+const GEMV_NORM_MAX_BYTES: usize = 16 * 1024;
+
+/// Bytes of shared memory a GEMV block takes for `n` tokens of `n_cols`
+/// normalized in it (rounded up to 16 bytes, where the staged rows start);
+/// `None` when that is more than [`GEMV_NORM_MAX_BYTES`].
+fn gemv_norm_bytes(n: usize, n_cols: usize) -> Option<usize> {
+    Some((n * n_cols * 4).next_multiple_of(16)).filter(|&b| b <= GEMV_NORM_MAX_BYTES)
+}
 
 /// The launch of a GEMV kernel over `n_out` rows of `row_bytes` each, in
-/// `matrices` matrices read side by side (1, or 2 for the gated GEMV):
-/// the configuration, the warps per row, and whether each block first
-/// copies its rows into shared memory (`staged`, see stage_rows in quant.cu).
-fn gemv_launch(n_out: usize, n_cols: usize, row_bytes: usize, matrices: usize, tuning: GemvTuning) -> (LaunchConfig, i32, i32) {
+/// `matrices` matrices read side by side (1, or 2 for the gated GEMV),
+/// with `norm_bytes` of shared memory for a fused RMSNorm's output (0:
+/// none): the configuration, the warps per row, and whether each block
+/// first copies its rows into shared memory (`staged`, see stage_rows in quant.cu).
+fn gemv_launch(n_out: usize, n_cols: usize, row_bytes: usize, matrices: usize, norm_bytes: usize, tuning: GemvTuning) -> (LaunchConfig, i32, i32) {
     let wpr = gemv_warps_per_row(n_out, n_cols, tuning.target_warps);
     let rows_per_block = (GEMV_WARPS / wpr) as usize;
     // Each matrix's region: its rows, widened to 16-byte loads (see stage_rows).
@@ -159,9 +171,16 @@ fn gemv_launch(n_out: usize, n_cols: usize, row_bytes: usize, matrices: usize, t
     let cfg = LaunchConfig {
         grid_dim: (n_out.div_ceil(rows_per_block) as u32, 1, 1),
         block_dim: (GEMV_WARPS * 32, 1, 1),
-        shared_mem_bytes: if staged { (region * matrices) as u32 } else { 0 },
+        shared_mem_bytes: (norm_bytes + if staged { region * matrices } else { 0 }) as u32,
     };
     (cfg, wpr as i32, staged as i32)
+}
+
+/// An RMSNorm fused into the GEMVs after it: its weight and epsilon.
+#[derive(Clone, Copy, Debug)]
+struct FusedNorm {
+    weight: Weight,
+    eps: f32,
 }
 
 /// How the decode kernels are launched: the defaults, or the environment's
@@ -179,6 +198,11 @@ struct GemvTuning {
     /// (`rope_qk_kv_store`); `QWEN2_PARITY_CUDA_FUSE=0` runs the separate
     /// launches instead, to measure what the fusion gains (the same bits).
     fuse: bool,
+    /// The RMSNorm before Q/K/V and before gate/up computed in the GEMV
+    /// blocks (`norm_linear3`, `norm_gated_linear`);
+    /// `QWEN2_PARITY_CUDA_FUSE_NORM=0` (or `QWEN2_PARITY_CUDA_FUSE=0`)
+    /// launches it on its own instead (the same bits).
+    fuse_norm: bool,
 }
 
 impl GemvTuning {
@@ -191,6 +215,7 @@ impl GemvTuning {
             stage_rows: std::env::var("QWEN2_PARITY_CUDA_GEMV_STAGE").as_deref() == Ok("1"),
             target_warps,
             fuse: std::env::var("QWEN2_PARITY_CUDA_FUSE").as_deref() != Ok("0"),
+            fuse_norm: std::env::var("QWEN2_PARITY_CUDA_FUSE").as_deref() != Ok("0") && std::env::var("QWEN2_PARITY_CUDA_FUSE_NORM").as_deref() != Ok("0"),
         })
     }
 }
@@ -471,7 +496,7 @@ impl Kernels {
             add_bias: f("elementwise.cu", "add_bias_f32")?,
             add: f("elementwise.cu", "add_f32")?,
             swiglu: f("quant.cu", "swiglu_f32")?,
-            rms_norm: f("norm.cu", "rms_norm_f32")?,
+            rms_norm: f("quant.cu", "rms_norm_f32")?,
             rope: f("attention.cu", "rope_f32")?,
             rope_qk_kv_store_f32: f("attention.cu", "rope_qk_kv_store_f32")?,
             rope_qk_kv_store_f16: f("attention.cu", "rope_qk_kv_store_f16")?,
@@ -1084,7 +1109,7 @@ impl CudaBackend {
             DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } if read == WeightRead::Rows && n <= GEMV_MAX_TOKENS => {
                 let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(n_in, "cols")?);
                 let rb = *row_bytes as u64;
-                let (cfg, wpr_arg, staged) = gemv_launch(n_out, n_in, *row_bytes, 1, self.gemv_tuning);
+                let (cfg, wpr_arg, staged) = gemv_launch(n_out, n_in, *row_bytes, 1, 0, self.gemv_tuning);
                 let no_bias: u64 = 0;
                 let mut b = self.stream.launch_builder(&self.k.quant[ty].gemv);
                 b.arg(data).arg(&rb).arg(&*x.data);
@@ -1143,11 +1168,108 @@ impl CudaBackend {
         }
     }
 
+    /// `linear3` of x, or of `rms_norm(x)` when `norm` is given. Runs of
+    /// projections that are GEMVs on blocks of one type go to one gemv3
+    /// launch each ([`CudaBackend::gemv_group`]), the norm fused into each
+    /// (so computed once per run, the same bits each time) when every
+    /// projection is such a GEMV and the tokens fit in shared memory; else
+    /// the norm is its own launch, and the rest go to `linear`.
+    fn linear3_normed(&self, x: &CudaBuf, norm: Option<FusedNorm>, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[CudaBuf; 3]> {
+        let n_in = *x.shape.last().ok_or_else(|| anyhow!("linear of a scalar"))?;
+        let n = x.len() / n_in.max(1);
+        // The block type of each projection that is a GEMV over blocks.
+        let mut gemv_type = [None; 3];
+        for (slot, (w, _, read)) in gemv_type.iter_mut().zip(&projections) {
+            if let DeviceWeight::Blocks { ty, cols, .. } = self.weight(*w)? {
+                if *read == WeightRead::Rows && n <= GEMV_MAX_TOKENS && *cols == n_in {
+                    *slot = Some(*ty);
+                }
+            }
+        }
+        if let Some(nm) = norm {
+            if !self.gemv_tuning.fuse_norm || gemv_type.contains(&None) || gemv_norm_bytes(n, n_in).is_none() {
+                let h = self.rms_norm(x, nm.weight, nm.eps)?;
+                return self.linear3_normed(&h, None, projections);
+            }
+        }
+        if !self.gemv_tuning.fuse {
+            return crate::backend::linear3_separately(self, x, projections);
+        }
+        let mut out: Vec<CudaBuf> = Vec::with_capacity(3);
+        let mut i = 0;
+        while i < 3 {
+            let Some(ty) = gemv_type[i] else {
+                let (w, b, read) = projections[i];
+                out.push(self.linear(x, w, b, read)?);
+                i += 1;
+                continue;
+            };
+            let end = (i..3).find(|&j| gemv_type[j] != Some(ty)).unwrap_or(3);
+            let group: Vec<(Weight, Option<Weight>)> = projections[i..end].iter().map(|&(w, b, _)| (w, b)).collect();
+            out.extend(self.gemv_group(x, n, ty, &group, norm)?);
+            i = end;
+        }
+        out.try_into().map_err(|_| anyhow!("linear3: not three outputs"))
+    }
+
+    /// `gated_linear` of x, or of `rms_norm(x)` when `norm` is given: the
+    /// norm fused into the gated GEMV when both matrices are blocks of one
+    /// shape and the tokens fit in shared memory, else by its own launch.
+    fn gated_linear_normed(&self, x: &CudaBuf, norm: Option<FusedNorm>, a: Weight, b: Weight, act: Activation) -> Result<CudaBuf> {
+        let n_in = *x.shape.last().ok_or_else(|| anyhow!("gated_linear of a scalar"))?;
+        let n = x.len() / n_in.max(1);
+        let norm_bytes = norm.filter(|_| self.gemv_tuning.fuse_norm).and_then(|_| gemv_norm_bytes(n, n_in));
+        let fused = match (self.weight(a)?, self.weight(b)?) {
+            (
+                DeviceWeight::Blocks { ty, data: wa, rows, cols, row_bytes, flags },
+                DeviceWeight::Blocks { ty: ty_b, data: wb, rows: rows_b, cols: cols_b, row_bytes: rb_b, flags: flags_b },
+            ) if ty == ty_b && rows == rows_b && cols == cols_b && row_bytes == rb_b && flags == flags_b && n <= GEMV_MAX_TOKENS => {
+                Some((*ty, wa, wb, *rows, *cols, *row_bytes, *flags))
+            }
+            _ => None,
+        };
+        let (Some((ty, wa, wb, n_out, cols, row_bytes, flags)), true) = (fused, norm.is_none() || norm_bytes.is_some()) else {
+            if let Some(nm) = norm {
+                let h = self.rms_norm(x, nm.weight, nm.eps)?;
+                return self.gated_linear_normed(&h, None, a, b, act);
+            }
+            let ya = self.linear(x, a, None, WeightRead::Rows)?;
+            let yb = self.linear(x, b, None, WeightRead::Rows)?;
+            return self.swiglu(&ya, &yb, act);
+        };
+        let t0 = self.prof_start()?;
+        ensure!(n_in == cols, "gated_linear: x rows have {n_in} values, {a:?} expects {cols}");
+        let mut y = self.alloc(vec![n, n_out])?;
+        let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(cols, "cols")?);
+        let rb = row_bytes as u64;
+        let (cfg, wpr_arg, staged) = gemv_launch(n_out, cols, row_bytes, 2, norm_bytes.unwrap_or(0), self.gemv_tuning);
+        let act_code = activation_code(act);
+        let mut l = self.stream.launch_builder(&self.k.quant[&ty].gemv_glu);
+        l.arg(wa).arg(wb).arg(&rb).arg(&*x.data).arg(&mut *y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code).arg(&staged);
+        let norm_vec = norm.map(|nm| self.vector(nm.weight).map(|v| (v, nm.eps))).transpose()?;
+        let (null, no_eps) = (0u64, 0.0f32);
+        match &norm_vec {
+            Some((v, eps)) => {
+                ensure!(v.len() == cols, "gated_linear: norm weight of {} values for rows of {cols}", v.len());
+                l.arg(&*v.data).arg(eps)
+            }
+            None => l.arg(&null).arg(&no_eps),
+        };
+        // SAFETY: both matrices hold n_out rows of row_bytes (checked at upload, and equal above); x is [n, cols],
+        // y [n, n_out], n <= GEMV_MAX_TOKENS; the shared memory holds the normalized x when the norm (cols
+        // values) is fused, then, when staged, both matrices' regions (gemv_launch).
+        unsafe { l.launch(cfg) }.with_context(|| format!("launching gemv_glu_{} for {a:?} and {b:?}", ty.name()))?;
+        self.prof_end("gated linear (gemv on blocks)", t0)?;
+        Ok(y)
+    }
+
     /// One to three GEMVs of x (`n` tokens) over block matrices of type
     /// `ty` with the same row length, in one gemv3 launch: each matrix's
     /// blocks are launched as its own gemv launch would be, so each output
     /// has the bits of `linear` (and its bias added as `linear` adds it).
-    fn gemv_group(&self, x: &CudaBuf, n: usize, ty: GgmlType, group: &[(Weight, Option<Weight>)]) -> Result<Vec<CudaBuf>> {
+    /// `norm`: the RMSNorm of x before them, fused (the bits of `rms_norm`
+    /// then the GEMVs; the caller checks [`gemv_norm_bytes`]).
+    fn gemv_group(&self, x: &CudaBuf, n: usize, ty: GgmlType, group: &[(Weight, Option<Weight>)], norm: Option<FusedNorm>) -> Result<Vec<CudaBuf>> {
         ensure!((1..=3).contains(&group.len()), "gemv3 takes 1 to 3 matrices, not {}", group.len());
         let t0 = self.prof_start()?;
         let n_in = *x.shape.last().ok_or_else(|| anyhow!("linear of a scalar"))?;
@@ -1165,6 +1287,10 @@ impl CudaBackend {
         let mut ys: Vec<CudaBuf> = Vec::with_capacity(3);
         let mut row_bytes_all = None;
         let mut shared = 0u32;
+        let norm_bytes = match &norm {
+            Some(_) => gemv_norm_bytes(n, n_in).ok_or_else(|| anyhow!("gemv3: {n} rows of {n_in} are too many to normalize in shared memory"))?,
+            None => 0,
+        };
         for &(w, b) in group {
             let DeviceWeight::Blocks { ty: wty, data, rows, cols, row_bytes, flags } = self.weight(w)? else {
                 bail!("gemv3: {w:?} is not blocks");
@@ -1179,7 +1305,7 @@ impl CudaBackend {
                 }
                 None => None,
             };
-            let (cfg, wpr, staged) = gemv_launch(*rows, n_in, *row_bytes, 1, self.gemv_tuning);
+            let (cfg, wpr, staged) = gemv_launch(*rows, n_in, *row_bytes, 1, norm_bytes, self.gemv_tuning);
             shared = shared.max(cfg.shared_mem_bytes);
             segments.push(Segment { data, bias, rows: i32_of(*rows, "rows")?, flags: *flags, wpr, staged, blocks: cfg.grid_dim.0 });
             ys.push(self.alloc(vec![n, *rows])?);
@@ -1228,13 +1354,23 @@ impl CudaBackend {
         }
         let (s1, s2) = (start1 as i32, start2 as i32);
         b.arg(&s1).arg(&s2);
+        let norm_vec = norm.map(|nm| self.vector(nm.weight).map(|v| (v, nm.eps))).transpose()?;
+        let no_eps = 0.0f32;
+        match &norm_vec {
+            Some((v, eps)) => {
+                ensure!(v.len() == n_in, "gemv3: norm weight of {} values for rows of {n_in}", v.len());
+                b.arg(&*v.data).arg(eps)
+            }
+            None => b.arg(&null).arg(&no_eps),
+        };
         let cfg = LaunchConfig { grid_dim: (total, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: shared };
         // SAFETY: each present matrix holds `rows` rows of row_bytes (checked at
         // upload; one row_bytes for all, checked above); x is [n, n_in] with
         // n <= GEMV_MAX_TOKENS (linear3); each y is [n, rows], each bias (when
         // given) `rows` values; absent matrices have 0 rows and null pointers,
         // and no block is theirs (their start is the grid's end); the shared
-        // memory is the largest a segment's staging needs.
+        // memory is the largest a segment's staging needs, after the
+        // normalized x (n * n_in floats) when the norm (n_in values) is fused.
         unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv3_{} for {:?}", ty.name(), group.iter().map(|g| g.0).collect::<Vec<_>>()))?;
         self.prof_end("linear (gemv3 on blocks)", t0)?;
         Ok(ys)
@@ -1849,68 +1985,22 @@ impl Backend for CudaBackend {
     /// Runs of projections that are GEMVs on blocks of one type go to one
     /// gemv3 launch each ([`CudaBackend::gemv_group`]); the others to `linear`.
     fn linear3(&self, x: &CudaBuf, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[CudaBuf; 3]> {
-        if !self.gemv_tuning.fuse {
-            return crate::backend::linear3_separately(self, x, projections);
-        }
-        let n_in = *x.shape.last().ok_or_else(|| anyhow!("linear of a scalar"))?;
-        let n = x.len() / n_in.max(1);
-        // The block type of each projection that is a GEMV over blocks.
-        let mut gemv_type = [None; 3];
-        for (slot, (w, _, read)) in gemv_type.iter_mut().zip(&projections) {
-            if let DeviceWeight::Blocks { ty, cols, .. } = self.weight(*w)? {
-                if *read == WeightRead::Rows && n <= GEMV_MAX_TOKENS && *cols == n_in {
-                    *slot = Some(*ty);
-                }
-            }
-        }
-        let mut out: Vec<CudaBuf> = Vec::with_capacity(3);
-        let mut i = 0;
-        while i < 3 {
-            let Some(ty) = gemv_type[i] else {
-                let (w, b, read) = projections[i];
-                out.push(self.linear(x, w, b, read)?);
-                i += 1;
-                continue;
-            };
-            let end = (i..3).find(|&j| gemv_type[j] != Some(ty)).unwrap_or(3);
-            let group: Vec<(Weight, Option<Weight>)> = projections[i..end].iter().map(|&(w, b, _)| (w, b)).collect();
-            out.extend(self.gemv_group(x, n, ty, &group)?);
-            i = end;
-        }
-        out.try_into().map_err(|_| anyhow!("linear3: not three outputs"))
+        self.linear3_normed(x, None, projections)
+    }
+
+    /// RMSNorm in each GEMV block when every projection is a GEMV on blocks
+    /// and the tokens fit in shared memory; else `rms_norm`, then `linear3`.
+    fn norm_linear3(&self, x: &CudaBuf, norm: Weight, eps: f32, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[CudaBuf; 3]> {
+        self.linear3_normed(x, Some(FusedNorm { weight: norm, eps }), projections)
+    }
+
+    /// The same choice as `norm_linear3`, for the gated GEMV.
+    fn norm_gated_linear(&self, x: &CudaBuf, norm: Weight, eps: f32, a: Weight, b: Weight, act: Activation) -> Result<CudaBuf> {
+        self.gated_linear_normed(x, Some(FusedNorm { weight: norm, eps }), a, b, act)
     }
 
     fn gated_linear(&self, x: &CudaBuf, a: Weight, b: Weight, act: Activation) -> Result<CudaBuf> {
-        let n_in = *x.shape.last().ok_or_else(|| anyhow!("gated_linear of a scalar"))?;
-        let n = x.len() / n_in.max(1);
-        let fused = match (self.weight(a)?, self.weight(b)?) {
-            (
-                DeviceWeight::Blocks { ty, data: wa, rows, cols, row_bytes, flags },
-                DeviceWeight::Blocks { ty: ty_b, data: wb, rows: rows_b, cols: cols_b, row_bytes: rb_b, flags: flags_b },
-            ) if ty == ty_b && rows == rows_b && cols == cols_b && row_bytes == rb_b && flags == flags_b && n <= GEMV_MAX_TOKENS => {
-                Some((*ty, wa, wb, *rows, *cols, *row_bytes, *flags))
-            }
-            _ => None,
-        };
-        let Some((ty, wa, wb, n_out, cols, row_bytes, flags)) = fused else {
-            let ya = self.linear(x, a, None, WeightRead::Rows)?;
-            let yb = self.linear(x, b, None, WeightRead::Rows)?;
-            return self.swiglu(&ya, &yb, act);
-        };
-        let t0 = self.prof_start()?;
-        ensure!(n_in == cols, "gated_linear: x rows have {n_in} values, {a:?} expects {cols}");
-        let mut y = self.alloc(vec![n, n_out])?;
-        let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(cols, "cols")?);
-        let rb = row_bytes as u64;
-        let (cfg, wpr_arg, staged) = gemv_launch(n_out, cols, row_bytes, 2, self.gemv_tuning);
-        let act_code = activation_code(act);
-        let mut l = self.stream.launch_builder(&self.k.quant[&ty].gemv_glu);
-        l.arg(wa).arg(wb).arg(&rb).arg(&*x.data).arg(&mut *y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code).arg(&staged);
-        // SAFETY: both matrices hold n_out rows of row_bytes (checked at upload, and equal above); x is [n, cols],
-        // y [n, n_out], n <= GEMV_MAX_TOKENS; when staged, the launch gives the shared memory of both regions.
-        unsafe { l.launch(cfg) }.with_context(|| format!("launching gemv_glu_{} for {a:?} and {b:?}", ty.name()))?;
-        self.prof_end("gated linear (gemv on blocks)", t0)?;
-        Ok(y)
+        self.gated_linear_normed(x, None, a, b, act)
     }
 
     fn add(&self, a: &CudaBuf, b: &CudaBuf) -> Result<CudaBuf> {
@@ -2099,18 +2189,19 @@ impl Drop for CudaBackend {
 mod tests {
     use super::*;
 
-    /// A warp takes 32 values a lane: rows of Qwen2-0.5B's 896 values get
-    /// one warp, its 4864-value down projection eight; a matrix of many
-    /// rows gets one warp a row whatever its length.
+    /// A warp takes 4 values a lane, 128 a step: rows get as many warps as
+    /// they have steps (up to 8), unless the matrix has so many rows that
+    /// one warp each fills the GPU (Qwen2-0.5B's gate and up projections
+    /// get 4, its LM head 1).
     #[test]
     fn gemv_warps_follow_the_row_length() {
         let w = |rows, cols| gemv_warps_per_row(rows, cols, GEMV_TARGET_WARPS);
-        assert_eq!(w(896, 896), 1);
-        assert_eq!(w(128, 896), 1);
-        assert_eq!(w(896, 4864), 8);
-        assert_eq!(w(896, 2048), 2);
-        assert_eq!(w(896, 2049), 4);
-        assert_eq!(w(151_936, 4864), 1);
+        assert_eq!(w(896, 896), 8);
+        assert_eq!(w(128, 896), 8);
+        assert_eq!(w(896, 256), 2);
+        assert_eq!(w(896, 257), 4);
+        assert_eq!(w(4864, 896), 4);
+        assert_eq!(w(151_936, 896), 1);
         assert_eq!(w(100, 64), 1);
     }
 
