@@ -13,8 +13,8 @@
 //   gemv_<ty>     y[t, r] = sum_i W[r, i] x[t, i] (+ bias[r] when bias is not
 //                 null) (residual[t, r] + that, when residual is not null)
 //                 for a few tokens (decode): 1 to 8 warps per output row,
-//                 each lane 4 consecutive values at a time (a warp's loads
-//                 coalesced), the blocks read once for all tokens;
+//                 each lane 32 values (a block) at a time, the blocks read
+//                 once for all tokens;
 //   gemv3_<ty>    up to three gemv_<ty> of one x in one launch (Q, K and V);
 //   gemv_glu_<ty> act(x Wa^T) * (x Wb^T), the FFN's gate, up and SwiGLU in one;
 //   rms_norm_f32  RMSNorm of rows times the weight (not a weight type's
@@ -340,6 +340,25 @@ __device__ void dequant(const u8* __restrict__ w, u64 row_bytes, O* __restrict__
     }
 }
 
+// The 32 values of group g (elements 32 g .. 32 g + 31) of a row whose
+// length is a multiple of 32: one whole block of a 32-value type, one of
+// the eight 32-value groups of a K-quant block, or 32 values of a plain
+// type. Generic: four elems8, so the values of T::at bit for bit.
+template <typename T>
+__device__ __forceinline__ void group32(const u8* row, int g, int flags, float* v) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) elems8<T>(row, g * 32 + 8 * k, flags, v + 8 * k);
+}
+
+// Whether group32<T> is one of the wide loaders below, which hold a group
+// in few registers: gemv_glu then reads its two rows in one loop, both
+// loads in flight (the generic loader's four elems8 take too many
+// registers for two: ptxas spills them).
+template <typename T>
+struct WideGroup {
+    static const bool value = false;
+};
+
 // f16 bits to f32 (PTX cvt, as f16_at).
 __device__ __forceinline__ float f16_bits(unsigned short h) {
     float f;
@@ -347,193 +366,186 @@ __device__ __forceinline__ float f16_bits(unsigned short h) {
     return f;
 }
 
-// Four consecutive elements base..base+3 of a row (base a multiple of 4:
-// every block size is 1 or a multiple of 32, so they share one block and
-// one scale). Generic: T::at each, so the values of T::at bit for bit.
-template <typename T>
-__device__ __forceinline__ void elems4(const u8* row, int base, int flags, float* v) {
-    if (T::BS == 1) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) v[e] = T::at(row + (u64)(base + e) * T::TS, 0, flags);
-    } else {
-        const u8* blk = row + (u64)(base / T::BS) * T::TS;
-        const int j0 = base % T::BS;
-#pragma unroll
-        for (int e = 0; e < 4; e++) v[e] = T::at(blk, j0 + e, flags);
-    }
-}
-
-// The real model's types with halfword or word loads instead of bytes: the
-// same f32 operations per element as T::at, so the same values, bit for
-// bit. Alignment: a matrix starts 16-byte aligned (checked at upload), so
-// Q5_0, Q8_0 and Q6_K blocks (22, 34 and 210 bytes) are 2-byte aligned and
-// Q4_K blocks (144 bytes) 16-byte aligned; staged rows keep their offset
-// modulo 16 (stage_rows).
+// The real model's types with loads as wide as their blocks' alignment
+// allows, every load of the block issued before any value is computed (a
+// GEMV's speed is the bytes it keeps in flight). The same f32 operations
+// per element as T::at, so the same values, bit for bit. Alignment: a
+// matrix starts 16-byte aligned (checked at upload); Q5_0 and Q8_0 blocks
+// (22 and 34 bytes) are then 2-byte aligned, Q4_K blocks (144 bytes) 16-byte
+// aligned; staged rows keep their offset modulo 16 (stage_rows).
 template <>
-__device__ __forceinline__ void elems4<Q5_0>(const u8* row, int base, int flags, float* v) {
-    const u8* blk = row + (u64)(base >> 5) * Q5_0::TS;
-    const int j0 = base & 31;
+__device__ __forceinline__ void group32<Q5_0>(const u8* row, int g, int flags, float* v) {
+    const u8* blk = row + (u64)g * Q5_0::TS;
     if (flags & 1) {
         // The fault's dequantization, element by element.
 #pragma unroll
-        for (int e = 0; e < 4; e++) v[e] = Q5_0::at(blk, j0 + e, flags);
+        for (int e = 0; e < 32; e++) v[e] = Q5_0::at(blk, e, flags);
         return;
     }
-    // block_q5_0 { half d; u8 qh[4]; u8 qs[16]; } as halfwords: d, qh, and
-    // the four quant bytes qs[l .. l + 3] (l = j0 % 16, even).
+    // block_q5_0 { half d; u8 qh[4]; u8 qs[16]; } as 11 halfwords.
     const unsigned short* h = (const unsigned short*)blk;
-    const int l = j0 & 15;
-    const float d = f16_bits(h[0]);
-    const unsigned int qh = (unsigned int)h[1] | ((unsigned int)h[2] << 16);
-    const unsigned int qs = (unsigned int)h[3 + (l >> 1)] | ((unsigned int)h[4 + (l >> 1)] << 16);
+    unsigned short w[11];
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const int b = (int)((qs >> (8 * e)) & 0xFF);
-        const int j = l + e;
+    for (int k = 0; k < 11; k++) w[k] = h[k];
+    const float d = f16_bits(w[0]);
+    const unsigned int qh = (unsigned int)w[1] | ((unsigned int)w[2] << 16);
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const int q = (w[3 + (j >> 1)] >> (8 * (j & 1))) & 0xFF;
         // As ints before the 16 comes off (qh is unsigned).
-        const int q = j0 < 16 ? (b & 0xF) | (int)(((qh >> j) << 4) & 0x10) : (b >> 4) | (int)((qh >> (j + 12)) & 0x10);
-        v[e] = mul((float)(q - 16), d);
+        const int lo = (q & 0xF) | (int)(((qh >> j) << 4) & 0x10);
+        const int hi = (q >> 4) | (int)((qh >> (j + 12)) & 0x10);
+        v[j] = mul((float)(lo - 16), d);
+        v[j + 16] = mul((float)(hi - 16), d);
     }
 }
 template <>
-__device__ __forceinline__ void elems4<Q8_0>(const u8* row, int base, int, float* v) {
-    // block_q8_0 { half d; i8 qs[32]; }: d, and qs[j0 .. j0 + 3] as two halfwords.
-    const unsigned short* h = (const unsigned short*)(row + (u64)(base >> 5) * Q8_0::TS);
-    const int j0 = base & 31;
-    const float d = f16_bits(h[0]);
-    const unsigned int qs = (unsigned int)h[1 + (j0 >> 1)] | ((unsigned int)h[2 + (j0 >> 1)] << 16);
+__device__ __forceinline__ void group32<Q8_0>(const u8* row, int g, int, float* v) {
+    // block_q8_0 { half d; i8 qs[32]; } as 17 halfwords.
+    const unsigned short* h = (const unsigned short*)(row + (u64)g * Q8_0::TS);
+    unsigned short w[17];
 #pragma unroll
-    for (int e = 0; e < 4; e++) v[e] = mul((float)(signed char)(qs >> (8 * e)), d);
+    for (int k = 0; k < 17; k++) w[k] = h[k];
+    const float d = f16_bits(w[0]);
+#pragma unroll
+    for (int j = 0; j < 32; j++) v[j] = mul((float)(signed char)(w[1 + (j >> 1)] >> (8 * (j & 1))), d);
 }
 template <>
-__device__ __forceinline__ void elems4<Q4_K>(const u8* row, int base, int, float* v) {
-    // Element i = 64 g + 32 h + l: nibble h of qs[32 g + l], scale/min j = 2 g + h.
-    const u8* blk = row + (u64)(base >> 8) * Q4_K::TS;
-    const int i = base & 255;
-    const int j = i >> 5, h = j & 1, l0 = i & 31;
-    const unsigned int* w = (const unsigned int*)blk;
-    // d and dmin, then the 12 packed scale bytes as words 1 to 3:
-    // get_scale_min_k4 with bytes picked by shifts.
-    const unsigned int dm = w[0], s0 = w[1], s1 = w[2], s2 = w[3];
-    const unsigned int qs = *(const unsigned int*)(blk + 16 + 32 * (j >> 1) + l0);
+__device__ __forceinline__ void group32<Q4_K>(const u8* row, int g, int, float* v) {
+    // Group g is j = g % 8 of its block: scale/min j, nibble h = j % 2 of
+    // qs[32 (j / 2) .. + 32]. The block's first 16 bytes (d, dmin, the
+    // packed scales) and the group's 32 quant bytes: three 16-byte loads.
+    const u8* blk = row + (u64)(g >> 3) * Q4_K::TS;
+    const int j = g & 7, h = j & 1;
+    const uint4 head = *(const uint4*)blk;
+    const uint4 q0 = *(const uint4*)(blk + 16 + 32 * (j >> 1));
+    const uint4 q1 = *(const uint4*)(blk + 32 + 32 * (j >> 1));
+    // get_scale_min_k4 on the 12 packed bytes, which are head.y, head.z and
+    // head.w (bytes picked by shifts: a byte array indexed by j would live
+    // in local memory).
     const int jj = j & 3;
-    const int by = (s0 >> (8 * jj)) & 0xFF, bz = (s1 >> (8 * jj)) & 0xFF, bw = (s2 >> (8 * jj)) & 0xFF;
+    const int by = (head.y >> (8 * jj)) & 0xFF, bz = (head.z >> (8 * jj)) & 0xFF, bw = (head.w >> (8 * jj)) & 0xFF;
     const int sc = j < 4 ? by & 63 : (bw & 0xF) | ((by >> 6) << 4);
     const int m = j < 4 ? bz & 63 : (bw >> 4) | ((bz >> 6) << 4);
-    const float d1 = mul(f16_bits((unsigned short)(dm & 0xFFFF)), (float)sc);
-    const float m1 = mul(f16_bits((unsigned short)(dm >> 16)), (float)m);
+    const float d1 = mul(f16_bits((unsigned short)(head.x & 0xFFFF)), (float)sc);
+    const float m1 = mul(f16_bits((unsigned short)(head.x >> 16)), (float)m);
+    const unsigned int qw[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const unsigned int q = (qs >> (8 * e)) & 0xFF;
-        v[e] = __fsub_rn(mul(d1, (float)(h ? q >> 4 : q & 0xF)), m1);
-    }
-}
-template <>
-__device__ __forceinline__ void elems4<Q6_K>(const u8* row, int base, int, float* v) {
-    // Element i = 128 n + 32 k + l: low nibble of ql[64 n + l (+32 for k
-    // odd)] (high nibble for k >= 2), 2 bits at 2k of qh[32 n + l]; scale
-    // 8 n + l/16 + 2k. The four ql and qh bytes as two halfwords each.
-    const u8* blk = row + (u64)(base >> 8) * Q6_K::TS;
-    const int i = base & 255;
-    const int n = i >> 7, k = (i >> 5) & 3, l0 = i & 31;
-    const unsigned short* lo = (const unsigned short*)(blk + 64 * n + l0 + ((k & 1) ? 32 : 0));
-    const unsigned short* hi = (const unsigned short*)(blk + 128 + 32 * n + l0);
-    const unsigned int ql = (unsigned int)lo[0] | ((unsigned int)lo[1] << 16);
-    const unsigned int qh = (unsigned int)hi[0] | ((unsigned int)hi[1] << 16);
-    const float dsc = mul(f16_bits(*(const unsigned short*)(blk + 208)), (float)(signed char)blk[192 + 8 * n + (l0 >> 4) + 2 * k]);
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const int lb = (int)((ql >> (8 * e)) & 0xFF), hb = (int)((qh >> (8 * e)) & 0xFF);
-        const int q = ((k >= 2 ? lb >> 4 : lb & 0xF) | (((hb >> (2 * k)) & 3) << 4)) - 32;
-        v[e] = mul(dsc, (float)q);
+    for (int l = 0; l < 32; l++) {
+        const unsigned int q = (qw[l >> 2] >> (8 * (l & 3))) & 0xFF;
+        v[l] = __fsub_rn(mul(d1, (float)(h ? q >> 4 : q & 0xF)), m1);
     }
 }
 
+template <>
+struct WideGroup<Q5_0> {
+    static const bool value = true;
+};
+template <>
+struct WideGroup<Q8_0> {
+    static const bool value = true;
+};
+template <>
+struct WideGroup<Q4_K> {
+    static const bool value = true;
+};
 
 // `warps_per_row` warps per output row r (1, 2, 4 or 8; a block holds
-// GEMV_WARPS / warps_per_row rows). Each lane takes 4 consecutive values
-// at a time, so a warp covers 128 consecutive values a step and its loads
-// of x (one 16-byte load a lane) and of the blocks are coalesced; the
-// row's warps are interleaved 128 values apart, and a lane keeps several
-// steps' loads in flight (unrolled). It dequantizes its values once and
+// GEMV_WARPS / warps_per_row rows). Each lane takes a group of 32
+// consecutive values at a time (for a block type, one block or one K-quant
+// group: its bytes loaded at once), the row's warps interleaved 32 groups
+// apart (a warp covers 1024 values per step); it dequantizes them once and
 // multiplies them into every token's accumulator (f32, FMA allowed:
 // accumulation order is not ggml's anyway). Each warp reduces its lanes,
 // then the row's warps are added in order. The values of a row that is not
-// whole groups of 4 (plain types only) end element by element. Several
+// whole groups of 32 (plain types only) end element by element. Several
 // warps per row keep a matrix of few rows (128 in Qwen2-0.5B's K and V)
 // from leaving most of the GPU idle while each warp walks a long row.
 // Launch: blockDim GEMV_WARPS * 32.
+//
+// x is read where it is, or from the block's copy in shared memory
+// (GemvX): with a group a lane, the 32 lanes of a warp read x 128 bytes
+// apart, so each 16-byte load of x from global memory touches 32 cache
+// lines (Nsight on the H100: the GEMVs at 7-17% of the memory bandwidth);
+// in shared memory each group is padded to 36 floats, which puts the 8
+// lanes of each quarter-warp's 16-byte loads on 8 different 4-bank groups
+// (36 / 4 = 9 = 1 mod 8): no bank conflict.
+#define X_GROUP_STRIDE 36
 
-// This thread's share of rows `rows[0..R)` (of one matrix each: R = 2 in
-// gemv_glu, so that both matrices' loads are in flight together) times
-// every token of x, into acc[k] for rows[k]. Each acc[k] sees the same
-// operations in the same order whatever R is.
+// Where row_dot reads x ([n_tokens, n_cols]): `staged` null, at `x`;
+// else value 32 g + e of token t at staged[t * token_stride + 36 g + e]
+// for the whole groups, and at `x` for the rest of a row.
+struct GemvX {
+    const float* x;
+    const float* staged;
+    int token_stride;
+};
+
+// This thread's share of rows `rows[0..R)` (R = 2 in gemv_glu: one row of
+// each matrix, both loads in flight together) times token t of x, into
+// acc[k] for rows[k]. Each acc[k] sees the same operations in the same
+// order whatever R is and wherever x is read from: the bits of the row
+// alone. One token at a time: a few-token GEMV reads each row again per
+// token (from L1 or L2, right after the first), which keeps one
+// accumulator a row in registers instead of GEMV_MAX_TOKENS.
 template <typename T, int R>
-__device__ __forceinline__ void row_dot(const u8* const* rows, const float* __restrict__ x, int n_tokens, int n_cols,
-                                        int flags, int part, int lane, int warps_per_row,
-                                        float (*acc)[GEMV_MAX_TOKENS]) {
-    const int n4 = n_cols & ~3;
-    // x as one 16-byte load a lane when every token's row starts 16-byte
-    // aligned (uniform across the launch).
-    const bool x16 = ((((u64)x) & 15) == 0) && ((n_cols & 3) == 0);
-#pragma unroll 4
-    for (int base = part * 128 + lane * 4; base < n4; base += 128 * warps_per_row) {
-        float v[R][4];
+__device__ __forceinline__ void row_dot(const u8* const* rows, GemvX xv, int t, int n_cols, int flags, int part,
+                                        int lane, int warps_per_row, float* acc) {
+    const int n_groups = n_cols >> 5;
+    const float* __restrict__ x = xv.x + (u64)t * n_cols;
+    // Group g of the token at xg + ..., 16-byte aligned when `vec` (x in
+    // global memory: when every token's row starts 16-byte aligned, which
+    // is uniform across the launch).
+    const float* xs = xv.staged ? xv.staged + (u64)t * xv.token_stride : nullptr;
+    const bool vec = xs || (((((u64)xv.x) & 15) == 0) && ((n_cols & 3) == 0));
+#pragma unroll 1
+    for (int g = part * 32 + lane; g < n_groups; g += 32 * warps_per_row) {
+        const float* xg = xs ? xs + g * X_GROUP_STRIDE : x + (u64)g * 32;
 #pragma unroll
-        for (int k = 0; k < R; k++) elems4<T>(rows[k], base, flags, v[k]);
+        for (int k = 0; k < R; k++) {
+            float v[32];
+            group32<T>(rows[k], g, flags, v);
+            if (vec) {
 #pragma unroll
-        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-            if (t < n_tokens) {
-                const float* xt = x + (u64)t * n_cols + base;
-                const float4 xv = x16 ? *(const float4*)xt : make_float4(xt[0], xt[1], xt[2], xt[3]);
-#pragma unroll
-                for (int k = 0; k < R; k++) {
-                    acc[k][t] += v[k][0] * xv.x;
-                    acc[k][t] += v[k][1] * xv.y;
-                    acc[k][t] += v[k][2] * xv.z;
-                    acc[k][t] += v[k][3] * xv.w;
+                for (int e = 0; e < 32; e += 4) {
+                    const float4 a = *(const float4*)(xg + e);
+                    acc[k] += v[e] * a.x;
+                    acc[k] += v[e + 1] * a.y;
+                    acc[k] += v[e + 2] * a.z;
+                    acc[k] += v[e + 3] * a.w;
                 }
+            } else {
+#pragma unroll
+                for (int e = 0; e < 32; e++) acc[k] += v[e] * xg[e];
             }
         }
     }
-    for (int c = n4 + part * 32 + lane; c < n_cols; c += 32 * warps_per_row) {
+    for (int c = (n_groups << 5) + part * 32 + lane; c < n_cols; c += 32 * warps_per_row) {
 #pragma unroll
-        for (int k = 0; k < R; k++) {
-            const float v = elem<T>(rows[k], c, flags);
-#pragma unroll
-            for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-                if (t < n_tokens) acc[k][t] += v * x[(u64)t * n_cols + c];
-            }
-        }
+        for (int k = 0; k < R; k++) acc[k] += elem<T>(rows[k], c, flags) * x[c];
     }
 }
 
-// Reduce acc over the warp's lanes, then over the row's warps in order:
-// `sums[t]` on lane 0 of the row's first warp (true is returned there).
-__device__ __forceinline__ bool row_sums(float* acc, float (*partial)[GEMV_MAX_TOKENS], int warp, int lane, int part,
-                                         int warps_per_row, int n_tokens, float* sums) {
-    // Only the tokens there are (n_tokens is the same for the whole block,
-    // so the shuffles stay warp-uniform; a decode step has one).
+// Reduce acc[k] (R rows, one token) over the warp's lanes, then over the
+// row's warps in order: `sums[k]` on lane 0 of the row's first warp (true
+// is returned there). `partial[k]` holds the warps' sums of row k; the
+// caller syncs the block before the next call writes it again.
+template <int R>
+__device__ __forceinline__ bool row_sums(const float* acc, float (*partial)[GEMV_WARPS], int warp, int lane, int part,
+                                         int warps_per_row, float* sums) {
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-        if (t < n_tokens) {
-            float s = acc[t];
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
-            if (lane == 0) partial[warp][t] = s;
-        }
+    for (int k = 0; k < R; k++) {
+        float s = acc[k];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+        if (lane == 0) partial[k][warp] = s;
     }
     __syncthreads();
     if (lane != 0 || part != 0) return false;
-    // Unrolled over GEMV_MAX_TOKENS (with a guard) so that sums[] stays in
-    // registers: indexed by a loop bound known only at run time it would
-    // live in local memory.
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-        if (t < n_tokens) {
-            float s = partial[warp][t];
-            for (int k = 1; k < warps_per_row; k++) s += partial[warp + k][t];
-            sums[t] = s;
-        }
+    for (int k = 0; k < R; k++) {
+        float s = partial[k][warp];
+        for (int j = 1; j < warps_per_row; j++) s += partial[k][warp + j];
+        sums[k] = s;
     }
     return true;
 }
@@ -584,19 +596,26 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm_f32(const fl
     for (int c = threadIdx.x; c < n_cols; c += NORM_THREADS) yr[c] = rms_normed(xr[c], scale, w[c]);
 }
 
-// The GEMVs' fused RMSNorm: the block's input x ([n_tokens, n_cols]) as
-// rms_norm_f32 would write it (rms_scale and rms_normed, this block being
-// NORM_THREADS threads as that launch is), into shared memory `xs`.
-// Returns xs, ready for every thread.
-__device__ const float* normed_rows(const float* __restrict__ x, const float* __restrict__ w, float eps, int n_tokens,
-                                    int n_cols, float* xs) {
+// The block's copy of x ([n_tokens, n_cols], n_cols a multiple of 32) in
+// shared memory `xs`, laid out as GemvX reads it: x as it is, or, with
+// `norm_w` (the RMSNorm before the GEMV, fused), as rms_norm_f32 would
+// write it (rms_scale and rms_normed, this block being NORM_THREADS
+// threads as that launch is: the same bits). Ends with a barrier.
+__device__ void stage_x(const float* __restrict__ x, const float* __restrict__ norm_w, float eps, int n_tokens,
+                        int n_cols, float* xs) {
+    const int token_stride = (n_cols >> 5) * X_GROUP_STRIDE;
     for (int t = 0; t < n_tokens; t++) {
         const float* xr = x + (u64)t * n_cols;
-        const double scale = rms_scale(xr, n_cols, eps);
-        for (int c = threadIdx.x; c < n_cols; c += NORM_THREADS) xs[(u64)t * n_cols + c] = rms_normed(xr[c], scale, w[c]);
+        float* out = xs + (u64)t * token_stride;
+        if (norm_w) {
+            const double scale = rms_scale(xr, n_cols, eps);
+            for (int c = threadIdx.x; c < n_cols; c += NORM_THREADS)
+                out[(c >> 5) * X_GROUP_STRIDE + (c & 31)] = rms_normed(xr[c], scale, norm_w[c]);
+        } else {
+            for (int c = threadIdx.x; c < n_cols; c += NORM_THREADS) out[(c >> 5) * X_GROUP_STRIDE + (c & 31)] = xr[c];
+        }
     }
     __syncthreads();
-    return xs;
 }
 
 // The bytes of the block's rows r0 .. r0 + n - 1 (contiguous in the
@@ -626,60 +645,63 @@ __device__ const u8* stage_rows(const u8* __restrict__ w, u64 row_bytes, int n_r
     return (const u8*)stage + (start - a0);
 }
 
+// The GEMVs' dynamic shared memory: [x staged (stage_x), when x_staged][the
+// block's rows (stage_rows), when staged]. `x_staged`: the block copies x
+// there first (required with `norm_w`, the fused RMSNorm); the launch
+// gives n_tokens * (n_cols / 32) * X_GROUP_STRIDE floats for it. Returns
+// how row_dot reads x and, in `after`, where the staged rows go.
+__device__ __forceinline__ GemvX gemv_input(const float* x, const float* norm_w, float eps, int x_staged, int n_tokens,
+                                            int n_cols, uint4* shared, uint4** after) {
+    GemvX xv = {x, nullptr, 0};
+    *after = shared;
+    if (x_staged) {
+        xv.token_stride = (n_cols >> 5) * X_GROUP_STRIDE;
+        stage_x(x, norm_w, eps, n_tokens, n_cols, (float*)shared);
+        xv.staged = (const float*)shared;
+        *after = shared + (u64)n_tokens * xv.token_stride / 4;
+    }
+    return xv;
+}
+
 // `staged`: the block's rows are first copied to shared memory (stage_rows;
 // the launch gives GEMV_WARPS / warps_per_row rows of dynamic shared memory
 // plus 16 bytes per matrix), else read where they are. The same bytes,
 // the same operations: the same bits either way.
-// `block`: this block's index among the launch's blocks for this matrix
-// (blockIdx.x, or less in gemv3).
-// `norm_w` (not null: the RMSNorm before the projection, fused): x is the
-// norm's input, and each block first normalizes it into shared memory
-// (normed_rows: the bits of rms_norm_f32), ahead of the staged rows; the
-// launch gives n_tokens * n_cols floats more, rounded up to 16 bytes.
-// Dynamic shared memory: [normalized x][staged rows].
-__device__ __forceinline__ const float* gemv_input(const float* x, const float* norm_w, float eps, int n_tokens,
-                                                   int n_cols, uint4* shared, uint4** after) {
-    if (!norm_w) {
-        *after = shared;
-        return x;
-    }
-    *after = shared + ((u64)n_tokens * n_cols + 3) / 4;
-    return normed_rows(x, norm_w, eps, n_tokens, n_cols, (float*)shared);
-}
-
+// Blocks `block`, `block + block_step`, ... of this matrix (rows_per_block
+// rows each): a launch of fewer blocks than the matrix has (its LM head has
+// 19 k) stages x once per block, not once per 8 rows. gemv3 passes a step
+// past its segment's end (one block each).
 template <typename T>
-__device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x_in,
+__device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
                      const float* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ y,
                      int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged, int block,
-                     const float* __restrict__ norm_w, float eps) {
-    __shared__ float partial[GEMV_WARPS][GEMV_MAX_TOKENS];
-    extern __shared__ uint4 stage[];
+                     int block_step, const float* __restrict__ norm_w, float eps, int x_staged) {
+    __shared__ float partial[1][GEMV_WARPS];
+    extern __shared__ uint4 shared[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rows_per_block = GEMV_WARPS / warps_per_row;
-    const int r0 = block * rows_per_block;
-    const int r = r0 + warp / warps_per_row;
     const int part = warp % warps_per_row;
-    uint4* rows_stage;
-    const float* x = gemv_input(x_in, norm_w, eps, n_tokens, n_cols, stage, &rows_stage);
-    const u8* rows = staged ? stage_rows(w, row_bytes, n_rows, r0, min(rows_per_block, n_rows - r0), rows_stage) - (u64)r0 * row_bytes : w;
-    float acc[1][GEMV_MAX_TOKENS];
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[0][t] = 0.0f;
-    if (r < n_rows) {
-        const u8* row[1] = {rows + (u64)r * row_bytes};
-        row_dot<T, 1>(row, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc);
-    }
-    float sums[GEMV_MAX_TOKENS];
-    if (row_sums(acc[0], partial, warp, lane, part, warps_per_row, n_tokens, sums) && r < n_rows) {
-#pragma unroll
-        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-            if (t < n_tokens) {
+    uint4* stage;
+    const GemvX xv = gemv_input(x, norm_w, eps, x_staged, n_tokens, n_cols, shared, &stage);
+    for (int b = block; b * rows_per_block < n_rows; b += block_step) {
+        const int r0 = b * rows_per_block;
+        const int r = r0 + warp / warps_per_row;
+        const u8* rows = staged ? stage_rows(w, row_bytes, n_rows, r0, min(rows_per_block, n_rows - r0), stage) - (u64)r0 * row_bytes : w;
+        const u8* row[1] = {rows + (u64)min(r, n_rows - 1) * row_bytes};
+        for (int t = 0; t < n_tokens; t++) {
+            float acc[1] = {0.0f};
+            if (r < n_rows) row_dot<T, 1>(row, xv, t, n_cols, flags, part, lane, warps_per_row, acc);
+            float sum[1];
+            if (row_sums<1>(acc, partial, warp, lane, part, warps_per_row, sum) && r < n_rows) {
                 // The bias as add_bias_f32 adds it: one f32 addition to the sum;
                 // the residual as add_f32 adds it (residual + product).
                 const u64 i = (u64)t * n_rows + r;
-                const float v = bias ? sums[t] + bias[r] : sums[t];
+                const float v = bias ? sum[0] + bias[r] : sum[0];
                 y[i] = residual ? residual[i] + v : v;
             }
+            // `partial` (and, after the last token, the staged rows) are
+            // written again by the next token or block of rows.
+            __syncthreads();
         }
     }
 }
@@ -695,17 +717,19 @@ __device__ void gemv3(const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, c
                       const float* b1, const float* b2, float* y0, float* y1, float* y2, int n_tokens, int rows0,
                       int rows1, int rows2, int n_cols, int flags0, int flags1, int flags2, int wpr0, int wpr1,
                       int wpr2, int staged0, int staged1, int staged2, int start1, int start2, const float* norm_w,
-                      float eps) {
+                      float eps, int x_staged) {
     // Block-uniform branches: every thread of a block takes the same one.
-    const int b = blockIdx.x;
+    // One block of rows each (a step of gridDim.x passes every segment's end).
+    const int b = blockIdx.x, step = gridDim.x;
     if (b < start1) {
-        gemv<T>(w0, row_bytes, x, b0, nullptr, y0, n_tokens, rows0, n_cols, flags0, wpr0, staged0, b, norm_w, eps);
+        gemv<T>(w0, row_bytes, x, b0, nullptr, y0, n_tokens, rows0, n_cols, flags0, wpr0, staged0, b, step, norm_w, eps,
+                x_staged);
     } else if (b < start2) {
-        gemv<T>(w1, row_bytes, x, b1, nullptr, y1, n_tokens, rows1, n_cols, flags1, wpr1, staged1, b - start1, norm_w,
-                eps);
+        gemv<T>(w1, row_bytes, x, b1, nullptr, y1, n_tokens, rows1, n_cols, flags1, wpr1, staged1, b - start1, step,
+                norm_w, eps, x_staged);
     } else {
-        gemv<T>(w2, row_bytes, x, b2, nullptr, y2, n_tokens, rows2, n_cols, flags2, wpr2, staged2, b - start2, norm_w,
-                eps);
+        gemv<T>(w2, row_bytes, x, b2, nullptr, y2, n_tokens, rows2, n_cols, flags2, wpr2, staged2, b - start2, step,
+                norm_w, eps, x_staged);
     }
 }
 
@@ -720,46 +744,52 @@ __device__ __forceinline__ float gated(float g, float u, int act) {
 
 // y[t, r] = act(x Wa^T)[t, r] * (x Wb^T)[t, r]: the FFN's gate, up and
 // SwiGLU in one pass over x, each product summed as gemv sums it (so the
-// bits of gemv, gemv, swiglu_f32). Wa and Wb share type and shape.
-// `norm_w`: the fused RMSNorm, as in gemv.
+// bits of gemv, gemv, swiglu_f32). Wa and Wb share type and shape. Row
+// r of both matrices in one row_dot (both loads in flight together); the
+// blocks of rows, x and the fused norm as in gemv (blocks blockIdx.x,
+// + gridDim.x, ...).
 template <typename T>
 __device__ void gemv_glu(const u8* __restrict__ wa, const u8* __restrict__ wb, u64 row_bytes,
-                         const float* __restrict__ x_in, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
+                         const float* __restrict__ x, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
                          int flags, int warps_per_row, int act, int staged, const float* __restrict__ norm_w,
-                         float eps) {
-    __shared__ float partial[GEMV_WARPS][GEMV_MAX_TOKENS];
+                         float eps, int x_staged) {
+    __shared__ float partial[2][GEMV_WARPS];
     extern __shared__ uint4 shared[];
-    uint4* stage;
-    const float* x = gemv_input(x_in, norm_w, eps, n_tokens, n_cols, shared, &stage);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rows_per_block = GEMV_WARPS / warps_per_row;
-    const int r0 = blockIdx.x * rows_per_block;
-    const int r = r0 + warp / warps_per_row;
     const int part = warp % warps_per_row;
-    const u8* rows_a = wa;
-    const u8* rows_b = wb;
-    if (staged) {
-        // Wa's rows, then Wb's, each region starting 16-byte aligned.
-        const int n = min(rows_per_block, n_rows - r0);
-        const u64 region = ((u64)rows_per_block * row_bytes + 31) / 16;
-        rows_a = stage_rows(wa, row_bytes, n_rows, r0, n, stage) - (u64)r0 * row_bytes;
-        rows_b = stage_rows(wb, row_bytes, n_rows, r0, n, stage + region) - (u64)r0 * row_bytes;
-    }
-    float acc[2][GEMV_MAX_TOKENS];
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_TOKENS; t++) acc[0][t] = acc[1][t] = 0.0f;
-    if (r < n_rows) {
-        const u8* row[2] = {rows_a + (u64)r * row_bytes, rows_b + (u64)r * row_bytes};
-        row_dot<T, 2>(row, x, n_tokens, n_cols, flags, part, lane, warps_per_row, acc);
-    }
-    float ga[GEMV_MAX_TOKENS], gb[GEMV_MAX_TOKENS];
-    const bool first = row_sums(acc[0], partial, warp, lane, part, warps_per_row, n_tokens, ga);
-    __syncthreads();
-    row_sums(acc[1], partial, warp, lane, part, warps_per_row, n_tokens, gb);
-    if (first && r < n_rows) {
-#pragma unroll
-        for (int t = 0; t < GEMV_MAX_TOKENS; t++) {
-            if (t < n_tokens) y[(u64)t * n_rows + r] = gated(ga[t], gb[t], act);
+    uint4* stage;
+    const GemvX xv = gemv_input(x, norm_w, eps, x_staged, n_tokens, n_cols, shared, &stage);
+    for (int b = blockIdx.x; b * rows_per_block < n_rows; b += gridDim.x) {
+        const int r0 = b * rows_per_block;
+        const int r = r0 + warp / warps_per_row;
+        const u8* rows_a = wa;
+        const u8* rows_b = wb;
+        if (staged) {
+            // Wa's rows, then Wb's, each region starting 16-byte aligned.
+            const int n = min(rows_per_block, n_rows - r0);
+            const u64 region = ((u64)rows_per_block * row_bytes + 31) / 16;
+            rows_a = stage_rows(wa, row_bytes, n_rows, r0, n, stage) - (u64)r0 * row_bytes;
+            rows_b = stage_rows(wb, row_bytes, n_rows, r0, n, stage + region) - (u64)r0 * row_bytes;
+        }
+        const u64 at = (u64)min(r, n_rows - 1) * row_bytes;
+        const u8* row[2] = {rows_a + at, rows_b + at};
+        for (int t = 0; t < n_tokens; t++) {
+            float acc[2] = {0.0f, 0.0f};
+            if (r < n_rows) {
+                if (WideGroup<T>::value) {
+                    row_dot<T, 2>(row, xv, t, n_cols, flags, part, lane, warps_per_row, acc);
+                } else {
+                    row_dot<T, 1>(row, xv, t, n_cols, flags, part, lane, warps_per_row, acc);
+                    row_dot<T, 1>(row + 1, xv, t, n_cols, flags, part, lane, warps_per_row, acc + 1);
+                }
+            }
+            float sums[2];
+            if (row_sums<2>(acc, partial, warp, lane, part, warps_per_row, sums) && r < n_rows)
+                y[(u64)t * n_rows + r] = gated(sums[0], sums[1], act);
+            // `partial` (and, after the last token, the staged rows) are
+            // written again by the next token or block of rows.
+            __syncthreads();
         }
     }
 }
@@ -797,23 +827,24 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
     }                                                                                                              \
     extern "C" __global__ void GEMV_BOUNDS gemv_##T(                                                               \
         const u8* w, u64 row_bytes, const float* x, const float* bias, const float* residual, float* y,            \
-        int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged) {                          \
+        int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged, int x_staged) {            \
         gemv<T>(w, row_bytes, x, bias, residual, y, n_tokens, n_rows, n_cols, flags, warps_per_row, staged,        \
-                blockIdx.x, nullptr, 0.0f);                                                                        \
+                blockIdx.x, gridDim.x, nullptr, 0.0f, x_staged);                                                   \
     }                                                                                                              \
     extern "C" __global__ void GEMV_BOUNDS gemv3_##T(                                                              \
         const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, const float* b0, const float* b1, \
         const float* b2, float* y0, float* y1, float* y2, int n_tokens, int rows0, int rows1, int rows2, int n_cols,\
         int flags0, int flags1, int flags2, int wpr0, int wpr1, int wpr2, int staged0, int staged1, int staged2,   \
-        int start1, int start2, const float* norm_w, float eps) {                                                  \
+        int start1, int start2, const float* norm_w, float eps, int x_staged) {                                    \
         gemv3<T>(w0, w1, w2, row_bytes, x, b0, b1, b2, y0, y1, y2, n_tokens, rows0, rows1, rows2, n_cols, flags0,  \
-                 flags1, flags2, wpr0, wpr1, wpr2, staged0, staged1, staged2, start1, start2, norm_w, eps);        \
+                 flags1, flags2, wpr0, wpr1, wpr2, staged0, staged1, staged2, start1, start2, norm_w, eps,         \
+                 x_staged);                                                                                        \
     }                                                                                                              \
     extern "C" __global__ void GEMV_BOUNDS gemv_glu_##T(                                                           \
         const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y, int n_tokens, int n_rows, int n_cols, \
-        int flags, int warps_per_row, int act, int staged, const float* norm_w, float eps) {                      \
+        int flags, int warps_per_row, int act, int staged, const float* norm_w, float eps, int x_staged) {         \
         gemv_glu<T>(wa, wb, row_bytes, x, y, n_tokens, n_rows, n_cols, flags, warps_per_row, act, staged, norm_w,  \
-                    eps);                                                                                          \
+                    eps, x_staged);                                                                                \
     }                                                                                                              \
     extern "C" __global__ void get_rows_##T(const u8* w, u64 row_bytes, const int* tokens, float* out,             \
                                             int n_tokens, int n_rows, int n_cols, int transposed, int flags) {     \

@@ -873,9 +873,15 @@ fn gated_gemv_gives_the_bits_of_two_gemvs_and_swiglu() {
                     let ya = g.linear(&x, a, None, WeightRead::Rows).unwrap();
                     let yb = g.linear(&x, b, None, WeightRead::Rows).unwrap();
                     let three = host(&g, &g.swiglu(&ya, &yb, act).unwrap());
-                    let fused = host(&g, &g.gated_linear(&x, a, b, act).unwrap());
-                    assert_eq!(three.shape, fused.shape);
-                    assert_bits(&format!("gated gemv {} n{n_tokens} {act:?} {a:?}", ty.name()), &three.data, &fused.data);
+                    // x copied into shared memory or not, blocks capped or not.
+                    for (x_staged, max_blocks) in [(true, None), (false, None), (true, Some(2))] {
+                        g.set_gemv_x_and_grid(x_staged, max_blocks);
+                        let fused = host(&g, &g.gated_linear(&x, a, b, act).unwrap());
+                        assert_eq!(three.shape, fused.shape);
+                        let what = format!("gated gemv {} n{n_tokens} {act:?} {a:?} x staged {x_staged} blocks {max_blocks:?}", ty.name());
+                        assert_bits(&what, &three.data, &fused.data);
+                    }
+                    g.set_gemv_x_and_grid(true, None);
                 }
             }
         }
@@ -886,8 +892,9 @@ fn gated_gemv_gives_the_bits_of_two_gemvs_and_swiglu() {
 /// and the most tokens: rows of 896 values (28 groups of 32: a warp's
 /// last lanes idle) and of 4864 (152 groups over eight warps), 1280 for the
 /// K-quants (whose blocks hold 256), 128 rows (K) to 4864; and each with
-/// the rows staged through shared memory (`set_gemv_staging`), which must
-/// give the same bits.
+/// the rows staged through shared memory (`set_gemv_staging`), x copied
+/// into shared memory or not and the blocks capped (`set_gemv_x_and_grid`),
+/// which must all give the same bits.
 #[test]
 fn block_gemv_on_the_real_model_shapes() {
     let Some(_gpu) = gpu() else {
@@ -918,11 +925,17 @@ fn block_gemv_on_the_real_model_shapes() {
                 let want = cpu.linear(&x, w, None, WeightRead::Rows).unwrap();
                 let what = format!("gemv {} {w:?} n{n}", ty.name());
                 g.set_gemv_staging(false);
+                g.set_gemv_x_and_grid(false, None);
                 let direct = host(&g, &g.linear(&on_gpu(&g, &x), w, None, WeightRead::Rows).unwrap());
                 close(&what, &want, &direct, 1e-5, 1e-5);
-                g.set_gemv_staging(true);
-                let staged = host(&g, &g.linear(&on_gpu(&g, &x), w, None, WeightRead::Rows).unwrap());
-                assert_bits(&format!("{what} staged"), &direct.data, &staged.data);
+                // Rows staged or not, x copied into shared memory or not,
+                // one block per 8 rows or a few blocks taking turns: the same bits.
+                for (rows_staged, x_staged, max_blocks) in [(true, false, None), (false, true, None), (false, true, Some(3)), (true, true, Some(1)), (false, false, Some(5))] {
+                    g.set_gemv_staging(rows_staged);
+                    g.set_gemv_x_and_grid(x_staged, max_blocks);
+                    let other = host(&g, &g.linear(&on_gpu(&g, &x), w, None, WeightRead::Rows).unwrap());
+                    assert_bits(&format!("{what} rows staged {rows_staged} x staged {x_staged} blocks {max_blocks:?}"), &direct.data, &other.data);
+                }
             }
         }
     }
@@ -1078,9 +1091,10 @@ fn norm_fused_into_the_gemvs_gives_the_bits_of_the_norm_then_the_gemvs() {
         for n_tokens in [1, 3, engine::cuda::GEMV_MAX_TOKENS, engine::cuda::GEMV_MAX_TOKENS + 1] {
             let x = on_gpu(&g, &rand_tensor(&mut rng, &[n_tokens, cfg.n_embd], 3.0));
             let projections = [(q, Some(Weight::AttnQBias(0)), WeightRead::Rows), (k, Some(Weight::AttnKBias(0)), WeightRead::Rows), (v, Some(Weight::AttnVBias(0)), WeightRead::Rows)];
-            for staged in [false, true] {
+            for (staged, max_blocks) in [(false, None), (true, None), (false, Some(2))] {
                 g.set_gemv_staging(staged);
-                let what = format!("{:?} n{n_tokens} staged {staged}", types.map(|t| t.name()));
+                g.set_gemv_x_and_grid(true, max_blocks);
+                let what = format!("{:?} n{n_tokens} staged {staged} blocks {max_blocks:?}", types.map(|t| t.name()));
                 let h = g.rms_norm(&x, Weight::AttnNorm(0), eps).unwrap();
                 let two = g.linear3(&h, projections).unwrap();
                 let one = g.norm_linear3(&x, Weight::AttnNorm(0), eps, projections).unwrap();

@@ -24,9 +24,9 @@
 //!   CPU oracle's weights exactly, so CUDA vs CPU differs only by f32
 //!   summation order. [`PrefillMatmul`] (`QWEN2_PARITY_CUDA_MATMUL=tf32` or
 //!   `f16`) puts the prefill on tensor cores instead: faster, with numerics
-//!   of its own, stated in every run's log. Each GEMV lane takes 4
-//!   consecutive values at a time (a warp's loads coalesced), the blocks
-//!   read with halfword or word loads; `QWEN2_PARITY_CUDA_GEMV_STAGE=1` has each block
+//!   of its own, stated in every run's log. Each GEMV lane loads a whole
+//!   block (or K-quant group) of 32 values at once, as wide as the block's
+//!   alignment allows; `QWEN2_PARITY_CUDA_GEMV_STAGE=1` has each block
 //!   first copy its rows into shared memory with 16-byte loads, to measure
 //!   it: the same bytes, the same bits.
 //! - **KV cache** per layer `[max_ctx, n_head_kv, head_dim]` on the GPU, f16
@@ -131,11 +131,11 @@ fn pairing_code(pairing: RopePairing) -> i32 {
 
 /// Warps per output row of a GEMV over `n_rows` rows of `n_cols`: 1, 2, 4
 /// or 8, the most that keeps `n_rows * warps` within `target_warps` and
-/// gives every warp some of the row (a warp takes 128 values a step, 4 per
-/// lane, so a row of 256 has work for 2 warps, a row of 896 for 8).
+/// gives every warp some of the row (a warp takes 1024 values a step, 32
+/// per lane, so a row of 896 has work for one warp, a row of 4864 for 8).
 fn gemv_warps_per_row(n_rows: usize, n_cols: usize, target_warps: usize) -> u32 {
     let mut w = 1;
-    while w < GEMV_WARPS && n_rows * (w as usize) * 2 <= target_warps && (w as usize) * 128 < n_cols {
+    while w < GEMV_WARPS && n_rows * (w as usize) * 2 <= target_warps && (w as usize) * 1024 < n_cols {
         w *= 2;
     }
     w
@@ -144,34 +144,45 @@ fn gemv_warps_per_row(n_rows: usize, n_cols: usize, target_warps: usize) -> u32 
 /// Shared memory a GEMV block may fill with its rows of blocks (all its
 /// matrices together); rows longer than that are read where they are.
 const GEMV_STAGE_MAX_BYTES: usize = 32 * 1024;
-/// Shared memory a GEMV block may fill with its normalized input (a fused
-/// RMSNorm, see gemv_input in quant.cu); a larger input is normalized by
-/// its own launch first. With the staged rows, under the 48 KiB a launch
-/// may have without asking.
-const GEMV_NORM_MAX_BYTES: usize = 16 * 1024;
+/// Shared memory a GEMV block may fill with its copy of x (see stage_x in
+/// quant.cu); a larger x is read where it is, and an RMSNorm before it is
+/// its own launch. With the staged rows, under the 48 KiB a launch may
+/// have without asking.
+const GEMV_X_MAX_BYTES: usize = 24 * 1024;
+/// Floats a group of 32 values of x takes in a GEMV block's copy
+/// (X_GROUP_STRIDE in quant.cu: padded against bank conflicts).
+const GEMV_X_GROUP_STRIDE: usize = 36;
+/// GEMV blocks that run at once on one SM (the minimum of GEMV_BOUNDS in
+/// quant.cu): a launch has at most this many per SM, each taking several
+/// blocks of rows in turn (so x is copied into shared memory once per
+/// block, not once per 8 rows).
+const GEMV_BLOCKS_PER_SM: u32 = 3;
 
-/// Bytes of shared memory a GEMV block takes for `n` tokens of `n_cols`
-/// normalized in it (rounded up to 16 bytes, where the staged rows start);
-/// `None` when that is more than [`GEMV_NORM_MAX_BYTES`].
-fn gemv_norm_bytes(n: usize, n_cols: usize) -> Option<usize> {
-    Some((n * n_cols * 4).next_multiple_of(16)).filter(|&b| b <= GEMV_NORM_MAX_BYTES)
+/// Bytes of shared memory a GEMV block takes for its copy of `n` tokens of
+/// x, rows of `n_cols`; `None` when x is read where it is: rows that are
+/// not whole groups of 32, or a copy larger than [`GEMV_X_MAX_BYTES`].
+fn gemv_x_bytes(n: usize, n_cols: usize) -> Option<usize> {
+    n_cols.is_multiple_of(32).then(|| n * (n_cols / 32) * GEMV_X_GROUP_STRIDE * 4).filter(|&b| b <= GEMV_X_MAX_BYTES)
 }
 
 /// The launch of a GEMV kernel over `n_out` rows of `row_bytes` each, in
 /// `matrices` matrices read side by side (1, or 2 for the gated GEMV),
-/// with `norm_bytes` of shared memory for a fused RMSNorm's output (0:
-/// none): the configuration, the warps per row, and whether each block
+/// with `x_bytes` of shared memory for the block's copy of x (0: x read
+/// where it is), at most `max_blocks` blocks (each then takes several
+/// blocks of rows; `u32::MAX`: one block per block of rows, as gemv3
+/// needs): the configuration, the warps per row, and whether each block
 /// first copies its rows into shared memory (`staged`, see stage_rows in quant.cu).
-fn gemv_launch(n_out: usize, n_cols: usize, row_bytes: usize, matrices: usize, norm_bytes: usize, tuning: GemvTuning) -> (LaunchConfig, i32, i32) {
+fn gemv_launch(n_out: usize, n_cols: usize, row_bytes: usize, matrices: usize, x_bytes: usize, max_blocks: u32, tuning: GemvTuning) -> (LaunchConfig, i32, i32) {
     let wpr = gemv_warps_per_row(n_out, n_cols, tuning.target_warps);
     let rows_per_block = (GEMV_WARPS / wpr) as usize;
     // Each matrix's region: its rows, widened to 16-byte loads (see stage_rows).
     let region = (rows_per_block * row_bytes + 31) / 16 * 16;
-    let staged = tuning.stage_rows && region * matrices <= GEMV_STAGE_MAX_BYTES;
+    let staged = tuning.stage_rows && region * matrices <= GEMV_STAGE_MAX_BYTES && x_bytes + region * matrices <= 48 * 1024;
+    let row_blocks = u32::try_from(n_out.div_ceil(rows_per_block)).unwrap_or(u32::MAX);
     let cfg = LaunchConfig {
-        grid_dim: (n_out.div_ceil(rows_per_block) as u32, 1, 1),
+        grid_dim: (row_blocks.min(max_blocks), 1, 1),
         block_dim: (GEMV_WARPS * 32, 1, 1),
-        shared_mem_bytes: (norm_bytes + if staged { region * matrices } else { 0 }) as u32,
+        shared_mem_bytes: (x_bytes + if staged { region * matrices } else { 0 }) as u32,
     };
     (cfg, wpr as i32, staged as i32)
 }
@@ -185,8 +196,9 @@ struct FusedNorm {
 
 /// How the decode kernels are launched: the defaults, or the environment's
 /// for measuring alternatives: `QWEN2_PARITY_CUDA_GEMV_STAGE=1` (rows
-/// through shared memory) and `QWEN2_PARITY_CUDA_FUSE=0`, which change no
-/// bit; `QWEN2_PARITY_CUDA_GEMV_WARPS=<target warps>`, which changes the
+/// through shared memory), `QWEN2_PARITY_CUDA_GEMV_STAGE_X=0`,
+/// `QWEN2_PARITY_CUDA_GEMV_GRID=0`, `QWEN2_PARITY_CUDA_FUSE_NORM=0` and
+/// `QWEN2_PARITY_CUDA_FUSE=0`, which change no bit; `QWEN2_PARITY_CUDA_GEMV_WARPS=<target warps>`, which changes the
 /// GEMVs' summation order, so the bits, the same way for every GEMV.
 #[derive(Clone, Copy, Debug)]
 struct GemvTuning {
@@ -203,19 +215,32 @@ struct GemvTuning {
     /// `QWEN2_PARITY_CUDA_FUSE_NORM=0` (or `QWEN2_PARITY_CUDA_FUSE=0`)
     /// launches it on its own instead (the same bits).
     fuse_norm: bool,
+    /// Each GEMV block copies x into shared memory first (see
+    /// [`gemv_x_bytes`]); `QWEN2_PARITY_CUDA_GEMV_STAGE_X=0` reads it where
+    /// it is (the same bits), and then no norm is fused.
+    stage_x: bool,
+    /// Blocks of a gemv or gated GEMV launch: at most this many (the SMs
+    /// times [`GEMV_BLOCKS_PER_SM`]), or, with `QWEN2_PARITY_CUDA_GEMV_GRID=0`,
+    /// one per block of rows (the same bits).
+    max_blocks: u32,
 }
 
 impl GemvTuning {
-    fn from_env() -> Result<Self> {
+    /// `sms`: the device's multiprocessors.
+    fn from_env(sms: i32) -> Result<Self> {
         let target_warps = match std::env::var("QWEN2_PARITY_CUDA_GEMV_WARPS") {
             Ok(v) => v.parse::<usize>().ok().filter(|&w| w > 0).ok_or_else(|| anyhow!("QWEN2_PARITY_CUDA_GEMV_WARPS={v}: expected a positive number of warps"))?,
             Err(_) => GEMV_TARGET_WARPS,
         };
+        let sms = u32::try_from(sms).ok().filter(|&n| n > 0).ok_or_else(|| anyhow!("the device reports {sms} SMs"))?;
+        let stage_x = std::env::var("QWEN2_PARITY_CUDA_GEMV_STAGE_X").as_deref() != Ok("0");
         Ok(GemvTuning {
             stage_rows: std::env::var("QWEN2_PARITY_CUDA_GEMV_STAGE").as_deref() == Ok("1"),
+            stage_x,
+            max_blocks: if std::env::var("QWEN2_PARITY_CUDA_GEMV_GRID").as_deref() == Ok("0") { u32::MAX } else { sms * GEMV_BLOCKS_PER_SM },
             target_warps,
             fuse: std::env::var("QWEN2_PARITY_CUDA_FUSE").as_deref() != Ok("0"),
-            fuse_norm: std::env::var("QWEN2_PARITY_CUDA_FUSE").as_deref() != Ok("0") && std::env::var("QWEN2_PARITY_CUDA_FUSE_NORM").as_deref() != Ok("0"),
+            fuse_norm: stage_x && std::env::var("QWEN2_PARITY_CUDA_FUSE").as_deref() != Ok("0") && std::env::var("QWEN2_PARITY_CUDA_FUSE_NORM").as_deref() != Ok("0"),
         })
     }
 }
@@ -775,6 +800,9 @@ impl CudaBackend {
         // Checkpoints copied to the host land in heap pages already mapped.
         host::keep_freed_host_memory();
         let device_name = ctx.name().context("cuDeviceGetName")?;
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .context("cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)")?;
         lap("CUDA context");
         // A stream of our own: the legacy default stream cannot be captured
         // into a graph (recorded decode steps, `graph.rs`).
@@ -841,7 +869,7 @@ impl CudaBackend {
             recording,
             step,
             prefill_matmul,
-            gemv_tuning: GemvTuning::from_env()?,
+            gemv_tuning: GemvTuning::from_env(sms)?,
             load_phases,
             uploader: None,
         };
@@ -865,6 +893,17 @@ impl CudaBackend {
     /// bits either way, so the kernel tests can hold one against the other.
     pub fn set_gemv_staging(&mut self, on: bool) {
         self.gemv_tuning.stage_rows = on;
+    }
+
+    /// How GEMV blocks read x and how many there are at most (the
+    /// environment's `QWEN2_PARITY_CUDA_GEMV_STAGE_X` and
+    /// `QWEN2_PARITY_CUDA_GEMV_GRID` at load): `stage_x`, x copied into
+    /// shared memory first (without it no norm is fused); `max_blocks`,
+    /// `None` for one block per block of rows. The same bits either way.
+    pub fn set_gemv_x_and_grid(&mut self, stage_x: bool, max_blocks: Option<u32>) {
+        self.gemv_tuning.stage_x = stage_x;
+        self.gemv_tuning.fuse_norm = stage_x;
+        self.gemv_tuning.max_blocks = max_blocks.unwrap_or(u32::MAX);
     }
 
     /// The checkpoint arena's size in MiB (0 turns it off; the
@@ -1109,7 +1148,9 @@ impl CudaBackend {
             DeviceWeight::Blocks { ty, data, row_bytes, flags, .. } if read == WeightRead::Rows && n <= GEMV_MAX_TOKENS => {
                 let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(n_in, "cols")?);
                 let rb = *row_bytes as u64;
-                let (cfg, wpr_arg, staged) = gemv_launch(n_out, n_in, *row_bytes, 1, 0, self.gemv_tuning);
+                let x_bytes = self.gemv_x_bytes(n, n_in);
+                let (cfg, wpr_arg, staged) = gemv_launch(n_out, n_in, *row_bytes, 1, x_bytes.unwrap_or(0), self.gemv_tuning.max_blocks, self.gemv_tuning);
+                let x_staged = i32::from(x_bytes.is_some());
                 let no_bias: u64 = 0;
                 let mut b = self.stream.launch_builder(&self.k.quant[ty].gemv);
                 b.arg(data).arg(&rb).arg(&*x.data);
@@ -1122,10 +1163,11 @@ impl CudaBackend {
                     Some(res) => b.arg(&*res.data),
                     None => b.arg(&no_bias),
                 };
-                b.arg(&mut *y.data).arg(&nt).arg(&r).arg(&c).arg(flags).arg(&wpr_arg).arg(&staged);
+                b.arg(&mut *y.data).arg(&nt).arg(&r).arg(&c).arg(flags).arg(&wpr_arg).arg(&staged).arg(&x_staged);
                 // SAFETY: the blocks hold n_out rows of row_bytes (checked at upload); x is [n, n_in], y [n, n_out],
                 // n <= GEMV_MAX_TOKENS; the bias, when given, holds n_out values, the residual n * n_out (checked
-                // above); when staged, the launch gives the shared memory stage_rows fills (gemv_launch).
+                // above); the launch gives the shared memory of x's copy when x_staged, then of the rows
+                // stage_rows fills when staged (gemv_launch).
                 unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv_{} for {weight:?}", ty.name()))?;
                 "linear (gemv on blocks)"
             }
@@ -1168,6 +1210,15 @@ impl CudaBackend {
         }
     }
 
+    /// [`gemv_x_bytes`] unless `QWEN2_PARITY_CUDA_GEMV_STAGE_X=0`.
+    fn gemv_x_bytes(&self, n: usize, n_cols: usize) -> Option<usize> {
+        if self.gemv_tuning.stage_x {
+            gemv_x_bytes(n, n_cols)
+        } else {
+            None
+        }
+    }
+
     /// `linear3` of x, or of `rms_norm(x)` when `norm` is given. Runs of
     /// projections that are GEMVs on blocks of one type go to one gemv3
     /// launch each ([`CudaBackend::gemv_group`]), the norm fused into each
@@ -1187,7 +1238,7 @@ impl CudaBackend {
             }
         }
         if let Some(nm) = norm {
-            if !self.gemv_tuning.fuse_norm || gemv_type.contains(&None) || gemv_norm_bytes(n, n_in).is_none() {
+            if !self.gemv_tuning.fuse_norm || gemv_type.contains(&None) || self.gemv_x_bytes(n, n_in).is_none() {
                 let h = self.rms_norm(x, nm.weight, nm.eps)?;
                 return self.linear3_normed(&h, None, projections);
             }
@@ -1218,7 +1269,7 @@ impl CudaBackend {
     fn gated_linear_normed(&self, x: &CudaBuf, norm: Option<FusedNorm>, a: Weight, b: Weight, act: Activation) -> Result<CudaBuf> {
         let n_in = *x.shape.last().ok_or_else(|| anyhow!("gated_linear of a scalar"))?;
         let n = x.len() / n_in.max(1);
-        let norm_bytes = norm.filter(|_| self.gemv_tuning.fuse_norm).and_then(|_| gemv_norm_bytes(n, n_in));
+        let x_bytes = self.gemv_x_bytes(n, n_in);
         let fused = match (self.weight(a)?, self.weight(b)?) {
             (
                 DeviceWeight::Blocks { ty, data: wa, rows, cols, row_bytes, flags },
@@ -1228,7 +1279,7 @@ impl CudaBackend {
             }
             _ => None,
         };
-        let (Some((ty, wa, wb, n_out, cols, row_bytes, flags)), true) = (fused, norm.is_none() || norm_bytes.is_some()) else {
+        let (Some((ty, wa, wb, n_out, cols, row_bytes, flags)), true) = (fused, norm.is_none() || (self.gemv_tuning.fuse_norm && x_bytes.is_some())) else {
             if let Some(nm) = norm {
                 let h = self.rms_norm(x, nm.weight, nm.eps)?;
                 return self.gated_linear_normed(&h, None, a, b, act);
@@ -1242,7 +1293,8 @@ impl CudaBackend {
         let mut y = self.alloc(vec![n, n_out])?;
         let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(cols, "cols")?);
         let rb = row_bytes as u64;
-        let (cfg, wpr_arg, staged) = gemv_launch(n_out, cols, row_bytes, 2, norm_bytes.unwrap_or(0), self.gemv_tuning);
+        let (cfg, wpr_arg, staged) = gemv_launch(n_out, cols, row_bytes, 2, x_bytes.unwrap_or(0), self.gemv_tuning.max_blocks, self.gemv_tuning);
+        let x_staged = i32::from(x_bytes.is_some());
         let act_code = activation_code(act);
         let mut l = self.stream.launch_builder(&self.k.quant[&ty].gemv_glu);
         l.arg(wa).arg(wb).arg(&rb).arg(&*x.data).arg(&mut *y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code).arg(&staged);
@@ -1255,9 +1307,11 @@ impl CudaBackend {
             }
             None => l.arg(&null).arg(&no_eps),
         };
+        l.arg(&x_staged);
         // SAFETY: both matrices hold n_out rows of row_bytes (checked at upload, and equal above); x is [n, cols],
-        // y [n, n_out], n <= GEMV_MAX_TOKENS; the shared memory holds the normalized x when the norm (cols
-        // values) is fused, then, when staged, both matrices' regions (gemv_launch).
+        // y [n, n_out], n <= GEMV_MAX_TOKENS; the norm weight, when fused, holds cols values (x is then staged:
+        // checked above); the shared memory holds x's copy when x_staged, then, when staged, both matrices'
+        // regions (gemv_launch).
         unsafe { l.launch(cfg) }.with_context(|| format!("launching gemv_glu_{} for {a:?} and {b:?}", ty.name()))?;
         self.prof_end("gated linear (gemv on blocks)", t0)?;
         Ok(y)
@@ -1268,7 +1322,7 @@ impl CudaBackend {
     /// blocks are launched as its own gemv launch would be, so each output
     /// has the bits of `linear` (and its bias added as `linear` adds it).
     /// `norm`: the RMSNorm of x before them, fused (the bits of `rms_norm`
-    /// then the GEMVs; the caller checks [`gemv_norm_bytes`]).
+    /// then the GEMVs; x must then fit in shared memory, [`CudaBackend::gemv_x_bytes`]).
     fn gemv_group(&self, x: &CudaBuf, n: usize, ty: GgmlType, group: &[(Weight, Option<Weight>)], norm: Option<FusedNorm>) -> Result<Vec<CudaBuf>> {
         ensure!((1..=3).contains(&group.len()), "gemv3 takes 1 to 3 matrices, not {}", group.len());
         let t0 = self.prof_start()?;
@@ -1287,10 +1341,8 @@ impl CudaBackend {
         let mut ys: Vec<CudaBuf> = Vec::with_capacity(3);
         let mut row_bytes_all = None;
         let mut shared = 0u32;
-        let norm_bytes = match &norm {
-            Some(_) => gemv_norm_bytes(n, n_in).ok_or_else(|| anyhow!("gemv3: {n} rows of {n_in} are too many to normalize in shared memory"))?,
-            None => 0,
-        };
+        let x_bytes = self.gemv_x_bytes(n, n_in);
+        ensure!(norm.is_none() || x_bytes.is_some(), "gemv3: {n} rows of {n_in} cannot be normalized in shared memory");
         for &(w, b) in group {
             let DeviceWeight::Blocks { ty: wty, data, rows, cols, row_bytes, flags } = self.weight(w)? else {
                 bail!("gemv3: {w:?} is not blocks");
@@ -1305,7 +1357,7 @@ impl CudaBackend {
                 }
                 None => None,
             };
-            let (cfg, wpr, staged) = gemv_launch(*rows, n_in, *row_bytes, 1, norm_bytes, self.gemv_tuning);
+            let (cfg, wpr, staged) = gemv_launch(*rows, n_in, *row_bytes, 1, x_bytes.unwrap_or(0), u32::MAX, self.gemv_tuning);
             shared = shared.max(cfg.shared_mem_bytes);
             segments.push(Segment { data, bias, rows: i32_of(*rows, "rows")?, flags: *flags, wpr, staged, blocks: cfg.grid_dim.0 });
             ys.push(self.alloc(vec![n, *rows])?);
@@ -1363,14 +1415,16 @@ impl CudaBackend {
             }
             None => b.arg(&null).arg(&no_eps),
         };
+        let x_staged = i32::from(x_bytes.is_some());
+        b.arg(&x_staged);
         let cfg = LaunchConfig { grid_dim: (total, 1, 1), block_dim: (GEMV_WARPS * 32, 1, 1), shared_mem_bytes: shared };
         // SAFETY: each present matrix holds `rows` rows of row_bytes (checked at
         // upload; one row_bytes for all, checked above); x is [n, n_in] with
         // n <= GEMV_MAX_TOKENS (linear3); each y is [n, rows], each bias (when
         // given) `rows` values; absent matrices have 0 rows and null pointers,
         // and no block is theirs (their start is the grid's end); the shared
-        // memory is the largest a segment's staging needs, after the
-        // normalized x (n * n_in floats) when the norm (n_in values) is fused.
+        // memory is the largest a segment's staging needs, after x's copy
+        // when x_staged (always when the norm, n_in values, is fused).
         unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv3_{} for {:?}", ty.name(), group.iter().map(|g| g.0).collect::<Vec<_>>()))?;
         self.prof_end("linear (gemv3 on blocks)", t0)?;
         Ok(ys)
@@ -2189,19 +2243,18 @@ impl Drop for CudaBackend {
 mod tests {
     use super::*;
 
-    /// A warp takes 4 values a lane, 128 a step: rows get as many warps as
-    /// they have steps (up to 8), unless the matrix has so many rows that
-    /// one warp each fills the GPU (Qwen2-0.5B's gate and up projections
-    /// get 4, its LM head 1).
+    /// A warp takes 32 values a lane: rows of Qwen2-0.5B's 896 values get
+    /// one warp, its 4864-value down projection eight; a matrix of many
+    /// rows gets one warp a row whatever its length.
     #[test]
     fn gemv_warps_follow_the_row_length() {
         let w = |rows, cols| gemv_warps_per_row(rows, cols, GEMV_TARGET_WARPS);
-        assert_eq!(w(896, 896), 8);
-        assert_eq!(w(128, 896), 8);
-        assert_eq!(w(896, 256), 2);
-        assert_eq!(w(896, 257), 4);
-        assert_eq!(w(4864, 896), 4);
-        assert_eq!(w(151_936, 896), 1);
+        assert_eq!(w(896, 896), 1);
+        assert_eq!(w(128, 896), 1);
+        assert_eq!(w(896, 4864), 8);
+        assert_eq!(w(896, 2048), 2);
+        assert_eq!(w(896, 2049), 4);
+        assert_eq!(w(151_936, 4864), 1);
         assert_eq!(w(100, 64), 1);
     }
 
