@@ -113,26 +113,27 @@ __device__ __forceinline__ float dot_qk(const float* __restrict__ qr, const T* _
 // softmax(scale * s) of one row over keys 0..limit, 0 for limit..n_kv: max
 // subtracted, exponentials summed in f64. Block-wide (blockDim.x ==
 // ATTN_THREADS); `pr` may be `sr` (each j is read and then written by the
-// same thread, after the reductions).
+// same thread, after the reductions). Each reduction goes through each
+// warp by shuffles, then the warps' results in order (every thread reads
+// them): one barrier each instead of one per halving. `smax` and `ssum`
+// hold a value per warp.
 __device__ void softmax_row(const float* sr, float* pr, int limit, int n_kv, float scale, float* smax, double* ssum) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float m = __int_as_float(0xff800000);  // -inf
     for (int j = threadIdx.x; j < limit; j += blockDim.x) m = fmaxf(m, __fmul_rn(scale, sr[j]));
-    smax[threadIdx.x] = m;
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) smax[warp] = m;
     __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) smax[threadIdx.x] = fmaxf(smax[threadIdx.x], smax[threadIdx.x + s]);
-        __syncthreads();
-    }
     m = smax[0];
+    for (int k = 1; k < warps; k++) m = fmaxf(m, smax[k]);
     double acc = 0.0;
     for (int j = threadIdx.x; j < limit; j += blockDim.x) acc += (double)expf(__fsub_rn(__fmul_rn(scale, sr[j]), m));
-    ssum[threadIdx.x] = acc;
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    if (lane == 0) ssum[warp] = acc;
     __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) ssum[threadIdx.x] += ssum[threadIdx.x + s];
-        __syncthreads();
-    }
-    const double inv = 1.0 / ssum[0];
+    double total = ssum[0];
+    for (int k = 1; k < warps; k++) total += ssum[k];
+    const double inv = 1.0 / total;
     for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
         pr[j] = j < limit ? (float)((double)expf(__fsub_rn(__fmul_rn(scale, sr[j]), m)) * inv) : 0.0f;
     }
@@ -313,8 +314,8 @@ __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc,
     // After the scores of the longest row this launch may see (max_kv, the
     // recorded step's cache length), 16-byte aligned.
     T* tile = (T*)(row + ((max_kv + 3) & ~3));
-    __shared__ float smax[ATTN_THREADS];
-    __shared__ double ssum[ATTN_THREADS];
+    __shared__ float smax[ATTN_THREADS / 32];
+    __shared__ double ssum[ATTN_THREADS / 32];
     __shared__ float partial[CTX_PARTIAL];
     const int h = blockIdx.x / n_tokens, t = blockIdx.x % n_tokens;
     const int kvh = kv_head(h, n_head, n_head_kv, head_map);
@@ -427,8 +428,8 @@ extern "C" __global__ void attn_ctx_f16(const float* probs, const half_bits* vc,
 // entries beyond the causal limit are 0. One block of ATTN_THREADS per row.
 extern "C" __global__ void softmax_causal_f32(const float* __restrict__ scores, float* __restrict__ out,
                                               int n_tokens, int n_kv, float scale, int pos0) {
-    __shared__ float smax[ATTN_THREADS];
-    __shared__ double ssum[ATTN_THREADS];
+    __shared__ float smax[ATTN_THREADS / 32];
+    __shared__ double ssum[ATTN_THREADS / 32];
     const u64 row = blockIdx.x;
     const int t = (int)(row % n_tokens);
     softmax_row(scores + row * n_kv, out + row * n_kv, min(pos0 + t + 1, n_kv), n_kv, scale, smax, ssum);

@@ -645,6 +645,15 @@ __device__ const u8* stage_rows(const u8* __restrict__ w, u64 row_bytes, int n_r
     return (const u8*)stage + (start - a0);
 }
 
+// Row r's bytes toward L2 (prefetch: no register waits for them), a cache
+// line a lane: a block taking several blocks of rows in turn asks for the
+// next block's rows before summing this one's, so their memory latency
+// overlaps this block's work.
+__device__ __forceinline__ void prefetch_row(const u8* w, u64 row_bytes, int r, int lane) {
+    const u8* row = w + (u64)r * row_bytes;
+    for (u64 off = (u64)lane * 128; off < row_bytes; off += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + off));
+}
+
 // The GEMVs' dynamic shared memory: [x staged (stage_x), when x_staged][the
 // block's rows (stage_rows), when staged]. `x_staged`: the block copies x
 // there first (required with `norm_w`, the fused RMSNorm); the launch
@@ -688,6 +697,8 @@ __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __res
         const int r = r0 + warp / warps_per_row;
         const u8* rows = staged ? stage_rows(w, row_bytes, n_rows, r0, min(rows_per_block, n_rows - r0), stage) - (u64)r0 * row_bytes : w;
         const u8* row[1] = {rows + (u64)min(r, n_rows - 1) * row_bytes};
+        const int r_next = r + block_step * rows_per_block;
+        if (part == 0 && r_next < n_rows) prefetch_row(w, row_bytes, r_next, lane);
         for (int t = 0; t < n_tokens; t++) {
             float acc[1] = {0.0f};
             if (r < n_rows) row_dot<T, 1>(row, xv, t, n_cols, flags, part, lane, warps_per_row, acc);
@@ -774,6 +785,11 @@ __device__ void gemv_glu(const u8* __restrict__ wa, const u8* __restrict__ wb, u
         }
         const u64 at = (u64)min(r, n_rows - 1) * row_bytes;
         const u8* row[2] = {rows_a + at, rows_b + at};
+        const int r_next = r + (int)gridDim.x * rows_per_block;
+        if (part == 0 && r_next < n_rows) {
+            prefetch_row(wa, row_bytes, r_next, lane);
+            prefetch_row(wb, row_bytes, r_next, lane);
+        }
         for (int t = 0; t < n_tokens; t++) {
             float acc[2] = {0.0f, 0.0f};
             if (r < n_rows) {
