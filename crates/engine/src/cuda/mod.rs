@@ -309,8 +309,9 @@ pub fn cuda_available() -> Result<(), String> {
     probed().0.clone()
 }
 
-/// Seconds each part of the probe took, in order (dlopen of libcuda, of
-/// cuBLAS, of NVRTC, then cuInit and the device count), as far as it got;
+/// Seconds each part of the probe took, in order (dlopen of libcuda, cuInit
+/// and the device count, then what was left of opening cuBLAS and NVRTC on
+/// a second thread meanwhile), as far as it got: wall time, they add up;
 /// empty until the probe has run (once per process, at the first
 /// `cuda_available`).
 pub fn probe_phases() -> &'static [(&'static str, f64)] {
@@ -332,33 +333,55 @@ fn probed() -> &'static Probe {
 fn probe(phases: &mut Vec<(&'static str, f64)>) -> Result<(), String> {
     // Each step timed: the load's first phase is this probe, and which
     // part of it costs what says where a faster load could come from.
-    let mut timed = |name: &'static str, present: &dyn Fn() -> bool| {
+    let timed = |phases: &mut Vec<(&'static str, f64)>, name: &'static str, step: &mut dyn FnMut() -> bool| {
         let t = std::time::Instant::now();
-        let ok = present();
+        let ok = step();
         phases.push((name, t.elapsed().as_secs_f64()));
         ok
     };
-    // SAFETY (the three closures): dlopen of the named libraries; nothing is called in them.
-    if !timed("libcuda", &|| unsafe { cudarc::driver::sys::is_culib_present() }) {
-        return Err(NO_DEVICE.to_string());
-    }
-    if !timed("cuBLAS library", &|| unsafe { cudarc::cublas::sys::is_culib_present() }) {
-        return Err(format!("{NO_DEVICE} (libcuda loads but cuBLAS does not)"));
-    }
-    if !timed("NVRTC library", &|| unsafe { cudarc::nvrtc::sys::is_culib_present() }) {
-        return Err(format!("{NO_DEVICE} (libcuda loads but NVRTC does not)"));
-    }
-    // The driver is present; a missing symbol (a driver too old for the
-    // CUDA 13.0 bindings) would still panic inside cudarc: catch that too.
-    let t = std::time::Instant::now();
-    let count = std::panic::catch_unwind(CudaContext::device_count);
-    phases.push(("cuInit", t.elapsed().as_secs_f64()));
-    match count {
-        Ok(Ok(n)) if n > 0 => Ok(()),
-        Ok(Ok(_)) => Err(format!("{NO_DEVICE} (the driver reports 0 devices)")),
-        Ok(Err(e)) => Err(format!("{NO_DEVICE} (cuInit/cuDeviceGetCount: {e})")),
-        Err(_) => Err(format!("{NO_DEVICE} (the CUDA driver is missing symbols: too old for CUDA 13.0?)")),
-    }
+    std::thread::scope(|scope| {
+        // cuBLAS (with cuBLASLt, hundreds of MB) and NVRTC are opened on a
+        // second thread while this one opens libcuda and runs cuInit: the
+        // two waits overlap. cuBLAS is then kept open for the process
+        // (`culib`), so the handle made at load does not open it again.
+        // SAFETY: dlopen of the named libraries (`culib` only after
+        // `is_culib_present` found cuBLAS, so its loader cannot panic);
+        // nothing is called in them.
+        let libraries = scope.spawn(|| unsafe {
+            let cublas = cudarc::cublas::sys::is_culib_present();
+            if cublas {
+                cudarc::cublas::sys::culib();
+            }
+            (cublas, cudarc::nvrtc::sys::is_culib_present())
+        });
+        // SAFETY: dlopen of libcuda; nothing is called in it.
+        if !timed(phases, "libcuda", &mut || unsafe { cudarc::driver::sys::is_culib_present() }) {
+            return Err(NO_DEVICE.to_string());
+        }
+        // The driver is present; a missing symbol (a driver too old for the
+        // CUDA 13.0 bindings) would still panic inside cudarc: catch that too.
+        let mut count = None;
+        timed(phases, "cuInit", &mut || {
+            count = Some(std::panic::catch_unwind(CudaContext::device_count));
+            true
+        });
+        // Only the wait left after cuInit is the libraries' own phase: the
+        // phases add up to the probe's wall time.
+        let t = std::time::Instant::now();
+        let opened = libraries.join().unwrap_or((false, false));
+        phases.push(("cuBLAS and NVRTC libraries (after cuInit, opened beside it)", t.elapsed().as_secs_f64()));
+        match opened {
+            (false, _) => return Err(format!("{NO_DEVICE} (libcuda loads but cuBLAS does not)")),
+            (_, false) => return Err(format!("{NO_DEVICE} (libcuda loads but NVRTC does not)")),
+            _ => {}
+        }
+        match count {
+            Some(Ok(Ok(n))) if n > 0 => Ok(()),
+            Some(Ok(Ok(_))) => Err(format!("{NO_DEVICE} (the driver reports 0 devices)")),
+            Some(Ok(Err(e))) => Err(format!("{NO_DEVICE} (cuInit/cuDeviceGetCount: {e})")),
+            _ => Err(format!("{NO_DEVICE} (the CUDA driver is missing symbols: too old for CUDA 13.0?)")),
+        }
+    })
 }
 
 /// NVRTC output for every kernel file, compiled once per process (and kept
@@ -760,8 +783,9 @@ impl CudaBackend {
     }
 
     /// Seconds each phase of `load` took, in order: the CUDA context; the
-    /// stream and cuBLAS handle; the kernels' modules; the KV cache; the
-    /// weights (read from the mapped file and copied to the GPU).
+    /// stream; the kernels' modules; what was left of making the cuBLAS
+    /// handle beside them; the KV cache; the weights (read from the mapped
+    /// file and copied to the GPU). Wall time: the phases add up.
     pub fn load_phases(&self) -> &[(&'static str, f64)] {
         &self.load_phases
     }
@@ -807,11 +831,22 @@ impl CudaBackend {
         // A stream of our own: the legacy default stream cannot be captured
         // into a graph (recorded decode steps, `graph.rs`).
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
-        let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
-        lap("stream and cuBLAS");
+        lap("stream");
+        // The cuBLAS handle (tens of ms: cuBLAS sets up its own state on the
+        // device) is made on a second thread while this one loads the
+        // kernels' modules; both are driver calls on one context, which the
+        // driver serialises where it must.
+        let (blas, k) = std::thread::scope(|scope| {
+            let blas = scope.spawn(|| CudaBlas::new(stream.clone()));
+            let k = Kernels::load(&ctx);
+            lap("kernels");
+            let blas = blas.join().map_err(|_| anyhow!("creating the cuBLAS handle: its thread panicked"));
+            lap("cuBLAS handle (after the kernels, made beside them)");
+            (blas, k)
+        });
+        let blas = blas?.context("creating the cuBLAS handle")?;
+        let k = k?;
         let prefill_matmul = PrefillMatmul::from_env()?;
-        let k = Kernels::load(&ctx)?;
-        lap("kernels");
         let per_layer = opts
             .max_ctx
             .checked_mul(cfg.n_head_kv * cfg.head_dim)

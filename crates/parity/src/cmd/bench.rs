@@ -116,8 +116,8 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 /// The load's phases on one line, the weights' phase with its rate, then
 /// what the whole load took outside them (the numerics' tables, the model
 /// around the backend; the file was opened before the load's clock
-/// started): `libcuda 0.01 s, cuBLAS library 0.05 s, NVRTC library 0.02 s,
-/// cuInit 0.10 s, CUDA context 0.09 s, ..., weights
+/// started): `libcuda 0.01 s, cuInit 0.10 s, cuBLAS and NVRTC libraries
+/// (...) 0.00 s, CUDA context 0.09 s, ..., weights
 /// 0.12 s (463.0 MiB, 4.0 GB/s), the rest 0.01 s`.
 fn load_phases_line(phases: &[(&str, f64)], weight_bytes: usize, total_s: f64) -> String {
     let part = |&(name, s): &(&str, f64)| match name {
