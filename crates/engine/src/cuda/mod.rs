@@ -26,9 +26,10 @@
 //!   `f16`) puts the prefill on tensor cores instead: faster, with numerics
 //!   of its own, stated in every run's log. Each GEMV lane loads a whole
 //!   block (or K-quant group) of 32 values at once, as wide as the block's
-//!   alignment allows; `QWEN2_PARITY_CUDA_GEMV_STAGE=1` has each block
-//!   first copy its rows into shared memory with 16-byte loads, to measure
-//!   it: the same bytes, the same bits.
+//!   alignment allows, against x copied into the block's shared memory
+//!   (where a fused RMSNorm writes it); `QWEN2_PARITY_CUDA_GEMV_STAGE=1` has
+//!   each block also copy its rows there first, to measure it: the same
+//!   bytes, the same bits.
 //! - **KV cache** per layer `[max_ctx, n_head_kv, head_dim]` on the GPU, f16
 //!   (raw 16-bit words, round-to-nearest-even on store, as ggml's f32->f16) or
 //!   f32 per [`BackendOptions::kv_type`]. GQA is an index map inside the
