@@ -554,6 +554,9 @@ __device__ __forceinline__ bool row_sums(const float* acc, float (*partial)[GEMV
 // accumulated in f64 (like the CPU oracle), the scale 1/sqrt(mean + eps)
 // computed in f64.
 #define NORM_THREADS 256
+// stage_x runs rms_scale in a GEMV block: the same number of threads, so
+// the same summation order, as the rms_norm_f32 launch.
+static_assert(GEMV_WARPS * 32 == NORM_THREADS, "a GEMV block must be NORM_THREADS threads for the fused RMSNorm");
 
 // The scale 1/sqrt(mean(xr^2) + eps) of one row of n_cols values, by the
 // whole block (NORM_THREADS threads: the summation order follows from
