@@ -257,11 +257,14 @@ impl<B: Backend> Model<B> {
             let k = checkpoint(be, cps, pending, id(Stage::KProj), be.reshape(k, &[n, cfg.n_head_kv, hd])?)?;
             let v = checkpoint(be, cps, pending, id(Stage::VProj), be.reshape(v, &[n, cfg.n_head_kv, hd])?)?;
 
-            let q = if f != Fault::KRoundedTwice && !cps.wants(&id(Stage::KRope)) {
+            let q = if f != Fault::KRoundedTwice && !cps.may_replace(&id(Stage::KRope)) {
                 // Rotated K goes to the cache as it is (no checkpoint may
-                // replace it, no fault rounds it first): one op.
-                let (q, _k) = self.backend.rope_qk_kv_store(l, &q, &k, &v, rope_pos, rope_base, pairing, kv_pos)?;
-                checkpoint(&self.backend, cps, pending, id(Stage::QRope), q)?
+                // replace it, no fault rounds it first): one op, whose
+                // rotated K an observing checkpoint still sees.
+                let (q, k) = self.backend.rope_qk_kv_store(l, &q, &k, &v, rope_pos, rope_base, pairing, kv_pos)?;
+                let q = checkpoint(&self.backend, cps, pending, id(Stage::QRope), q)?;
+                checkpoint(&self.backend, cps, pending, id(Stage::KRope), k)?;
+                q
             } else {
                 let q = be.rope(&q, rope_pos, rope_base, pairing)?;
                 let q = checkpoint(be, cps, pending, id(Stage::QRope), q)?;
