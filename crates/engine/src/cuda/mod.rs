@@ -212,7 +212,8 @@ struct GemvTuning {
     /// launches instead, to measure what the fusion gains (the same bits).
     fuse: bool,
     /// The RMSNorm before Q/K/V and before gate/up computed in the GEMV
-    /// blocks (`norm_linear3`, `norm_gated_linear`);
+    /// blocks (`norm_linear3`, `norm_gated_linear`) where x is staged (the
+    /// norm writes the block's copy of x);
     /// `QWEN2_PARITY_CUDA_FUSE_NORM=0` (or `QWEN2_PARITY_CUDA_FUSE=0`)
     /// launches it on its own instead (the same bits).
     fuse_norm: bool,
@@ -241,7 +242,7 @@ impl GemvTuning {
             max_blocks: if std::env::var("QWEN2_PARITY_CUDA_GEMV_GRID").as_deref() == Ok("0") { u32::MAX } else { sms * GEMV_BLOCKS_PER_SM },
             target_warps,
             fuse: std::env::var("QWEN2_PARITY_CUDA_FUSE").as_deref() != Ok("0"),
-            fuse_norm: stage_x && std::env::var("QWEN2_PARITY_CUDA_FUSE").as_deref() != Ok("0") && std::env::var("QWEN2_PARITY_CUDA_FUSE_NORM").as_deref() != Ok("0"),
+            fuse_norm: std::env::var("QWEN2_PARITY_CUDA_FUSE").as_deref() != Ok("0") && std::env::var("QWEN2_PARITY_CUDA_FUSE_NORM").as_deref() != Ok("0"),
         })
     }
 }
@@ -938,7 +939,6 @@ impl CudaBackend {
     /// `None` for one block per block of rows. The same bits either way.
     pub fn set_gemv_x_and_grid(&mut self, stage_x: bool, max_blocks: Option<u32>) {
         self.gemv_tuning.stage_x = stage_x;
-        self.gemv_tuning.fuse_norm = stage_x;
         self.gemv_tuning.max_blocks = max_blocks.unwrap_or(u32::MAX);
     }
 
@@ -1246,6 +1246,15 @@ impl CudaBackend {
         }
     }
 
+    /// The fused norm's weight vector (checked to hold `n_cols` values) and
+    /// epsilon, for a GEMV kernel's `norm_w` and `eps` arguments.
+    fn fused_norm_args(&self, norm: Option<FusedNorm>, n_cols: usize) -> Result<Option<(&CudaSlice<f32>, f32)>> {
+        let Some(nm) = norm else { return Ok(None) };
+        let v = self.vector(nm.weight)?;
+        ensure!(v.len() == n_cols, "fused RMSNorm: weight {:?} of {} values for rows of {n_cols}", nm.weight, v.len());
+        Ok(Some((&*v.data, nm.eps)))
+    }
+
     /// [`gemv_x_bytes`] unless `QWEN2_PARITY_CUDA_GEMV_STAGE_X=0`.
     fn gemv_x_bytes(&self, n: usize, n_cols: usize) -> Option<usize> {
         if self.gemv_tuning.stage_x {
@@ -1334,13 +1343,10 @@ impl CudaBackend {
         let act_code = activation_code(act);
         let mut l = self.stream.launch_builder(&self.k.quant[&ty].gemv_glu);
         l.arg(wa).arg(wb).arg(&rb).arg(&*x.data).arg(&mut *y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code).arg(&staged);
-        let norm_vec = norm.map(|nm| self.vector(nm.weight).map(|v| (v, nm.eps))).transpose()?;
+        let norm_args = self.fused_norm_args(norm, cols)?;
         let (null, no_eps) = (0u64, 0.0f32);
-        match &norm_vec {
-            Some((v, eps)) => {
-                ensure!(v.len() == cols, "gated_linear: norm weight of {} values for rows of {cols}", v.len());
-                l.arg(&*v.data).arg(eps)
-            }
+        match &norm_args {
+            Some((v, eps)) => l.arg(*v).arg(eps),
             None => l.arg(&null).arg(&no_eps),
         };
         l.arg(&x_staged);
@@ -1442,13 +1448,10 @@ impl CudaBackend {
         }
         let (s1, s2) = (start1 as i32, start2 as i32);
         b.arg(&s1).arg(&s2);
-        let norm_vec = norm.map(|nm| self.vector(nm.weight).map(|v| (v, nm.eps))).transpose()?;
+        let norm_args = self.fused_norm_args(norm, n_in)?;
         let no_eps = 0.0f32;
-        match &norm_vec {
-            Some((v, eps)) => {
-                ensure!(v.len() == n_in, "gemv3: norm weight of {} values for rows of {n_in}", v.len());
-                b.arg(&*v.data).arg(eps)
-            }
+        match &norm_args {
+            Some((v, eps)) => b.arg(*v).arg(eps),
             None => b.arg(&null).arg(&no_eps),
         };
         let x_staged = i32::from(x_bytes.is_some());
