@@ -332,15 +332,17 @@ fn probed() -> &'static Probe {
     })
 }
 
+/// `step()`, its seconds pushed to `phases` under `name`.
+fn timed<T>(phases: &mut Vec<(&'static str, f64)>, name: &'static str, step: impl FnOnce() -> T) -> T {
+    let t = std::time::Instant::now();
+    let out = step();
+    phases.push((name, t.elapsed().as_secs_f64()));
+    out
+}
+
 fn probe(phases: &mut Vec<(&'static str, f64)>) -> Result<(), String> {
     // Each step timed: the load's first phase is this probe, and which
     // part of it costs what says where a faster load could come from.
-    let timed = |phases: &mut Vec<(&'static str, f64)>, name: &'static str, step: &mut dyn FnMut() -> bool| {
-        let t = std::time::Instant::now();
-        let ok = step();
-        phases.push((name, t.elapsed().as_secs_f64()));
-        ok
-    };
     std::thread::scope(|scope| {
         // cuBLAS (with cuBLASLt, hundreds of MB) and NVRTC are opened on a
         // second thread while this one opens libcuda and runs cuInit: the
@@ -357,31 +359,25 @@ fn probe(phases: &mut Vec<(&'static str, f64)>) -> Result<(), String> {
             (cublas, cudarc::nvrtc::sys::is_culib_present())
         });
         // SAFETY: dlopen of libcuda; nothing is called in it.
-        if !timed(phases, "libcuda", &mut || unsafe { cudarc::driver::sys::is_culib_present() }) {
+        if !timed(phases, "libcuda", || unsafe { cudarc::driver::sys::is_culib_present() }) {
             return Err(NO_DEVICE.to_string());
         }
         // The driver is present; a missing symbol (a driver too old for the
         // CUDA 13.0 bindings) would still panic inside cudarc: catch that too.
-        let mut count = None;
-        timed(phases, "cuInit", &mut || {
-            count = Some(std::panic::catch_unwind(CudaContext::device_count));
-            true
-        });
+        let count = timed(phases, "cuInit", || std::panic::catch_unwind(CudaContext::device_count));
         // Only the wait left after cuInit is the libraries' own phase: the
         // phases add up to the probe's wall time.
-        let t = std::time::Instant::now();
-        let opened = libraries.join().unwrap_or((false, false));
-        phases.push(("cuBLAS and NVRTC libraries (after cuInit, opened beside it)", t.elapsed().as_secs_f64()));
+        let opened = timed(phases, "cuBLAS and NVRTC libraries (after cuInit, opened beside it)", || libraries.join().unwrap_or((false, false)));
         match opened {
             (false, _) => return Err(format!("{NO_DEVICE} (libcuda loads but cuBLAS does not)")),
             (_, false) => return Err(format!("{NO_DEVICE} (libcuda loads but NVRTC does not)")),
             _ => {}
         }
         match count {
-            Some(Ok(Ok(n))) if n > 0 => Ok(()),
-            Some(Ok(Ok(_))) => Err(format!("{NO_DEVICE} (the driver reports 0 devices)")),
-            Some(Ok(Err(e))) => Err(format!("{NO_DEVICE} (cuInit/cuDeviceGetCount: {e})")),
-            _ => Err(format!("{NO_DEVICE} (the CUDA driver is missing symbols: too old for CUDA 13.0?)")),
+            Ok(Ok(n)) if n > 0 => Ok(()),
+            Ok(Ok(_)) => Err(format!("{NO_DEVICE} (the driver reports 0 devices)")),
+            Ok(Err(e)) => Err(format!("{NO_DEVICE} (cuInit/cuDeviceGetCount: {e})")),
+            Err(_) => Err(format!("{NO_DEVICE} (the CUDA driver is missing symbols: too old for CUDA 13.0?)")),
         }
     })
 }
