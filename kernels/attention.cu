@@ -300,12 +300,16 @@ __device__ __forceinline__ void load_key_tile(const T* __restrict__ kc, T* tile,
 // attn_ctx: the same bits. Dynamic shared memory: n_kv floats of scores,
 // then tile_keys key rows of key_stride elements of T (the host pads a row to
 // an odd number of 32-bit words, so lanes reading rows side by side hit
-// different banks).
+// different banks). `scores_out`, `probs_out`, when not null (checkpoints
+// observe them): the row's scores and probabilities (before any rounding)
+// also go there, [n_head, n_tokens, n_kv] as attn_scores and
+// softmax_causal lay them out.
 template <typename T>
 __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-                          float* __restrict__ out, int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv,
-                          int pos0, int head_map, float scale, int round_probs, const int* __restrict__ step_pos,
-                          int max_kv, int tile_keys, int key_stride) {
+                          float* __restrict__ out, float* __restrict__ scores_out, float* __restrict__ probs_out,
+                          int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0, int head_map,
+                          float scale, int round_probs, const int* __restrict__ step_pos, int max_kv, int tile_keys,
+                          int key_stride) {
     if (step_pos) {
         pos0 += *step_pos;
         n_kv += *step_pos;
@@ -329,7 +333,17 @@ __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc,
         for (int jj = threadIdx.x; jj < nk; jj += blockDim.x) row[j0 + jj] = dot_qk(qr, tile, (u64)jj * key_stride, head_dim);
         __syncthreads();
     }
+    // This block's row of [n_head, n_tokens, n_kv] (blockIdx.x = h * n_tokens + t).
+    const u64 row_at = (u64)blockIdx.x * n_kv;
+    // softmax_row overwrites the row only after its own barriers: these reads come first.
+    if (scores_out) {
+        for (int j = threadIdx.x; j < n_kv; j += blockDim.x) scores_out[row_at + j] = row[j];
+    }
     softmax_row(row, row, min(pos0 + t + 1, n_kv), n_kv, scale, smax, ssum);
+    // Each thread reads back the probabilities it wrote itself (softmax_row's stride).
+    if (probs_out) {
+        for (int j = threadIdx.x; j < n_kv; j += blockDim.x) probs_out[row_at + j] = row[j];
+    }
     if (round_probs) {
         for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
             half_bits hb;
@@ -435,17 +449,19 @@ extern "C" __global__ void softmax_causal_f32(const float* __restrict__ scores, 
     softmax_row(scores + row * n_kv, out + row * n_kv, min(pos0 + t + 1, n_kv), n_kv, scale, smax, ssum);
 }
 
-extern "C" __global__ void attention_f32(const float* q, const float* kc, const float* vc, float* out, int n_head,
-                                         int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0, int head_map,
-                                         float scale, int round_probs, const int* step_pos, int max_kv,
-                                         int tile_keys, int key_stride) {
-    attention<float>(q, kc, vc, out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0, head_map, scale, round_probs,
-                     step_pos, max_kv, tile_keys, key_stride);
+extern "C" __global__ void attention_f32(const float* q, const float* kc, const float* vc, float* out,
+                                         float* scores_out, float* probs_out, int n_head, int n_tokens, int n_kv,
+                                         int head_dim, int n_head_kv, int pos0, int head_map, float scale,
+                                         int round_probs, const int* step_pos, int max_kv, int tile_keys,
+                                         int key_stride) {
+    attention<float>(q, kc, vc, out, scores_out, probs_out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0,
+                     head_map, scale, round_probs, step_pos, max_kv, tile_keys, key_stride);
 }
 extern "C" __global__ void attention_f16(const float* q, const half_bits* kc, const half_bits* vc, float* out,
-                                         int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0,
-                                         int head_map, float scale, int round_probs, const int* step_pos,
-                                         int max_kv, int tile_keys, int key_stride) {
-    attention<half_bits>(q, kc, vc, out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0, head_map, scale,
-                         round_probs, step_pos, max_kv, tile_keys, key_stride);
+                                         float* scores_out, float* probs_out, int n_head, int n_tokens, int n_kv,
+                                         int head_dim, int n_head_kv, int pos0, int head_map, float scale,
+                                         int round_probs, const int* step_pos, int max_kv, int tile_keys,
+                                         int key_stride) {
+    attention<half_bits>(q, kc, vc, out, scores_out, probs_out, n_head, n_tokens, n_kv, head_dim, n_head_kv, pos0,
+                         head_map, scale, round_probs, step_pos, max_kv, tile_keys, key_stride);
 }

@@ -603,17 +603,24 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) rms_norm_f32(const fl
 // shared memory `xs`, laid out as GemvX reads it: x as it is, or, with
 // `norm_w` (the RMSNorm before the GEMV, fused), as rms_norm_f32 would
 // write it (rms_scale and rms_normed, this block being NORM_THREADS
-// threads as that launch is: the same bits). Ends with a barrier.
+// threads as that launch is: the same bits). `norm_out`, when not null
+// (a checkpoint observes the norm): block 0 also writes the normalized x
+// there, [n_tokens, n_cols] as rms_norm_f32 lays it out; every block
+// computes the same values. Ends with a barrier.
 __device__ void stage_x(const float* __restrict__ x, const float* __restrict__ norm_w, float eps, int n_tokens,
-                        int n_cols, float* xs) {
+                        int n_cols, float* xs, float* __restrict__ norm_out) {
     const int token_stride = (n_cols >> 5) * X_GROUP_STRIDE;
+    float* keep = blockIdx.x == 0 ? norm_out : nullptr;
     for (int t = 0; t < n_tokens; t++) {
         const float* xr = x + (u64)t * n_cols;
         float* out = xs + (u64)t * token_stride;
         if (norm_w) {
             const double scale = rms_scale(xr, n_cols, eps);
-            for (int c = threadIdx.x; c < n_cols; c += NORM_THREADS)
-                out[(c >> 5) * X_GROUP_STRIDE + (c & 31)] = rms_normed(xr[c], scale, norm_w[c]);
+            for (int c = threadIdx.x; c < n_cols; c += NORM_THREADS) {
+                const float v = rms_normed(xr[c], scale, norm_w[c]);
+                out[(c >> 5) * X_GROUP_STRIDE + (c & 31)] = v;
+                if (keep) keep[(u64)t * n_cols + c] = v;
+            }
         } else {
             for (int c = threadIdx.x; c < n_cols; c += NORM_THREADS) out[(c >> 5) * X_GROUP_STRIDE + (c & 31)] = xr[c];
         }
@@ -661,14 +668,15 @@ __device__ __forceinline__ void prefetch_row(const u8* w, u64 row_bytes, int r, 
 // block's rows (stage_rows), when staged]. `x_staged`: the block copies x
 // there first (required with `norm_w`, the fused RMSNorm); the launch
 // gives n_tokens * (n_cols / 32) * X_GROUP_STRIDE floats for it. Returns
-// how row_dot reads x and, in `after`, where the staged rows go.
-__device__ __forceinline__ GemvX gemv_input(const float* x, const float* norm_w, float eps, int x_staged, int n_tokens,
-                                            int n_cols, uint4* shared, uint4** after) {
+// how row_dot reads x and, in `after`, where the staged rows go. `norm_out`:
+// see stage_x.
+__device__ __forceinline__ GemvX gemv_input(const float* x, const float* norm_w, float* norm_out, float eps,
+                                            int x_staged, int n_tokens, int n_cols, uint4* shared, uint4** after) {
     GemvX xv = {x, nullptr, 0};
     *after = shared;
     if (x_staged) {
         xv.token_stride = (n_cols >> 5) * X_GROUP_STRIDE;
-        stage_x(x, norm_w, eps, n_tokens, n_cols, (float*)shared);
+        stage_x(x, norm_w, eps, n_tokens, n_cols, (float*)shared, norm_out);
         xv.staged = (const float*)shared;
         *after = shared + (u64)n_tokens * xv.token_stride / 4;
     }
@@ -682,19 +690,22 @@ __device__ __forceinline__ GemvX gemv_input(const float* x, const float* norm_w,
 // Blocks `block`, `block + block_step`, ... of this matrix (rows_per_block
 // rows each): a launch of fewer blocks than the matrix has (its LM head has
 // 19 k) stages x once per block, not once per 8 rows. gemv3 passes a step
-// past its segment's end (one block each).
+// past its segment's end (one block each). `proj`, when not null with a
+// residual (a checkpoint observes the projection alone): the product (and
+// bias) before the residual is added, as `linear` alone would write it.
 template <typename T>
 __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __restrict__ x,
                      const float* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ y,
-                     int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged, int block,
-                     int block_step, const float* __restrict__ norm_w, float eps, int x_staged) {
+                     float* __restrict__ proj, int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row,
+                     int staged, int block, int block_step, const float* __restrict__ norm_w,
+                     float* __restrict__ norm_out, float eps, int x_staged) {
     __shared__ float partial[1][GEMV_WARPS];
     extern __shared__ uint4 shared[];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rows_per_block = GEMV_WARPS / warps_per_row;
     const int part = warp % warps_per_row;
     uint4* stage;
-    const GemvX xv = gemv_input(x, norm_w, eps, x_staged, n_tokens, n_cols, shared, &stage);
+    const GemvX xv = gemv_input(x, norm_w, norm_out, eps, x_staged, n_tokens, n_cols, shared, &stage);
     for (int b = block; b * rows_per_block < n_rows; b += block_step) {
         const int r0 = b * rows_per_block;
         const int r = r0 + warp / warps_per_row;
@@ -712,6 +723,7 @@ __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __res
                 const u64 i = (u64)t * n_rows + r;
                 const float v = bias ? sum[0] + bias[r] : sum[0];
                 y[i] = residual ? residual[i] + v : v;
+                if (proj) proj[i] = v;
             }
             // `partial` (and, after the last token, the staged rows) are
             // written again by the next token or block of rows.
@@ -725,25 +737,25 @@ __device__ void gemv(const u8* __restrict__ w, u64 row_bytes, const float* __res
 // are matrix 0's launch, start1 .. start2 - 1 matrix 1's, the rest matrix
 // 2's, each exactly as its own gemv launch would run them (its warps per
 // row, its staging), so each output has the bits of gemv alone. A matrix of
-// 0 rows is absent (its pointers may be null).
+// 0 rows is absent (its pointers may be null). `norm_out`: see stage_x.
 template <typename T>
 __device__ void gemv3(const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, const float* b0,
                       const float* b1, const float* b2, float* y0, float* y1, float* y2, int n_tokens, int rows0,
                       int rows1, int rows2, int n_cols, int flags0, int flags1, int flags2, int wpr0, int wpr1,
                       int wpr2, int staged0, int staged1, int staged2, int start1, int start2, const float* norm_w,
-                      float eps, int x_staged) {
+                      float* norm_out, float eps, int x_staged) {
     // Block-uniform branches: every thread of a block takes the same one.
     // One block of rows each (a step of gridDim.x passes every segment's end).
     const int b = blockIdx.x, step = gridDim.x;
     if (b < start1) {
-        gemv<T>(w0, row_bytes, x, b0, nullptr, y0, n_tokens, rows0, n_cols, flags0, wpr0, staged0, b, step, norm_w, eps,
-                x_staged);
+        gemv<T>(w0, row_bytes, x, b0, nullptr, y0, nullptr, n_tokens, rows0, n_cols, flags0, wpr0, staged0, b, step,
+                norm_w, norm_out, eps, x_staged);
     } else if (b < start2) {
-        gemv<T>(w1, row_bytes, x, b1, nullptr, y1, n_tokens, rows1, n_cols, flags1, wpr1, staged1, b - start1, step,
-                norm_w, eps, x_staged);
+        gemv<T>(w1, row_bytes, x, b1, nullptr, y1, nullptr, n_tokens, rows1, n_cols, flags1, wpr1, staged1, b - start1,
+                step, norm_w, norm_out, eps, x_staged);
     } else {
-        gemv<T>(w2, row_bytes, x, b2, nullptr, y2, n_tokens, rows2, n_cols, flags2, wpr2, staged2, b - start2, step,
-                norm_w, eps, x_staged);
+        gemv<T>(w2, row_bytes, x, b2, nullptr, y2, nullptr, n_tokens, rows2, n_cols, flags2, wpr2, staged2, b - start2,
+                step, norm_w, norm_out, eps, x_staged);
     }
 }
 
@@ -761,11 +773,13 @@ __device__ __forceinline__ float gated(float g, float u, int act) {
 // bits of gemv, gemv, swiglu_f32). Wa and Wb share type and shape. Row
 // r of both matrices in one row_dot (both loads in flight together); the
 // blocks of rows, x and the fused norm as in gemv (blocks blockIdx.x,
-// + gridDim.x, ...).
+// + gridDim.x, ...). `ya`, `yb`, when not null (checkpoints observe the
+// products): x Wa^T and x Wb^T as gemv writes them.
 template <typename T>
 __device__ void gemv_glu(const u8* __restrict__ wa, const u8* __restrict__ wb, u64 row_bytes,
-                         const float* __restrict__ x, float* __restrict__ y, int n_tokens, int n_rows, int n_cols,
-                         int flags, int warps_per_row, int act, int staged, const float* __restrict__ norm_w,
+                         const float* __restrict__ x, float* __restrict__ y, float* __restrict__ ya,
+                         float* __restrict__ yb, int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row,
+                         int act, int staged, const float* __restrict__ norm_w, float* __restrict__ norm_out,
                          float eps, int x_staged) {
     __shared__ float partial[2][GEMV_WARPS];
     extern __shared__ uint4 shared[];
@@ -773,7 +787,7 @@ __device__ void gemv_glu(const u8* __restrict__ wa, const u8* __restrict__ wb, u
     const int rows_per_block = GEMV_WARPS / warps_per_row;
     const int part = warp % warps_per_row;
     uint4* stage;
-    const GemvX xv = gemv_input(x, norm_w, eps, x_staged, n_tokens, n_cols, shared, &stage);
+    const GemvX xv = gemv_input(x, norm_w, norm_out, eps, x_staged, n_tokens, n_cols, shared, &stage);
     for (int b = blockIdx.x; b * rows_per_block < n_rows; b += gridDim.x) {
         const int r0 = b * rows_per_block;
         const int r = r0 + warp / warps_per_row;
@@ -804,8 +818,12 @@ __device__ void gemv_glu(const u8* __restrict__ wa, const u8* __restrict__ wb, u
                 }
             }
             float sums[2];
-            if (row_sums<2>(acc, partial, warp, lane, part, warps_per_row, sums) && r < n_rows)
-                y[(u64)t * n_rows + r] = gated(sums[0], sums[1], act);
+            if (row_sums<2>(acc, partial, warp, lane, part, warps_per_row, sums) && r < n_rows) {
+                const u64 i = (u64)t * n_rows + r;
+                y[i] = gated(sums[0], sums[1], act);
+                if (ya) ya[i] = sums[0];
+                if (yb) yb[i] = sums[1];
+            }
             // `partial` (and, after the last token, the staged rows) are
             // written again by the next token or block of rows.
             __syncthreads();
@@ -846,24 +864,26 @@ __device__ void get_rows(const u8* __restrict__ w, u64 row_bytes, const int* __r
     }                                                                                                              \
     extern "C" __global__ void GEMV_BOUNDS gemv_##T(                                                               \
         const u8* w, u64 row_bytes, const float* x, const float* bias, const float* residual, float* y,            \
-        int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged, int x_staged) {            \
-        gemv<T>(w, row_bytes, x, bias, residual, y, n_tokens, n_rows, n_cols, flags, warps_per_row, staged,        \
-                blockIdx.x, gridDim.x, nullptr, 0.0f, x_staged);                                                   \
+        float* proj, int n_tokens, int n_rows, int n_cols, int flags, int warps_per_row, int staged,               \
+        int x_staged) {                                                                                            \
+        gemv<T>(w, row_bytes, x, bias, residual, y, proj, n_tokens, n_rows, n_cols, flags, warps_per_row, staged,  \
+                blockIdx.x, gridDim.x, nullptr, nullptr, 0.0f, x_staged);                                          \
     }                                                                                                              \
     extern "C" __global__ void GEMV_BOUNDS gemv3_##T(                                                              \
         const u8* w0, const u8* w1, const u8* w2, u64 row_bytes, const float* x, const float* b0, const float* b1, \
         const float* b2, float* y0, float* y1, float* y2, int n_tokens, int rows0, int rows1, int rows2, int n_cols,\
         int flags0, int flags1, int flags2, int wpr0, int wpr1, int wpr2, int staged0, int staged1, int staged2,   \
-        int start1, int start2, const float* norm_w, float eps, int x_staged) {                                    \
+        int start1, int start2, const float* norm_w, float* norm_out, float eps, int x_staged) {                   \
         gemv3<T>(w0, w1, w2, row_bytes, x, b0, b1, b2, y0, y1, y2, n_tokens, rows0, rows1, rows2, n_cols, flags0,  \
-                 flags1, flags2, wpr0, wpr1, wpr2, staged0, staged1, staged2, start1, start2, norm_w, eps,         \
-                 x_staged);                                                                                        \
+                 flags1, flags2, wpr0, wpr1, wpr2, staged0, staged1, staged2, start1, start2, norm_w, norm_out,    \
+                 eps, x_staged);                                                                                   \
     }                                                                                                              \
     extern "C" __global__ void GEMV_BOUNDS gemv_glu_##T(                                                           \
-        const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y, int n_tokens, int n_rows, int n_cols, \
-        int flags, int warps_per_row, int act, int staged, const float* norm_w, float eps, int x_staged) {         \
-        gemv_glu<T>(wa, wb, row_bytes, x, y, n_tokens, n_rows, n_cols, flags, warps_per_row, act, staged, norm_w,  \
-                    eps, x_staged);                                                                                \
+        const u8* wa, const u8* wb, u64 row_bytes, const float* x, float* y, float* ya, float* yb, int n_tokens,   \
+        int n_rows, int n_cols, int flags, int warps_per_row, int act, int staged, const float* norm_w,            \
+        float* norm_out, float eps, int x_staged) {                                                                \
+        gemv_glu<T>(wa, wb, row_bytes, x, y, ya, yb, n_tokens, n_rows, n_cols, flags, warps_per_row, act, staged,  \
+                    norm_w, norm_out, eps, x_staged);                                                              \
     }                                                                                                              \
     extern "C" __global__ void get_rows_##T(const u8* w, u64 row_bytes, const int* tokens, float* out,             \
                                             int n_tokens, int n_rows, int n_cols, int transposed, int flags) {     \

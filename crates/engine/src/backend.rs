@@ -204,36 +204,44 @@ pub trait Backend {
     fn softmax_causal(&self, scores: &Self::Buf, scale: f32, pos0: usize) -> Result<Self::Buf>;
     /// probs V, heads merged: `[n_tokens, n_head, head_dim]`.
     fn attn_ctx(&self, layer: usize, probs: &Self::Buf, n_kv: usize, head_map: HeadMap) -> Result<Self::Buf>;
-    /// Scores, softmax and context in one op, for a pass that observes
-    /// neither scores nor probabilities: the same values as
+    // The fused ops below compute intermediates a checkpoint may observe
+    // (never replace: that needs the separate ops). Asked with `keep`, an
+    // op hands them back beside its result: the very values it went on
+    // with (CUDA: written by the same kernel), so observing them changes
+    // no bit and costs no launch.
+
+    /// Scores, softmax and context in one op: the same values as
     /// `attn_scores` + `softmax_causal` (+ the probabilities rounded to f16
     /// when `round_probs`, numerics ggml with an f16 cache) + `attn_ctx`,
     /// which is what this default does. A backend may fuse them (CUDA keeps
     /// each row's scores in shared memory) but must give the same bits.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(&self, layer: usize, q: &Self::Buf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool) -> Result<Self::Buf> {
-        attention_in_three_ops(self, layer, q, scale, pos0, n_kv, head_map, round_probs)
+    /// `keep`: the scores and the probabilities (before any rounding) too.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn attention(&self, layer: usize, q: &Self::Buf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool, keep: bool) -> Result<(Self::Buf, Option<(Self::Buf, Self::Buf)>)> {
+        attention_in_three_ops(self, layer, q, scale, pos0, n_kv, head_map, round_probs, keep)
     }
-    /// `act(x Wa^T) * (x Wb^T)`: the FFN's two projections and SwiGLU for
-    /// a pass that observes none of the three (Wa is the gate, or the up
-    /// projection under the swapped-SwiGLU fault). The same values as two
-    /// `linear`s and `swiglu`, which is what this default does; a backend
-    /// may fuse them (CUDA reads x once, in one kernel) but must give the
-    /// same bits.
-    fn gated_linear(&self, x: &Self::Buf, a: Weight, b: Weight, act: Activation) -> Result<Self::Buf> {
+    /// `act(x Wa^T) * (x Wb^T)`: the FFN's two projections and SwiGLU
+    /// (Wa is the gate, or the up projection under the swapped-SwiGLU
+    /// fault). The same values as two `linear`s and `swiglu`, which is what
+    /// this default does; a backend may fuse them (CUDA reads x once, in
+    /// one kernel) but must give the same bits. `keep`: the two products
+    /// too, `(x Wa^T, x Wb^T)`.
+    #[allow(clippy::type_complexity)]
+    fn gated_linear(&self, x: &Self::Buf, a: Weight, b: Weight, act: Activation, keep: bool) -> Result<(Self::Buf, Option<(Self::Buf, Self::Buf)>)> {
         let ya = self.linear(x, a, None, WeightRead::Rows)?;
         let yb = self.linear(x, b, None, WeightRead::Rows)?;
-        self.swiglu(&ya, &yb, act)
+        let out = self.swiglu(&ya, &yb, act)?;
+        Ok((out, keep.then_some((ya, yb))))
     }
     fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
-    /// `residual + x W^T`: a projection and the residual add after it, for
-    /// a pass that does not observe the projection alone. The same values
-    /// as `linear` then `add(residual, ..)`, which is what this default
-    /// does; a backend may fuse them (CUDA adds the residual in the GEMV)
-    /// but must give the same bits.
-    fn linear_residual(&self, x: &Self::Buf, weight: Weight, read: WeightRead, residual: &Self::Buf) -> Result<Self::Buf> {
+    /// `residual + x W^T`: a projection and the residual add after it. The
+    /// same values as `linear` then `add(residual, ..)`, which is what this
+    /// default does; a backend may fuse them (CUDA adds the residual in the
+    /// GEMV) but must give the same bits. `keep`: the projection too.
+    fn linear_residual(&self, x: &Self::Buf, weight: Weight, read: WeightRead, residual: &Self::Buf, keep: bool) -> Result<(Self::Buf, Option<Self::Buf>)> {
         let y = self.linear(x, weight, None, read)?;
-        self.add(residual, &y)
+        let out = self.add(residual, &y)?;
+        Ok((out, keep.then_some(y)))
     }
     /// Three projections of one input (attention's Q, K and V), each
     /// `(weight, bias, read)` as [`Backend::linear`] takes them. The same
@@ -243,19 +251,25 @@ pub trait Backend {
     fn linear3(&self, x: &Self::Buf, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[Self::Buf; 3]> {
         linear3_separately(self, x, projections)
     }
-    /// `linear3` of `rms_norm(x, norm, eps)`, for a pass that does not
-    /// observe the norm's output. The same values as the two, which is what
-    /// this default does; a backend may fuse the norm into the projections
-    /// (CUDA: each GEMV block normalizes x) but must give the same bits.
-    fn norm_linear3(&self, x: &Self::Buf, norm: Weight, eps: f32, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[Self::Buf; 3]> {
+    /// `linear3` of `rms_norm(x, norm, eps)`, for numerics that give the
+    /// projections the norm's output as it is. The same values as the two,
+    /// which is what this default does; a backend may fuse the norm into
+    /// the projections (CUDA: each GEMV block normalizes x) but must give
+    /// the same bits. `keep_norm`: the norm's output too.
+    #[allow(clippy::type_complexity)]
+    fn norm_linear3(&self, x: &Self::Buf, norm: Weight, eps: f32, projections: [(Weight, Option<Weight>, WeightRead); 3], keep_norm: bool) -> Result<([Self::Buf; 3], Option<Self::Buf>)> {
         let h = self.rms_norm(x, norm, eps)?;
-        self.linear3(&h, projections)
+        let out = self.linear3(&h, projections)?;
+        Ok((out, keep_norm.then_some(h)))
     }
     /// `gated_linear` of `rms_norm(x, norm, eps)`, under the same terms as
-    /// [`Backend::norm_linear3`].
-    fn norm_gated_linear(&self, x: &Self::Buf, norm: Weight, eps: f32, a: Weight, b: Weight, act: Activation) -> Result<Self::Buf> {
+    /// [`Backend::norm_linear3`]: the result, the two products when `keep`,
+    /// the norm's output when `keep_norm`.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn norm_gated_linear(&self, x: &Self::Buf, norm: Weight, eps: f32, a: Weight, b: Weight, act: Activation, keep: bool, keep_norm: bool) -> Result<(Self::Buf, Option<(Self::Buf, Self::Buf)>, Option<Self::Buf>)> {
         let h = self.rms_norm(x, norm, eps)?;
-        self.gated_linear(&h, a, b, act)
+        let (out, products) = self.gated_linear(&h, a, b, act, keep)?;
+        Ok((out, products, keep_norm.then_some(h)))
     }
     /// RoPE of q and of k at `rope_pos0`, then K (rotated) and V into the
     /// cache at `kv_pos0`: the rotated q and k. The same values as `rope`,
@@ -342,12 +356,13 @@ pub fn rope_qk_kv_store_separately<B: Backend + ?Sized>(
 
 /// [`Backend::attention`] as its three ops (the default, and CUDA's path
 /// for rows too long for its fused kernel).
-#[allow(clippy::too_many_arguments)]
-pub fn attention_in_three_ops<B: Backend + ?Sized>(be: &B, layer: usize, q: &B::Buf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool) -> Result<B::Buf> {
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn attention_in_three_ops<B: Backend + ?Sized>(be: &B, layer: usize, q: &B::Buf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool, keep: bool) -> Result<(B::Buf, Option<(B::Buf, B::Buf)>)> {
     let scores = be.attn_scores(layer, q, pos0, n_kv, head_map)?;
     let probs = be.softmax_causal(&scores, scale, pos0)?;
-    let probs = if round_probs { be.round_rows(&probs, GgmlType::F16)? } else { probs };
-    be.attn_ctx(layer, &probs, n_kv, head_map)
+    let rounded = if round_probs { Some(be.round_rows(&probs, GgmlType::F16)?) } else { None };
+    let ctx = be.attn_ctx(layer, rounded.as_ref().unwrap_or(&probs), n_kv, head_map)?;
+    Ok((ctx, keep.then_some((scores, probs))))
 }
 
 /// What every backend is built with, besides the weights.

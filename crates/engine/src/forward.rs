@@ -65,6 +65,13 @@ fn checkpoint<B: Backend>(backend: &B, cps: &mut dyn Checkpoints, pending: &mut 
     }
 }
 
+/// Whether a checkpoint may replace stage `id`: the pass then runs the op
+/// whose output it replaces. A stage only observed is handed back by the
+/// fused op that computes it on the way (`keep`), with the same bits.
+fn replaceable(cps: &dyn Checkpoints, id: &StageId) -> bool {
+    cps.wants(id) && cps.may_replace(id)
+}
+
 impl<B: Backend> Model<B> {
     pub fn new(backend: B, cfg: Qwen2Config, fault: FaultSpec) -> Self {
         let backend_kv = backend.kv_type();
@@ -236,10 +243,14 @@ impl<B: Backend> Model<B> {
                 (Weight::AttnK(l), with_bias(Weight::AttnKBias(l)), Rows),
                 (Weight::AttnV(l), with_bias(Weight::AttnVBias(l)), Rows),
             ];
-            let [q, k, v] = if !cps.wants(&id(Stage::AttnNorm)) && rnd.leaves_matmul_inputs() {
-                // The norm is not observed and the matmuls take its output
-                // as it is: one op (CUDA fuses the norm into the GEMVs).
-                be.norm_linear3(&x, norm_w, eps_l, projections)?
+            let [q, k, v] = if !replaceable(cps, &id(Stage::AttnNorm)) && rnd.leaves_matmul_inputs() {
+                // The matmuls take the norm's output as it is: one op (CUDA
+                // fuses the norm into the GEMVs).
+                let (qkv, h) = be.norm_linear3(&x, norm_w, eps_l, projections, cps.wants(&id(Stage::AttnNorm)))?;
+                if let Some(h) = h {
+                    checkpoint(be, cps, pending, id(Stage::AttnNorm), h)?;
+                }
+                qkv
             } else {
                 let h = be.rms_norm(&x, norm_w, eps_l)?;
                 let h = checkpoint(be, cps, pending, id(Stage::AttnNorm), h)?;
@@ -257,7 +268,7 @@ impl<B: Backend> Model<B> {
             let k = checkpoint(be, cps, pending, id(Stage::KProj), be.reshape(k, &[n, cfg.n_head_kv, hd])?)?;
             let v = checkpoint(be, cps, pending, id(Stage::VProj), be.reshape(v, &[n, cfg.n_head_kv, hd])?)?;
 
-            let q = if f != Fault::KRoundedTwice && !cps.may_replace(&id(Stage::KRope)) {
+            let q = if f != Fault::KRoundedTwice && !replaceable(cps, &id(Stage::KRope)) {
                 // Rotated K goes to the cache as it is (no checkpoint may
                 // replace it, no fault rounds it first): one op, whose
                 // rotated K an observing checkpoint still sees.
@@ -279,9 +290,10 @@ impl<B: Backend> Model<B> {
             let rnd = &self.rounding;
             let q_kv = rnd.for_kv_matmul(be, &q)?;
             let q_kv = q_kv.as_ref().unwrap_or(&q);
-            // Scores and probabilities are [n_head, n_tokens, n_kv]: made
-            // only when a checkpoint asks for them, else one fused op.
-            let ctx = if cps.wants(&id(Stage::AttnScores)) || cps.wants(&id(Stage::AttnProbs)) {
+            // Scores and probabilities are [n_head, n_tokens, n_kv]: kept
+            // only when a checkpoint asks for them; separate ops only when it
+            // may replace them.
+            let ctx = if replaceable(cps, &id(Stage::AttnScores)) || replaceable(cps, &id(Stage::AttnProbs)) {
                 let scores = be.attn_scores(l, q_kv, mask_pos0, n_kv, f.head_map())?;
                 let scores = checkpoint(be, cps, pending, id(Stage::AttnScores), scores)?;
                 let probs = be.softmax_causal(&scores, scale, mask_pos0)?;
@@ -289,14 +301,24 @@ impl<B: Backend> Model<B> {
                 let probs_kv = rnd.for_kv_matmul(be, &probs)?;
                 be.attn_ctx(l, probs_kv.as_ref().unwrap_or(&probs), n_kv, f.head_map())?
             } else {
-                be.attention(l, q_kv, scale, mask_pos0, n_kv, f.head_map(), rnd.kv_matmul_rounds())?
+                let keep = cps.wants(&id(Stage::AttnScores)) || cps.wants(&id(Stage::AttnProbs));
+                let (ctx, kept) = be.attention(l, q_kv, scale, mask_pos0, n_kv, f.head_map(), rnd.kv_matmul_rounds(), keep)?;
+                if let Some((scores, probs)) = kept {
+                    checkpoint(be, cps, pending, id(Stage::AttnScores), scores)?;
+                    checkpoint(be, cps, pending, id(Stage::AttnProbs), probs)?;
+                }
+                ctx
             };
             let ctx = checkpoint(be, cps, pending, id(Stage::AttnCtx), ctx)?;
             let ctx = be.reshape(ctx, &[n, cfg.n_head * hd])?;
             let o_read = read_if(f == Fault::OProjTransposed);
-            let resid = if f != Fault::ResidualDropped && !cps.wants(&id(Stage::AttnOut)) {
-                // The projection alone is not observed: one op with the residual add.
-                rnd.linear_residual(be, &ctx, Weight::AttnOutput(l), o_read, &x)?
+            let resid = if f != Fault::ResidualDropped && !replaceable(cps, &id(Stage::AttnOut)) {
+                // One op with the residual add.
+                let (resid, attn) = rnd.linear_residual(be, &ctx, Weight::AttnOutput(l), o_read, &x, cps.wants(&id(Stage::AttnOut)))?;
+                if let Some(attn) = attn {
+                    checkpoint(be, cps, pending, id(Stage::AttnOut), attn)?;
+                }
+                resid
             } else {
                 let attn = rnd.linear(be, &ctx, Weight::AttnOutput(l), None, o_read)?;
                 let attn = checkpoint(be, cps, pending, id(Stage::AttnOut), attn)?;
@@ -306,32 +328,50 @@ impl<B: Backend> Model<B> {
 
             let act_fn = if f == Fault::WrongActivation { Activation::Gelu } else { Activation::Silu };
             let (gate_w, up_w) = (Weight::FfnGate(l), Weight::FfnUp(l));
-            let ffn_observed = [Stage::FfnGate, Stage::FfnUp, Stage::FfnAct].iter().any(|&st| cps.wants(&id(st)));
-            let (a, b) = if f == Fault::SwigluSwapped { (up_w, gate_w) } else { (gate_w, up_w) };
-            let act = if !ffn_observed && !cps.wants(&id(Stage::FfnNorm)) && rnd.leaves_matmul_inputs() {
-                // Neither the norm nor gate and up are observed: one op from
-                // the residual (CUDA fuses the norm into the gated GEMV).
-                be.norm_gated_linear(&resid, Weight::FfnNorm(l), eps_l, a, b, act_fn)?
+            let ffn_replaceable = [Stage::FfnGate, Stage::FfnUp, Stage::FfnAct].iter().any(|&st| replaceable(cps, &id(st)));
+            let keep_products = cps.wants(&id(Stage::FfnGate)) || cps.wants(&id(Stage::FfnUp));
+            let swapped = f == Fault::SwigluSwapped;
+            let (a, b) = if swapped { (up_w, gate_w) } else { (gate_w, up_w) };
+            // The gated op's products (x Wa^T, x Wb^T) as the gate and up stages.
+            let gate_up = |(ya, yb)| if swapped { (yb, ya) } else { (ya, yb) };
+            let (act, products) = if !ffn_replaceable && !replaceable(cps, &id(Stage::FfnNorm)) && rnd.leaves_matmul_inputs() {
+                // One op from the residual (CUDA fuses the norm into the gated GEMV).
+                let (act, products, h) = be.norm_gated_linear(&resid, Weight::FfnNorm(l), eps_l, a, b, act_fn, keep_products, cps.wants(&id(Stage::FfnNorm)))?;
+                if let Some(h) = h {
+                    checkpoint(be, cps, pending, id(Stage::FfnNorm), h)?;
+                }
+                (act, products.map(gate_up))
             } else {
                 let h = be.rms_norm(&resid, Weight::FfnNorm(l), eps_l)?;
                 let h = checkpoint(be, cps, pending, id(Stage::FfnNorm), h)?;
-                if !ffn_observed && rnd.same_matmul_input(gate_w, up_w) {
-                    // Gate and up are made only when a checkpoint asks for them, else one fused op.
+                if !ffn_replaceable && rnd.same_matmul_input(gate_w, up_w) {
+                    // One op for gate, up and the activation.
                     let input = rnd.for_matmul(be, &h, gate_w)?;
-                    be.gated_linear(input.as_ref().unwrap_or(&h), a, b, act_fn)?
+                    let (act, products) = be.gated_linear(input.as_ref().unwrap_or(&h), a, b, act_fn, keep_products)?;
+                    (act, products.map(gate_up))
                 } else {
                     let gate = rnd.linear(be, &h, gate_w, None, Rows)?;
                     let gate = checkpoint(be, cps, pending, id(Stage::FfnGate), gate)?;
                     let up = rnd.linear(be, &h, up_w, None, Rows)?;
                     let up = checkpoint(be, cps, pending, id(Stage::FfnUp), up)?;
-                    let act = if f == Fault::SwigluSwapped { be.swiglu(&up, &gate, act_fn)? } else { be.swiglu(&gate, &up, act_fn)? };
-                    checkpoint(be, cps, pending, id(Stage::FfnAct), act)?
+                    let act = if swapped { be.swiglu(&up, &gate, act_fn)? } else { be.swiglu(&gate, &up, act_fn)? };
+                    (act, None)
                 }
             };
+            // Gate and up as the one op kept them (the separate ops checkpointed theirs).
+            if let Some((gate, up)) = products {
+                checkpoint(be, cps, pending, id(Stage::FfnGate), gate)?;
+                checkpoint(be, cps, pending, id(Stage::FfnUp), up)?;
+            }
+            let act = checkpoint(be, cps, pending, id(Stage::FfnAct), act)?;
             let down_read = read_if(f == Fault::FfnDownTransposed);
             let skip_from = if f == Fault::ResidualWrongInput { &x } else { &resid };
-            let out = if !cps.wants(&id(Stage::FfnDown)) {
-                rnd.linear_residual(be, &act, Weight::FfnDown(l), down_read, skip_from)?
+            let out = if !replaceable(cps, &id(Stage::FfnDown)) {
+                let (out, down) = rnd.linear_residual(be, &act, Weight::FfnDown(l), down_read, skip_from, cps.wants(&id(Stage::FfnDown)))?;
+                if let Some(down) = down {
+                    checkpoint(be, cps, pending, id(Stage::FfnDown), down)?;
+                }
+                out
             } else {
                 let down = rnd.linear(be, &act, Weight::FfnDown(l), None, down_read)?;
                 let down = checkpoint(be, cps, pending, id(Stage::FfnDown), down)?;

@@ -140,14 +140,16 @@ impl Rounding {
 
     /// `residual + x W^T` with x as `linear` rounds it: one backend op
     /// ([`Backend::linear_residual`]) unless a q8_1 min correction is
-    /// computed on the host, which goes between the two.
-    pub fn linear_residual<B: Backend>(&self, be: &B, x: &B::Buf, weight: Weight, read: WeightRead, residual: &B::Buf) -> Result<B::Buf> {
+    /// computed on the host, which goes between the two. `keep`: the
+    /// projection too, as `linear` gives it.
+    pub fn linear_residual<B: Backend>(&self, be: &B, x: &B::Buf, weight: Weight, read: WeightRead, residual: &B::Buf, keep: bool) -> Result<(B::Buf, Option<B::Buf>)> {
         if self.numerics == Numerics::Ggml && self.mins.contains_key(&weight) {
             let y = self.linear(be, x, weight, None, read)?;
-            return be.add(residual, &y);
+            let out = be.add(residual, &y)?;
+            return Ok((out, keep.then_some(y)));
         }
         let rounded = self.for_matmul(be, x, weight)?;
-        be.linear_residual(rounded.as_ref().unwrap_or(x), weight, read, residual)
+        be.linear_residual(rounded.as_ref().unwrap_or(x), weight, read, residual, keep)
     }
 
     /// Q before Q·K^T and the probabilities before probs·V: ggml converts

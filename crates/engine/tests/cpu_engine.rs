@@ -5,7 +5,7 @@
 use engine::backend::{Backend, BackendOptions};
 use capture::KvType;
 use capture::{Capture, Tensor};
-use engine::checkpoint::{Isolate, NoCheckpoints, Perturb, Recorder, StageFilter};
+use engine::checkpoint::{Checkpoints, Isolate, NoCheckpoints, Perturb, Recorder, StageFilter};
 use engine::cpu::CpuBackend;
 use engine::fault::{Expect, Fault, FaultSpec, RopePairing, FAULTS};
 use engine::forward::Model;
@@ -70,6 +70,43 @@ fn observing_fewer_stages_changes_no_bits_for_any_fault() {
             let want = &all.tensors[id].tensor.data;
             let same = want.iter().zip(&t.tensor.data).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
             assert!(same && want.len() == t.tensor.data.len(), "fault {fault}: {id} differs between the two passes");
+        }
+    }
+}
+
+/// Checkpoints that record every stage but say they may replace it (they
+/// never do): the forward pass then runs each stage's own op, where a
+/// recorder that only observes gets the stages a fused op kept.
+struct SeparateOps(Recorder);
+
+impl Checkpoints for SeparateOps {
+    fn wants(&self, id: &StageId) -> bool {
+        self.0.wants(id)
+    }
+    fn may_replace(&self, _id: &StageId) -> bool {
+        true
+    }
+    fn visit(&mut self, id: &StageId, tensor: Tensor) -> anyhow::Result<Option<Tensor>> {
+        self.0.visit(id, tensor)
+    }
+}
+
+/// The stages a fused op hands back to an observing checkpoint are the
+/// tensors of the separate ops a replacing checkpoint gets, for every fault:
+/// every stage once, the same shapes and bits, the same tokens picked.
+#[test]
+fn observed_stages_of_fused_ops_are_the_separate_ops_tensors() {
+    for fault in Fault::all() {
+        let mut model = tiny_model(&SynthSpec::tiny(), KvType::F16, fault);
+        let (picked, observed) = record(&mut model, 3);
+        let mut separate = SeparateOps(Recorder::new(StageFilter::default(), "test"));
+        assert_eq!(model.generate(&PROMPT, 3, None, &mut separate).unwrap(), picked, "fault {fault}");
+        assert_eq!(observed.tensors.len(), separate.0.tensors.len(), "fault {fault}: different stage sets");
+        for (id, t) in &separate.0.tensors {
+            let got = &observed.tensors.get(id).unwrap_or_else(|| panic!("fault {fault}: {id} not observed")).tensor;
+            assert_eq!(t.tensor.shape, got.shape, "fault {fault}: {id} shapes differ");
+            let same = t.tensor.data.iter().zip(&got.data).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+            assert!(same, "fault {fault}: {id} differs between the fused and the separate ops");
         }
     }
 }

@@ -19,8 +19,9 @@
 use engine::arch::ArchSpec;
 use engine::backend::{Backend, BackendOptions, Weight};
 use capture::KvType;
+use capture::stage::StageId;
 use capture::Tensor;
-use engine::checkpoint::{NoCheckpoints, Recorder, StageFilter};
+use engine::checkpoint::{Checkpoints, NoCheckpoints, Recorder, StageFilter};
 use engine::cpu::CpuBackend;
 use engine::cuda::{cuda_available, CudaBackend};
 use engine::fault::{Activation, Fault, FaultSpec, HeadMap, RopePairing, WeightRead};
@@ -359,16 +360,28 @@ fn attention_matches_prefill_and_decode() {
                         let cg = host(&g, &g.attn_ctx(layer, &on_gpu(&g, &pc), n_kv, map).unwrap());
                         close(&format!("attn_ctx {what}"), &cc, &cg, 1e-5, 1e-5);
                         // The fused kernel: the three GPU ops' bits (with and
-                        // without the f16 rounding of the probabilities).
+                        // without the f16 rounding of the probabilities), and
+                        // their scores and probabilities when it keeps them.
                         let qg = on_gpu(&g, &q);
                         for round in [false, true] {
                             let s3 = g.attn_scores(layer, &qg, pos0, n_kv, map).unwrap();
                             let p3 = g.softmax_causal(&s3, scale, pos0).unwrap();
-                            let p3 = if round { g.round_rows(&p3, GgmlType::F16).unwrap() } else { p3 };
-                            let three = host(&g, &g.attn_ctx(layer, &p3, n_kv, map).unwrap());
-                            let fused = host(&g, &g.attention(layer, &qg, scale, pos0, n_kv, map, round).unwrap());
-                            assert_eq!(three.shape, fused.shape, "fused attention {what}: shape");
-                            assert_bits(&format!("fused attention {what} round_probs {round}"), &three.data, &fused.data);
+                            let rounded = round.then(|| g.round_rows(&p3, GgmlType::F16).unwrap());
+                            let three = host(&g, &g.attn_ctx(layer, rounded.as_ref().unwrap_or(&p3), n_kv, map).unwrap());
+                            for keep in [false, true] {
+                                let (fused, kept) = g.attention(layer, &qg, scale, pos0, n_kv, map, round, keep).unwrap();
+                                let fused = host(&g, &fused);
+                                let what = format!("fused attention {what} round_probs {round} keep {keep}");
+                                assert_eq!(three.shape, fused.shape, "{what}: shape");
+                                assert_bits(&what, &three.data, &fused.data);
+                                assert_eq!(kept.is_some(), keep, "{what}: kept scores and probabilities only when asked");
+                                if let Some((ks, kp)) = kept {
+                                    let (ks, kp) = (host(&g, &ks), host(&g, &kp));
+                                    assert_eq!((ks.shape.as_slice(), kp.shape.as_slice()), ([nh, nt, n_kv].as_slice(), [nh, nt, n_kv].as_slice()), "{what}: kept shapes");
+                                    assert_bits(&format!("{what}: kept scores"), &host(&g, &s3).data, &ks.data);
+                                    assert_bits(&format!("{what}: kept probabilities (before rounding)"), &host(&g, &p3).data, &kp.data);
+                                }
+                            }
                         }
                     }
                     pos0 = n_kv;
@@ -409,9 +422,13 @@ fn fused_attention_over_several_key_tiles() {
             let s3 = g.attn_scores(0, &qg, pos0, n_kv, HeadMap::Grouped).unwrap();
             let p3 = g.softmax_causal(&s3, scale, pos0).unwrap();
             let three = host(&g, &g.attn_ctx(0, &p3, n_kv, HeadMap::Grouped).unwrap());
-            let fused = host(&g, &g.attention(0, &qg, scale, pos0, n_kv, HeadMap::Grouped, false).unwrap());
+            let (fused, kept) = g.attention(0, &qg, scale, pos0, n_kv, HeadMap::Grouped, false, true).unwrap();
+            let fused = host(&g, &fused);
             assert_bits(&format!("fused attention {what}"), &three.data, &fused.data);
-            let want = engine::backend::attention_in_three_ops(&cpu, 0, &q, scale, pos0, n_kv, HeadMap::Grouped, false).unwrap();
+            let (ks, kp) = kept.expect("kept scores and probabilities");
+            assert_bits(&format!("fused attention {what}: kept scores"), &host(&g, &s3).data, &host(&g, &ks).data);
+            assert_bits(&format!("fused attention {what}: kept probabilities"), &host(&g, &p3).data, &host(&g, &kp).data);
+            let (want, _) = engine::backend::attention_in_three_ops(&cpu, 0, &q, scale, pos0, n_kv, HeadMap::Grouped, false, false).unwrap();
             close(&format!("fused attention vs cpu {what}"), &want, &fused, 1e-5, 1e-5);
             pos0 = n_kv;
         }
@@ -851,7 +868,8 @@ fn f16_prefill_matmul_matches_cpu_within_f16_rounding() {
 
 /// The fused gate/up/SwiGLU GEMV gives the bits of two GEMVs and the
 /// element-wise SwiGLU, for every block type, both activations, and the
-/// swapped order; above GEMV_MAX_TOKENS rows it is the three ops.
+/// swapped order; above GEMV_MAX_TOKENS rows it is the three ops. The two
+/// products it keeps for a checkpoint are the two GEMVs' bits.
 #[test]
 fn gated_gemv_gives_the_bits_of_two_gemvs_and_swiglu() {
     let Some(_gpu) = gpu() else {
@@ -874,12 +892,18 @@ fn gated_gemv_gives_the_bits_of_two_gemvs_and_swiglu() {
                     let yb = g.linear(&x, b, None, WeightRead::Rows).unwrap();
                     let three = host(&g, &g.swiglu(&ya, &yb, act).unwrap());
                     // x copied into shared memory or not, blocks capped or not.
-                    for (x_staged, max_blocks) in [(true, None), (false, None), (true, Some(2))] {
+                    for (x_staged, max_blocks, keep) in [(true, None, false), (false, None, false), (true, Some(2), false), (true, None, true), (false, Some(2), true)] {
                         g.set_gemv_x_and_grid(x_staged, max_blocks);
-                        let fused = host(&g, &g.gated_linear(&x, a, b, act).unwrap());
+                        let (fused, products) = g.gated_linear(&x, a, b, act, keep).unwrap();
+                        let fused = host(&g, &fused);
                         assert_eq!(three.shape, fused.shape);
-                        let what = format!("gated gemv {} n{n_tokens} {act:?} {a:?} x staged {x_staged} blocks {max_blocks:?}", ty.name());
+                        let what = format!("gated gemv {} n{n_tokens} {act:?} {a:?} x staged {x_staged} blocks {max_blocks:?} keep {keep}", ty.name());
                         assert_bits(&what, &three.data, &fused.data);
+                        assert_eq!(products.is_some(), keep, "{what}: products kept only when asked");
+                        if let Some((pa, pb)) = products {
+                            assert_bits(&format!("{what}: kept x Wa^T"), &host(&g, &ya).data, &host(&g, &pa).data);
+                            assert_bits(&format!("{what}: kept x Wb^T"), &host(&g, &yb).data, &host(&g, &pb).data);
+                        }
                     }
                     g.set_gemv_x_and_grid(true, None);
                 }
@@ -943,7 +967,8 @@ fn block_gemv_on_the_real_model_shapes() {
 
 /// The projection with its residual add in the GEMV gives the bits of
 /// `linear` then `add`, for every block type, with the bias-free and the
-/// transposed read (which takes the other path and adds after it).
+/// transposed read (which takes the other path and adds after it); the
+/// projection it keeps for a checkpoint is `linear`'s.
 #[test]
 fn linear_with_residual_gives_the_bits_of_linear_and_add() {
     let Some(_gpu) = gpu() else {
@@ -960,10 +985,19 @@ fn linear_with_residual_gives_the_bits_of_linear_and_add() {
             let x = on_gpu(&g, &rand_tensor(&mut rng, &[n_tokens, cfg.n_ff], 1.0));
             let res = on_gpu(&g, &rand_tensor(&mut rng, &[n_tokens, cfg.n_embd], 3.0));
             for read in [WeightRead::Rows, WeightRead::Transposed] {
-                let two = host(&g, &g.add(&res, &g.linear(&x, w, None, read).unwrap()).unwrap());
-                let one = host(&g, &g.linear_residual(&x, w, read, &res).unwrap());
-                assert_eq!(two.shape, one.shape);
-                assert_bits(&format!("linear + residual {} n{n_tokens} {read:?}", ty.name()), &two.data, &one.data);
+                let product = g.linear(&x, w, None, read).unwrap();
+                let two = host(&g, &g.add(&res, &product).unwrap());
+                for keep in [false, true] {
+                    let what = format!("linear + residual {} n{n_tokens} {read:?} keep {keep}", ty.name());
+                    let (one, kept) = g.linear_residual(&x, w, read, &res, keep).unwrap();
+                    let one = host(&g, &one);
+                    assert_eq!(two.shape, one.shape);
+                    assert_bits(&what, &two.data, &one.data);
+                    assert_eq!(kept.is_some(), keep, "{what}: the projection kept only when asked");
+                    if let Some(kept) = kept {
+                        assert_bits(&format!("{what}: kept projection"), &host(&g, &product).data, &host(&g, &kept).data);
+                    }
+                }
             }
         }
     }
@@ -1069,7 +1103,9 @@ fn three_projections_in_one_launch_give_the_bits_of_three() {
 /// for every block type and a mix of two (the real model's V is Q8_0 where
 /// Q and K are Q5_0: the norm is then computed in both launches), with and
 /// without staged rows, for one token, a few, the most a GEMV takes, and
-/// one more (which takes the separate norm and the matmul path).
+/// one more (which takes the separate norm and the matmul path). The norm's
+/// output they keep for a checkpoint is `rms_norm`'s, and so are the
+/// products the gated GEMV keeps.
 #[test]
 fn norm_fused_into_the_gemvs_gives_the_bits_of_the_norm_then_the_gemvs() {
     let Some(_gpu) = gpu() else {
@@ -1097,15 +1133,36 @@ fn norm_fused_into_the_gemvs_gives_the_bits_of_the_norm_then_the_gemvs() {
                 let what = format!("{:?} n{n_tokens} staged {staged} blocks {max_blocks:?}", types.map(|t| t.name()));
                 let h = g.rms_norm(&x, Weight::AttnNorm(0), eps).unwrap();
                 let two = g.linear3(&h, projections).unwrap();
-                let one = g.norm_linear3(&x, Weight::AttnNorm(0), eps, projections).unwrap();
-                for ((w, _, _), (want, got)) in projections.iter().zip(two.iter().zip(&one)) {
-                    assert_bits(&format!("{w:?} {what}"), &host(&g, want).data, &host(&g, got).data);
+                for keep in [false, true] {
+                    let what = format!("{what} keep {keep}");
+                    let (one, kept) = g.norm_linear3(&x, Weight::AttnNorm(0), eps, projections, keep).unwrap();
+                    for ((w, _, _), (want, got)) in projections.iter().zip(two.iter().zip(&one)) {
+                        assert_bits(&format!("{w:?} {what}"), &host(&g, want).data, &host(&g, got).data);
+                    }
+                    assert_eq!(kept.is_some(), keep, "{what}: the norm kept only when asked");
+                    if let Some(kept) = kept {
+                        assert_bits(&format!("attn norm {what}"), &host(&g, &h).data, &host(&g, &kept).data);
+                    }
                 }
                 let h = g.rms_norm(&x, Weight::FfnNorm(0), eps).unwrap();
-                let want = host(&g, &g.gated_linear(&h, gate, up, Activation::Silu).unwrap());
-                let got = host(&g, &g.norm_gated_linear(&x, Weight::FfnNorm(0), eps, gate, up, Activation::Silu).unwrap());
-                assert_eq!(want.shape, got.shape);
-                assert_bits(&format!("gate/up {what}"), &want.data, &got.data);
+                let (want, want_products) = g.gated_linear(&h, gate, up, Activation::Silu, true).unwrap();
+                let (want_gate, want_up) = want_products.expect("products kept");
+                let want = host(&g, &want);
+                for (keep, keep_norm) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let what = format!("{what} keep {keep} keep_norm {keep_norm}");
+                    let (got, products, kept_norm) = g.norm_gated_linear(&x, Weight::FfnNorm(0), eps, gate, up, Activation::Silu, keep, keep_norm).unwrap();
+                    let got = host(&g, &got);
+                    assert_eq!(want.shape, got.shape);
+                    assert_bits(&format!("gate/up {what}"), &want.data, &got.data);
+                    assert_eq!((products.is_some(), kept_norm.is_some()), (keep, keep_norm), "{what}: kept only what was asked");
+                    if let Some((pg, pu)) = products {
+                        assert_bits(&format!("gate {what}"), &host(&g, &want_gate).data, &host(&g, &pg).data);
+                        assert_bits(&format!("up {what}"), &host(&g, &want_up).data, &host(&g, &pu).data);
+                    }
+                    if let Some(kept) = kept_norm {
+                        assert_bits(&format!("ffn norm {what}"), &host(&g, &h).data, &host(&g, &kept).data);
+                    }
+                }
             }
         }
     }
@@ -1191,6 +1248,61 @@ fn recorded_decode_steps_give_the_bits_of_op_by_op() {
                 assert!(status.starts_with("recorded"), "the correct engine's steps were not recorded: {status}");
             }
             assert!(plain.backend.recording_status().starts_with("op by op"));
+        }
+    }
+}
+
+/// Checkpoints that record every stage but say they may replace it (they
+/// never do): the forward pass then runs each stage's own op, where a
+/// recorder that only observes gets the stages a fused op kept.
+struct SeparateOps(Recorder);
+
+impl Checkpoints for SeparateOps {
+    fn wants(&self, id: &StageId) -> bool {
+        self.0.wants(id)
+    }
+    fn may_replace(&self, _id: &StageId) -> bool {
+        true
+    }
+    fn visit(&mut self, id: &StageId, tensor: Tensor) -> anyhow::Result<Option<Tensor>> {
+        self.0.visit(id, tensor)
+    }
+}
+
+/// The stages the fused kernels keep for observing checkpoints (the norm
+/// in the GEMVs, gate and up in the gated GEMV, the projection before the
+/// residual, scores and probabilities in the fused attention) are the bits
+/// of the separate ops, on block weights in the real model's mix of types,
+/// for every fault and both caches: a prefill (the matmul path) and decode
+/// steps (the GEMVs).
+#[test]
+fn kept_stages_are_the_bits_of_the_separate_ops_on_block_weights() {
+    let Some(_gpu) = gpu() else {
+        return;
+    };
+    let cfg = block_config();
+    let mut rng = ChaCha8Rng::seed_from_u64(81);
+    let (f32_weights, blocks) = block_model(&cfg, &mut rng);
+    let prompt: Vec<i32> = (0..5).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
+    let forced: Vec<i32> = (0..3).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
+    for kv in [KvType::F32, KvType::F16] {
+        for fault in Fault::all() {
+            let opts = BackendOptions { kv_type: kv, max_ctx: MAX_CTX, dequant_bug: None };
+            let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
+            for (w, ty, bytes) in &blocks {
+                g.upload_blocks(*w, *ty, bytes, 0).unwrap();
+            }
+            let mut m = Model::new(g, cfg.clone(), FaultSpec::from(fault));
+            let mut observed = Recorder::new(StageFilter::default(), "cuda");
+            m.generate(&prompt, forced.len(), Some(&forced), &mut observed).unwrap();
+            let mut separate = SeparateOps(Recorder::new(StageFilter::default(), "cuda"));
+            m.generate(&prompt, forced.len(), Some(&forced), &mut separate).unwrap();
+            assert_eq!(observed.tensors.len(), separate.0.tensors.len(), "kv {kv:?} fault {fault}: different stage sets");
+            for (id, t) in &separate.0.tensors {
+                let got = &observed.tensors.get(id).unwrap_or_else(|| panic!("kv {kv:?} fault {fault}: {id} not observed")).tensor;
+                assert_eq!(t.tensor.shape, got.shape, "kv {kv:?} fault {fault}: {id} shapes differ");
+                assert_bits(&format!("kv {kv:?} fault {fault} {id}"), &t.tensor.data, &got.data);
+            }
         }
     }
 }

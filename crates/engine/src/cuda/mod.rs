@@ -1144,8 +1144,10 @@ impl CudaBackend {
 
     /// [`Backend::linear`], then `residual + y` when a residual is given:
     /// added by the GEMV kernel itself (as `add_f32` adds it, the same
-    /// bits), or by `add` after the other paths.
-    fn linear_then_add(&self, x: &CudaBuf, weight: Weight, bias: Option<Weight>, read: WeightRead, residual: Option<&CudaBuf>) -> Result<CudaBuf> {
+    /// bits), or by `add` after the other paths. `keep_product` (with a
+    /// residual): y too, as `linear` alone gives it (the GEMV writes it
+    /// beside the sum).
+    fn linear_then_add(&self, x: &CudaBuf, weight: Weight, bias: Option<Weight>, read: WeightRead, residual: Option<&CudaBuf>, keep_product: bool) -> Result<(CudaBuf, Option<CudaBuf>)> {
         let t0 = self.prof_start()?;
         let (n_out, n_in) = match self.weight(weight)? {
             DeviceWeight::F32(w) if w.shape.len() == 2 => (w.shape[0], w.shape[1]),
@@ -1164,6 +1166,8 @@ impl CudaBackend {
         if let Some(res) = residual {
             ensure!(res.len() == y.len(), "linear: residual of shape {:?} for an output of shape {:?}", res.shape, y.shape);
         }
+        // The GEMV's copy of the product before the residual, when kept.
+        let mut product = None;
         // Whether the residual still has to be added after the product.
         let mut residual_left = residual;
         let bias = match bias {
@@ -1184,6 +1188,9 @@ impl CudaBackend {
                 let (cfg, wpr_arg, staged) = gemv_launch(n_out, n_in, *row_bytes, 1, x_bytes.unwrap_or(0), self.gemv_tuning.max_blocks, self.gemv_tuning);
                 let x_staged = i32::from(x_bytes.is_some());
                 let no_bias: u64 = 0;
+                if keep_product && residual.is_some() {
+                    product = Some(self.alloc(y.shape.clone())?);
+                }
                 let mut b = self.stream.launch_builder(&self.k.quant[ty].gemv);
                 b.arg(data).arg(&rb).arg(&*x.data);
                 match bias_left.take() {
@@ -1195,11 +1202,17 @@ impl CudaBackend {
                     Some(res) => b.arg(&*res.data),
                     None => b.arg(&no_bias),
                 };
-                b.arg(&mut *y.data).arg(&nt).arg(&r).arg(&c).arg(flags).arg(&wpr_arg).arg(&staged).arg(&x_staged);
+                b.arg(&mut *y.data);
+                match product.as_mut() {
+                    Some(p) => b.arg(&mut *p.data),
+                    // A null `float*`: the kernel writes the sum alone.
+                    None => b.arg(&no_bias),
+                };
+                b.arg(&nt).arg(&r).arg(&c).arg(flags).arg(&wpr_arg).arg(&staged).arg(&x_staged);
                 // SAFETY: the blocks hold n_out rows of row_bytes (checked at upload); x is [n, n_in], y [n, n_out],
                 // n <= GEMV_MAX_TOKENS; the bias, when given, holds n_out values, the residual n * n_out (checked
-                // above); the launch gives the shared memory of x's copy when x_staged, then of the rows
-                // stage_rows fills when staged (gemv_launch).
+                // above), the kept product, when given, is y's shape; the launch gives the shared memory of x's
+                // copy when x_staged, then of the rows stage_rows fills when staged (gemv_launch).
                 unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv_{} for {weight:?}", ty.name()))?;
                 "linear (gemv on blocks)"
             }
@@ -1237,8 +1250,9 @@ impl CudaBackend {
         }
         self.prof_end(path, t0)?;
         match residual_left {
-            Some(res) => self.add(res, &y),
-            None => Ok(y),
+            // The product is y itself: kept as it is, the sum a new buffer.
+            Some(res) => Ok((self.add(res, &y)?, keep_product.then_some(y))),
+            None => Ok((y, product)),
         }
     }
 
@@ -1265,8 +1279,9 @@ impl CudaBackend {
     /// launch each ([`CudaBackend::gemv_group`]), the norm fused into each
     /// (so computed once per run, the same bits each time) when every
     /// projection is such a GEMV and the tokens fit in shared memory; else
-    /// the norm is its own launch, and the rest go to `linear`.
-    fn linear3_normed(&self, x: &CudaBuf, norm: Option<FusedNorm>, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[CudaBuf; 3]> {
+    /// the norm is its own launch, and the rest go to `linear`. `keep_norm`
+    /// (with a norm): its output too (the first gemv3 launch writes it).
+    fn linear3_normed(&self, x: &CudaBuf, norm: Option<FusedNorm>, projections: [(Weight, Option<Weight>, WeightRead); 3], keep_norm: bool) -> Result<([CudaBuf; 3], Option<CudaBuf>)> {
         let n_in = *x.shape.last().ok_or_else(|| anyhow!("linear of a scalar"))?;
         let n = x.len() / n_in.max(1);
         // The block type of each projection that is a GEMV over blocks.
@@ -1281,12 +1296,19 @@ impl CudaBackend {
         if let Some(nm) = norm {
             if !self.gemv_tuning.fuse_norm || gemv_type.contains(&None) || self.gemv_x_bytes(n, n_in).is_none() {
                 let h = self.rms_norm(x, nm.weight, nm.eps)?;
-                return self.linear3_normed(&h, None, projections);
+                let (out, _) = self.linear3_normed(&h, None, projections, false)?;
+                return Ok((out, keep_norm.then_some(h)));
             }
         }
         if !self.gemv_tuning.fuse {
-            return crate::backend::linear3_separately(self, x, projections);
+            return Ok((crate::backend::linear3_separately(self, x, projections)?, None));
         }
+        // The norm's output, written by the first launch that fuses it.
+        let mut kept = match norm {
+            Some(_) if keep_norm => Some(self.alloc(vec![n, n_in])?),
+            _ => None,
+        };
+        let mut norm_out = kept.as_mut();
         let mut out: Vec<CudaBuf> = Vec::with_capacity(3);
         let mut i = 0;
         while i < 3 {
@@ -1298,16 +1320,19 @@ impl CudaBackend {
             };
             let end = (i..3).find(|&j| gemv_type[j] != Some(ty)).unwrap_or(3);
             let group: Vec<(Weight, Option<Weight>)> = projections[i..end].iter().map(|&(w, b, _)| (w, b)).collect();
-            out.extend(self.gemv_group(x, n, ty, &group, norm)?);
+            out.extend(self.gemv_group(x, n, ty, &group, norm, norm_out.take())?);
             i = end;
         }
-        out.try_into().map_err(|_| anyhow!("linear3: not three outputs"))
+        let out = out.try_into().map_err(|_| anyhow!("linear3: not three outputs"))?;
+        Ok((out, kept))
     }
 
     /// `gated_linear` of x, or of `rms_norm(x)` when `norm` is given: the
     /// norm fused into the gated GEMV when both matrices are blocks of one
     /// shape and the tokens fit in shared memory, else by its own launch.
-    fn gated_linear_normed(&self, x: &CudaBuf, norm: Option<FusedNorm>, a: Weight, b: Weight, act: Activation) -> Result<CudaBuf> {
+    /// `keep`: the two products too; `keep_norm` (with a norm): its output.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn gated_linear_normed(&self, x: &CudaBuf, norm: Option<FusedNorm>, a: Weight, b: Weight, act: Activation, keep: bool, keep_norm: bool) -> Result<(CudaBuf, Option<(CudaBuf, CudaBuf)>, Option<CudaBuf>)> {
         let n_in = *x.shape.last().ok_or_else(|| anyhow!("gated_linear of a scalar"))?;
         let n = x.len() / n_in.max(1);
         let x_bytes = self.gemv_x_bytes(n, n_in);
@@ -1323,36 +1348,54 @@ impl CudaBackend {
         let (Some((ty, wa, wb, n_out, cols, row_bytes, flags)), true) = (fused, norm.is_none() || (self.gemv_tuning.fuse_norm && x_bytes.is_some())) else {
             if let Some(nm) = norm {
                 let h = self.rms_norm(x, nm.weight, nm.eps)?;
-                return self.gated_linear_normed(&h, None, a, b, act);
+                let (y, products, _) = self.gated_linear_normed(&h, None, a, b, act, keep, false)?;
+                return Ok((y, products, keep_norm.then_some(h)));
             }
             let ya = self.linear(x, a, None, WeightRead::Rows)?;
             let yb = self.linear(x, b, None, WeightRead::Rows)?;
-            return self.swiglu(&ya, &yb, act);
+            let y = self.swiglu(&ya, &yb, act)?;
+            return Ok((y, keep.then_some((ya, yb)), None));
         };
         let t0 = self.prof_start()?;
         ensure!(n_in == cols, "gated_linear: x rows have {n_in} values, {a:?} expects {cols}");
         let mut y = self.alloc(vec![n, n_out])?;
+        // What the kernel writes besides y, when kept.
+        let mut products = if keep { Some((self.alloc(vec![n, n_out])?, self.alloc(vec![n, n_out])?)) } else { None };
+        let mut kept_norm = if keep_norm && norm.is_some() { Some(self.alloc(vec![n, n_in])?) } else { None };
         let (nt, r, c) = (i32_of(n, "n_tokens")?, i32_of(n_out, "rows")?, i32_of(cols, "cols")?);
         let rb = row_bytes as u64;
         let (cfg, wpr_arg, staged) = gemv_launch(n_out, cols, row_bytes, 2, x_bytes.unwrap_or(0), self.gemv_tuning.max_blocks, self.gemv_tuning);
         let x_staged = i32::from(x_bytes.is_some());
         let act_code = activation_code(act);
         let mut l = self.stream.launch_builder(&self.k.quant[&ty].gemv_glu);
-        l.arg(wa).arg(wb).arg(&rb).arg(&*x.data).arg(&mut *y.data).arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code).arg(&staged);
-        let norm_args = self.fused_norm_args(norm, cols)?;
         let (null, no_eps) = (0u64, 0.0f32);
+        l.arg(wa).arg(wb).arg(&rb).arg(&*x.data).arg(&mut *y.data);
+        match products.as_mut() {
+            Some((ya, yb)) => l.arg(&mut *ya.data).arg(&mut *yb.data),
+            None => l.arg(&null).arg(&null),
+        };
+        l.arg(&nt).arg(&r).arg(&c).arg(&flags).arg(&wpr_arg).arg(&act_code).arg(&staged);
+        let norm_args = self.fused_norm_args(norm, cols)?;
         match &norm_args {
-            Some((v, eps)) => l.arg(*v).arg(eps),
-            None => l.arg(&null).arg(&no_eps),
+            Some((v, _)) => l.arg(*v),
+            None => l.arg(&null),
+        };
+        match kept_norm.as_mut() {
+            Some(h) => l.arg(&mut *h.data),
+            None => l.arg(&null),
+        };
+        match &norm_args {
+            Some((_, eps)) => l.arg(eps),
+            None => l.arg(&no_eps),
         };
         l.arg(&x_staged);
         // SAFETY: both matrices hold n_out rows of row_bytes (checked at upload, and equal above); x is [n, cols],
-        // y [n, n_out], n <= GEMV_MAX_TOKENS; the norm weight, when fused, holds cols values (x is then staged:
-        // checked above); the shared memory holds x's copy when x_staged, then, when staged, both matrices'
-        // regions (gemv_launch).
+        // y and the kept products [n, n_out], n <= GEMV_MAX_TOKENS; the norm weight, when fused, holds cols values
+        // (x is then staged: checked above), its kept output [n, cols]; the shared memory holds x's copy when
+        // x_staged, then, when staged, both matrices' regions (gemv_launch).
         unsafe { l.launch(cfg) }.with_context(|| format!("launching gemv_glu_{} for {a:?} and {b:?}", ty.name()))?;
         self.prof_end("gated linear (gemv on blocks)", t0)?;
-        Ok(y)
+        Ok((y, products, kept_norm))
     }
 
     /// One to three GEMVs of x (`n` tokens) over block matrices of type
@@ -1361,7 +1404,8 @@ impl CudaBackend {
     /// has the bits of `linear` (and its bias added as `linear` adds it).
     /// `norm`: the RMSNorm of x before them, fused (the bits of `rms_norm`
     /// then the GEMVs; x must then fit in shared memory, [`CudaBackend::gemv_x_bytes`]).
-    fn gemv_group(&self, x: &CudaBuf, n: usize, ty: GgmlType, group: &[(Weight, Option<Weight>)], norm: Option<FusedNorm>) -> Result<Vec<CudaBuf>> {
+    /// `norm_out` (with `norm`): the norm's output goes there too, `[n, n_in]`.
+    fn gemv_group(&self, x: &CudaBuf, n: usize, ty: GgmlType, group: &[(Weight, Option<Weight>)], norm: Option<FusedNorm>, norm_out: Option<&mut CudaBuf>) -> Result<Vec<CudaBuf>> {
         ensure!((1..=3).contains(&group.len()), "gemv3 takes 1 to 3 matrices, not {}", group.len());
         let t0 = self.prof_start()?;
         let n_in = *x.shape.last().ok_or_else(|| anyhow!("linear of a scalar"))?;
@@ -1445,10 +1489,19 @@ impl CudaBackend {
         let (s1, s2) = (start1 as i32, start2 as i32);
         b.arg(&s1).arg(&s2);
         let norm_args = self.fused_norm_args(norm, n_in)?;
+        ensure!(norm_out.as_ref().is_none_or(|o| norm.is_some() && o.len() == n * n_in), "gemv3: a norm output without a fused norm, or not [{n}, {n_in}]");
         let no_eps = 0.0f32;
         match &norm_args {
-            Some((v, eps)) => b.arg(*v).arg(eps),
-            None => b.arg(&null).arg(&no_eps),
+            Some((v, _)) => b.arg(*v),
+            None => b.arg(&null),
+        };
+        match norm_out {
+            Some(o) => b.arg(&mut *o.data),
+            None => b.arg(&null),
+        };
+        match &norm_args {
+            Some((_, eps)) => b.arg(eps),
+            None => b.arg(&no_eps),
         };
         let x_staged = i32::from(x_bytes.is_some());
         b.arg(&x_staged);
@@ -1459,7 +1512,8 @@ impl CudaBackend {
         // given) `rows` values; absent matrices have 0 rows and null pointers,
         // and no block is theirs (their start is the grid's end); the shared
         // memory is the largest a segment's staging needs, after x's copy
-        // when x_staged (always when the norm, n_in values, is fused).
+        // when x_staged (always when the norm, n_in values, is fused); the
+        // norm's output, when given, is [n, n_in] (checked above).
         unsafe { b.launch(cfg) }.with_context(|| format!("launching gemv3_{} for {:?}", ty.name(), group.iter().map(|g| g.0).collect::<Vec<_>>()))?;
         self.prof_end("linear (gemv3 on blocks)", t0)?;
         Ok(ys)
@@ -1824,12 +1878,12 @@ impl Backend for CudaBackend {
     /// A quantized matrix and at most [`GEMV_MAX_TOKENS`] rows of `x` (read
     /// as rows) take the GEMV kernel over the blocks instead.
     fn linear(&self, x: &CudaBuf, weight: Weight, bias: Option<Weight>, read: WeightRead) -> Result<CudaBuf> {
-        self.linear_then_add(x, weight, bias, read, None)
+        self.linear_then_add(x, weight, bias, read, None, false).map(|(y, _)| y)
     }
 
     /// The GEMV adds the residual itself ([`CudaBackend::linear_then_add`]).
-    fn linear_residual(&self, x: &CudaBuf, weight: Weight, read: WeightRead, residual: &CudaBuf) -> Result<CudaBuf> {
-        self.linear_then_add(x, weight, None, read, Some(residual))
+    fn linear_residual(&self, x: &CudaBuf, weight: Weight, read: WeightRead, residual: &CudaBuf, keep: bool) -> Result<(CudaBuf, Option<CudaBuf>)> {
+        self.linear_then_add(x, weight, None, read, Some(residual), keep)
     }
 
     fn rope(&self, x: &CudaBuf, pos0: usize, freq_base: f32, pairing: RopePairing) -> Result<CudaBuf> {
@@ -2016,10 +2070,13 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn attention(&self, layer: usize, q: &CudaBuf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool) -> Result<CudaBuf> {
+    fn attention(&self, layer: usize, q: &CudaBuf, scale: f32, pos0: usize, n_kv: usize, head_map: HeadMap, round_probs: bool, keep: bool) -> Result<(CudaBuf, Option<(CudaBuf, CudaBuf)>)> {
         if n_kv > FUSED_ATTENTION_MAX_KV {
-            return crate::backend::attention_in_three_ops(self, layer, q, scale, pos0, n_kv, head_map, round_probs);
+            return crate::backend::attention_in_three_ops(self, layer, q, scale, pos0, n_kv, head_map, round_probs, keep);
         }
+        // A recorded step's row lengths follow each replay's position: its
+        // scores would not have the shape they are kept under.
+        ensure!(!(keep && self.capturing()), "attention: a recorded decode step keeps no scores");
         let t0 = self.prof_start()?;
         self.check_layer(layer)?;
         ensure!(q.shape.len() == 3 && q.shape[2] == self.cfg.head_dim, "attention: q {:?} is not [n_tokens, n_head, {}]", q.shape, self.cfg.head_dim);
@@ -2027,6 +2084,8 @@ impl Backend for CudaBackend {
         let (nt, nh, hd) = (q.shape[0], q.shape[1], q.shape[2]);
         let hm = self.head_map_code(nh, head_map)?;
         let mut out = self.alloc(vec![nt, nh, hd])?;
+        // Scores and probabilities, [n_head, n_tokens, n_kv], when kept.
+        let mut kept = if keep { Some((self.alloc(vec![nh, nt, n_kv])?, self.alloc(vec![nh, nt, n_kv])?)) } else { None };
         let (p0, step_pos) = self.position(pos0)?;
         let (n_kv_arg, _) = self.position(n_kv)?;
         let a = [i32_of(nh, "n_head")?, i32_of(nt, "n_tokens")?, n_kv_arg, i32_of(hd, "head_dim")?, i32_of(self.cfg.n_head_kv, "n_head_kv")?, p0, hm];
@@ -2057,6 +2116,11 @@ impl Backend for CudaBackend {
             }
         };
         b.arg(&mut *out.data);
+        let null = 0u64;
+        match kept.as_mut() {
+            Some((scores, probs)) => b.arg(&mut *scores.data).arg(&mut *probs.data),
+            None => b.arg(&null).arg(&null),
+        };
         for v in &a {
             b.arg(v);
         }
@@ -2065,31 +2129,32 @@ impl Backend for CudaBackend {
         // rows of n_head_kv * hd, out is [nt, nh, hd]; the dynamic shared
         // memory holds the scores of the longest row (n_kv <= FUSED_ATTENTION_MAX_KV;
         // recording: max_ctx, which replays never pass, <= FUSED_ATTENTION_MAX_KV)
-        // and tile_keys padded key rows, under the limit set at load (ATTENTION_MAX_SHARED).
+        // and tile_keys padded key rows, under the limit set at load (ATTENTION_MAX_SHARED);
+        // the kept scores and probabilities, when given, are [nh, nt, n_kv] (never while recording).
         unsafe { b.launch(cfg) }.context("launching attention")?;
         self.prof_end("attention (fused)", t0)?;
-        Ok(out)
+        Ok((out, kept))
     }
 
     /// Runs of projections that are GEMVs on blocks of one type go to one
     /// gemv3 launch each ([`CudaBackend::gemv_group`]); the others to `linear`.
     fn linear3(&self, x: &CudaBuf, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[CudaBuf; 3]> {
-        self.linear3_normed(x, None, projections)
+        self.linear3_normed(x, None, projections, false).map(|(out, _)| out)
     }
 
     /// RMSNorm in each GEMV block when every projection is a GEMV on blocks
     /// and the tokens fit in shared memory; else `rms_norm`, then `linear3`.
-    fn norm_linear3(&self, x: &CudaBuf, norm: Weight, eps: f32, projections: [(Weight, Option<Weight>, WeightRead); 3]) -> Result<[CudaBuf; 3]> {
-        self.linear3_normed(x, Some(FusedNorm { weight: norm, eps }), projections)
+    fn norm_linear3(&self, x: &CudaBuf, norm: Weight, eps: f32, projections: [(Weight, Option<Weight>, WeightRead); 3], keep_norm: bool) -> Result<([CudaBuf; 3], Option<CudaBuf>)> {
+        self.linear3_normed(x, Some(FusedNorm { weight: norm, eps }), projections, keep_norm)
     }
 
     /// The same choice as `norm_linear3`, for the gated GEMV.
-    fn norm_gated_linear(&self, x: &CudaBuf, norm: Weight, eps: f32, a: Weight, b: Weight, act: Activation) -> Result<CudaBuf> {
-        self.gated_linear_normed(x, Some(FusedNorm { weight: norm, eps }), a, b, act)
+    fn norm_gated_linear(&self, x: &CudaBuf, norm: Weight, eps: f32, a: Weight, b: Weight, act: Activation, keep: bool, keep_norm: bool) -> Result<(CudaBuf, Option<(CudaBuf, CudaBuf)>, Option<CudaBuf>)> {
+        self.gated_linear_normed(x, Some(FusedNorm { weight: norm, eps }), a, b, act, keep, keep_norm)
     }
 
-    fn gated_linear(&self, x: &CudaBuf, a: Weight, b: Weight, act: Activation) -> Result<CudaBuf> {
-        self.gated_linear_normed(x, None, a, b, act)
+    fn gated_linear(&self, x: &CudaBuf, a: Weight, b: Weight, act: Activation, keep: bool) -> Result<(CudaBuf, Option<(CudaBuf, CudaBuf)>)> {
+        self.gated_linear_normed(x, None, a, b, act, keep, false).map(|(y, products, _)| (y, products))
     }
 
     fn add(&self, a: &CudaBuf, b: &CudaBuf) -> Result<CudaBuf> {
