@@ -119,6 +119,24 @@ impl Checkpoints for Recorder {
     }
 }
 
+/// Record as [`Recorder`] does, but say every stage may be replaced (none
+/// ever is): the forward pass then runs each stage's own op instead of the
+/// fused op that would hand the stage back. The tensors of the separate
+/// ops, for checking that the fused ops keep the same bits.
+pub struct SeparateOps(pub Recorder);
+
+impl Checkpoints for SeparateOps {
+    fn wants(&self, id: &StageId) -> bool {
+        self.0.wants(id)
+    }
+    fn layer_plan(&self, step: usize, layer: usize) -> LayerPlan {
+        self.0.layer_plan(step, layer)
+    }
+    fn visit(&mut self, id: &StageId, tensor: Tensor) -> Result<Option<Tensor>> {
+        self.0.visit(id, tensor)
+    }
+}
+
 /// Replace (isolation): record our tensor, then continue with the
 /// reference's. Every recorded tensor is then one op applied to the
 /// reference's own inputs, so its error is that op's local error alone.

@@ -5,7 +5,7 @@
 use engine::backend::{Backend, BackendOptions};
 use capture::KvType;
 use capture::{Capture, Tensor};
-use engine::checkpoint::{Checkpoints, Isolate, NoCheckpoints, Perturb, Recorder, StageFilter};
+use engine::checkpoint::{Isolate, NoCheckpoints, Perturb, Recorder, SeparateOps, StageFilter};
 use engine::cpu::CpuBackend;
 use engine::fault::{Expect, Fault, FaultSpec, RopePairing, FAULTS};
 use engine::forward::Model;
@@ -71,23 +71,6 @@ fn observing_fewer_stages_changes_no_bits_for_any_fault() {
             let same = want.iter().zip(&t.tensor.data).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
             assert!(same && want.len() == t.tensor.data.len(), "fault {fault}: {id} differs between the two passes");
         }
-    }
-}
-
-/// Checkpoints that record every stage but say they may replace it (they
-/// never do): the forward pass then runs each stage's own op, where a
-/// recorder that only observes gets the stages a fused op kept.
-struct SeparateOps(Recorder);
-
-impl Checkpoints for SeparateOps {
-    fn wants(&self, id: &StageId) -> bool {
-        self.0.wants(id)
-    }
-    fn may_replace(&self, _id: &StageId) -> bool {
-        true
-    }
-    fn visit(&mut self, id: &StageId, tensor: Tensor) -> anyhow::Result<Option<Tensor>> {
-        self.0.visit(id, tensor)
     }
 }
 

@@ -19,9 +19,8 @@
 use engine::arch::ArchSpec;
 use engine::backend::{Backend, BackendOptions, Weight};
 use capture::KvType;
-use capture::stage::StageId;
 use capture::Tensor;
-use engine::checkpoint::{Checkpoints, NoCheckpoints, Recorder, StageFilter};
+use engine::checkpoint::{NoCheckpoints, Recorder, SeparateOps, StageFilter};
 use engine::cpu::CpuBackend;
 use engine::cuda::{cuda_available, CudaBackend};
 use engine::fault::{Activation, Fault, FaultSpec, HeadMap, RopePairing, WeightRead};
@@ -1249,23 +1248,6 @@ fn recorded_decode_steps_give_the_bits_of_op_by_op() {
             }
             assert!(plain.backend.recording_status().starts_with("op by op"));
         }
-    }
-}
-
-/// Checkpoints that record every stage but say they may replace it (they
-/// never do): the forward pass then runs each stage's own op, where a
-/// recorder that only observes gets the stages a fused op kept.
-struct SeparateOps(Recorder);
-
-impl Checkpoints for SeparateOps {
-    fn wants(&self, id: &StageId) -> bool {
-        self.0.wants(id)
-    }
-    fn may_replace(&self, _id: &StageId) -> bool {
-        true
-    }
-    fn visit(&mut self, id: &StageId, tensor: Tensor) -> anyhow::Result<Option<Tensor>> {
-        self.0.visit(id, tensor)
     }
 }
 
