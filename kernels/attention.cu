@@ -355,6 +355,158 @@ __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc,
     ctx_row(row, vc, out + ((u64)t * n_head + h) * head_dim, n_kv, limit, head_dim, n_head_kv, kvh, partial);
 }
 
+// ctx_row for the R query rows of attention_rows at once: rows[r *
+// row_stride ..] holds row r's probabilities (0 beyond its causal limit),
+// r < nr; row r's context goes to out + r * out_stride. Each thread loads a
+// value of V once for all R rows and sums it into row r exactly as
+// ctx_row sums row r alone: the same parts and chunks (they follow from
+// n_kv and the block size), keys in order, zero probabilities skipped by
+// the same select (keys past a row's limit have probability 0, so walking
+// to the last row's limit changes no earlier row's sum), the parts added in
+// order: the same bits, with V read once instead of R times.
+template <typename T, int R>
+__device__ void ctx_rows(const float* rows, int row_stride, int nr, const T* __restrict__ vc, float* __restrict__ out,
+                         u64 out_stride, int n_kv, int stop, int head_dim, int n_head_kv, int kvh, float* partial) {
+    const int per = (head_dim & 3) == 0 ? 4 : 1;
+    const int groups = head_dim / per;
+    const int parts = blockDim.x / groups;
+    const int g = threadIdx.x % groups, part = threadIdx.x / groups;
+    float acc[R][4];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[r][e] = 0.0f;
+    }
+    if (part < parts) {
+        const int chunk = (n_kv + parts - 1) / parts;
+        const int j1 = min(stop, (part + 1) * chunk);
+#pragma unroll 2
+        for (int j = part * chunk; j < j1; ++j) {
+            float v[4];
+            if (per == 4) {
+                ld4(vc, ((u64)j * n_head_kv + kvh) * head_dim + 4 * g, v);
+            } else {
+                v[0] = ld(vc, ((u64)j * n_head_kv + kvh) * head_dim + g);
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float p = r < nr ? rows[r * row_stride + j] : 0.0f;
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    if (e < per) {
+                        const float t = __fmaf_rn(p, v[e], acc[r][e]);
+                        acc[r][e] = p != 0.0f ? t : acc[r][e];
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (r < nr) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) partial[e * ATTN_THREADS + threadIdx.x] = acc[r][e];
+            __syncthreads();
+            if (threadIdx.x < head_dim) {
+                const int gd = threadIdx.x / per, e = threadIdx.x % per;
+                float s = partial[e * ATTN_THREADS + gd];
+                for (int k = 1; k < parts; ++k) s += partial[e * ATTN_THREADS + k * groups + gd];
+                out[r * out_stride + threadIdx.x] = s;
+            }
+            // `partial` is written again for the next row.
+            __syncthreads();
+        }
+    }
+}
+
+// attention for R consecutive query rows of one head in one block (a
+// prefill's rows of a head read the same keys and values): block b takes
+// head b / ceil(n_tokens / R), rows t0 .. t0 + R - 1 (fewer at the end).
+// Each key tile is loaded once for all of them; each row's scores are
+// dot_qk as attention takes them, its softmax softmax_row (the whole block,
+// row after row), its context ctx_rows (V read once for the R rows): each
+// row has the bits of attention, so of the three ops. Dynamic shared
+// memory: R rows of row_stride = max_kv rounded up to 4 floats, then the
+// key tile as in attention. Not for recorded steps (one token).
+template <typename T, int R>
+__device__ void attention_rows(const float* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+                               float* __restrict__ out, float* __restrict__ scores_out, float* __restrict__ probs_out,
+                               int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0,
+                               int head_map, float scale, int round_probs, int max_kv, int tile_keys, int key_stride) {
+    extern __shared__ float rows[];
+    const int row_stride = (max_kv + 3) & ~3;
+    T* tile = (T*)(rows + (u64)R * row_stride);
+    __shared__ float smax[ATTN_THREADS / 32];
+    __shared__ double ssum[ATTN_THREADS / 32];
+    __shared__ float partial[CTX_PARTIAL];
+    const int row_blocks = (n_tokens + R - 1) / R;
+    const int h = blockIdx.x / row_blocks, t0 = (blockIdx.x % row_blocks) * R;
+    const int nr = min(R, n_tokens - t0);
+    const int kvh = kv_head(h, n_head, n_head_kv, head_map);
+    // Row r's causal limit; the last row's is the largest.
+    const int reach = min(pos0 + t0 + nr, n_kv);
+    for (int r = 0; r < nr; r++) {
+        const int limit = min(pos0 + t0 + r + 1, n_kv);
+        for (int j = limit + threadIdx.x; j < n_kv; j += blockDim.x) rows[r * row_stride + j] = 0.0f;
+    }
+    for (int j0 = 0; j0 < reach; j0 += tile_keys) {
+        const int nk = min(tile_keys, reach - j0);
+        load_key_tile(kc, tile, j0, nk, n_head_kv, kvh, head_dim, key_stride);
+        __syncthreads();
+        for (int i = threadIdx.x; i < nr * nk; i += blockDim.x) {
+            const int r = i / nk, jj = i - r * nk;
+            if (j0 + jj < min(pos0 + t0 + r + 1, n_kv)) {
+                const float* qr = q + ((u64)(t0 + r) * n_head + h) * head_dim;
+                rows[r * row_stride + j0 + jj] = dot_qk(qr, tile, (u64)jj * key_stride, head_dim);
+            }
+        }
+        __syncthreads();
+    }
+    for (int r = 0; r < nr; r++) {
+        float* row = rows + r * row_stride;
+        const u64 row_at = ((u64)h * n_tokens + t0 + r) * n_kv;
+        // softmax_row overwrites the row only after its own barriers: these reads come first.
+        if (scores_out) {
+            for (int j = threadIdx.x; j < n_kv; j += blockDim.x) scores_out[row_at + j] = row[j];
+        }
+        softmax_row(row, row, min(pos0 + t0 + r + 1, n_kv), n_kv, scale, smax, ssum);
+        // Each thread reads back the probabilities it wrote itself (softmax_row's stride).
+        if (probs_out) {
+            for (int j = threadIdx.x; j < n_kv; j += blockDim.x) probs_out[row_at + j] = row[j];
+        }
+        if (round_probs) {
+            for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
+                half_bits hb;
+                st(&hb, 0, row[j]);
+                row[j] = ld(&hb, 0);
+            }
+        }
+    }
+    __syncthreads();
+    ctx_rows<T, R>(rows, row_stride, nr, vc, out + ((u64)t0 * n_head + h) * head_dim, (u64)n_head * head_dim, n_kv,
+                   reach, head_dim, n_head_kv, kvh, partial);
+}
+
+#define ATTENTION_ROWS(R)                                                                                          \
+    extern "C" __global__ void attention_rows##R##_f32(                                                           \
+        const float* q, const float* kc, const float* vc, float* out, float* scores_out, float* probs_out,         \
+        int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0, int head_map, float scale,      \
+        int round_probs, int max_kv, int tile_keys, int key_stride) {                                              \
+        attention_rows<float, R>(q, kc, vc, out, scores_out, probs_out, n_head, n_tokens, n_kv, head_dim,        \
+                                 n_head_kv, pos0, head_map, scale, round_probs, max_kv, tile_keys, key_stride);    \
+    }                                                                                                              \
+    extern "C" __global__ void attention_rows##R##_f16(                                                           \
+        const float* q, const half_bits* kc, const half_bits* vc, float* out, float* scores_out,                   \
+        float* probs_out, int n_head, int n_tokens, int n_kv, int head_dim, int n_head_kv, int pos0,               \
+        int head_map, float scale, int round_probs, int max_kv, int tile_keys, int key_stride) {                  \
+        attention_rows<half_bits, R>(q, kc, vc, out, scores_out, probs_out, n_head, n_tokens, n_kv, head_dim,    \
+                                     n_head_kv, pos0, head_map, scale, round_probs, max_kv, tile_keys,            \
+                                     key_stride);                                                                  \
+    }
+
+ATTENTION_ROWS(4)
+ATTENTION_ROWS(8)
+
 // rope_f32 of q and of k at rope_pos0, and kv_store of the rotated k and of
 // v at kv_pos0, in one launch (a decode step's three smallest kernels): the
 // same per-element operations, so the same bits as the three launches. The

@@ -96,6 +96,18 @@ const ATTENTION_TILE_BYTES: usize = 64 * 1024;
 /// block may have 227 KiB).
 const ATTENTION_MAX_SHARED: usize = FUSED_ATTENTION_MAX_KV * 4 + ATTENTION_TILE_BYTES;
 
+/// The most query rows a block of the fused attention takes:
+/// `QWEN2_PARITY_CUDA_ATTENTION_ROWS` (1, 4 or 8; the same bits), else 8.
+fn attention_rows_from_env() -> Result<usize> {
+    match std::env::var("QWEN2_PARITY_CUDA_ATTENTION_ROWS").ok().as_deref() {
+        None => Ok(8),
+        Some("1") => Ok(1),
+        Some("4") => Ok(4),
+        Some("8") => Ok(8),
+        Some(other) => bail!("QWEN2_PARITY_CUDA_ATTENTION_ROWS={other}: expected 1, 4 or 8"),
+    }
+}
+
 /// Elements between two staged key rows in the fused attention's tile:
 /// `head_dim` padded to an odd number of 32-bit words, so that the lanes
 /// reading key rows side by side hit different shared-memory banks.
@@ -498,6 +510,11 @@ struct Kernels {
     softmax_causal: CudaFunction,
     attention_f32: CudaFunction,
     attention_f16: CudaFunction,
+    /// `attention` for 4 and 8 query rows a block (a prefill), per cache type.
+    attention_rows4_f32: CudaFunction,
+    attention_rows4_f16: CudaFunction,
+    attention_rows8_f32: CudaFunction,
+    attention_rows8_f16: CudaFunction,
 }
 
 impl Kernels {
@@ -555,6 +572,10 @@ impl Kernels {
             softmax_causal: f("attention.cu", "softmax_causal_f32")?,
             attention_f32: big_shared("attention_f32")?,
             attention_f16: big_shared("attention_f16")?,
+            attention_rows4_f32: big_shared("attention_rows4_f32")?,
+            attention_rows4_f16: big_shared("attention_rows4_f16")?,
+            attention_rows8_f32: big_shared("attention_rows8_f32")?,
+            attention_rows8_f16: big_shared("attention_rows8_f16")?,
         })
     }
 }
@@ -639,6 +660,9 @@ pub struct CudaBackend {
     prefill_matmul: PrefillMatmul,
     /// How GEMVs are launched ([`GemvTuning`]).
     gemv_tuning: GemvTuning,
+    /// The most query rows one block of the fused attention takes (8, 4
+    /// or 1; `QWEN2_PARITY_CUDA_ATTENTION_ROWS`), see `attention`.
+    attention_rows: usize,
     /// Seconds each phase of the load took, in order (`load_phases`).
     load_phases: Vec<(&'static str, f64)>,
     /// Page-locked buffers the weights' bytes cross (`upload_blocks`),
@@ -903,6 +927,7 @@ impl CudaBackend {
             step,
             prefill_matmul,
             gemv_tuning: GemvTuning::from_env(sms)?,
+            attention_rows: attention_rows_from_env()?,
             load_phases,
             uploader: None,
         };
@@ -936,6 +961,15 @@ impl CudaBackend {
     pub fn set_gemv_x_and_grid(&mut self, stage_x: bool, max_blocks: Option<u32>) {
         self.gemv_tuning.stage_x = stage_x;
         self.gemv_tuning.max_blocks = max_blocks.unwrap_or(u32::MAX);
+    }
+
+    /// The most query rows a block of the fused attention takes (1, 4 or 8;
+    /// the environment's `QWEN2_PARITY_CUDA_ATTENTION_ROWS` at load): the
+    /// same bits whatever it is.
+    pub fn set_attention_rows(&mut self, rows: usize) -> Result<()> {
+        ensure!([1, 4, 8].contains(&rows), "attention rows {rows}: expected 1, 4 or 8");
+        self.attention_rows = rows;
+        Ok(())
     }
 
     /// The checkpoint arena's size in MiB (0 turns it off; the
@@ -2089,7 +2123,6 @@ impl Backend for CudaBackend {
         let (p0, step_pos) = self.position(pos0)?;
         let (n_kv_arg, _) = self.position(n_kv)?;
         let a = [i32_of(nh, "n_head")?, i32_of(nt, "n_tokens")?, n_kv_arg, i32_of(hd, "head_dim")?, i32_of(self.cfg.n_head_kv, "n_head_kv")?, p0, hm];
-        let mut cfg = rows_grid(nh * nt)?;
         // A recorded kernel serves every later length: room for the longest row.
         let longest = if self.capturing() { self.opts.max_ctx } else { n_kv };
         let elem = match self.cache {
@@ -2098,22 +2131,34 @@ impl Backend for CudaBackend {
         };
         let key_stride = attention_key_stride(hd, elem);
         let tile_keys = attention_tile_keys(key_stride, elem);
-        let shared = longest.next_multiple_of(4) * 4 + tile_keys * key_stride * elem;
+        let (row_bytes, tile_bytes) = (longest.next_multiple_of(4) * 4, tile_keys * key_stride * elem);
+        // Query rows a block takes: a prefill's rows of one head read the
+        // same keys and values, so a block takes up to 8 of them (as many
+        // as shared memory holds); a single row (decode, recording) takes
+        // the one-row kernel, which reads the step's position from device memory.
+        let rows = if nt < 2 || self.capturing() {
+            1
+        } else {
+            [8, 4].into_iter().find(|&r| r <= self.attention_rows && r * row_bytes + tile_bytes <= ATTENTION_MAX_SHARED).unwrap_or(1)
+        };
+        let shared = rows * row_bytes + tile_bytes;
         ensure!(shared <= ATTENTION_MAX_SHARED, "attention: {shared} bytes of shared memory for head_dim {hd} and {longest} keys (limit {ATTENTION_MAX_SHARED})");
+        let mut cfg = rows_grid(nh * nt.div_ceil(rows))?;
         cfg.shared_mem_bytes = shared as u32;
         let (max_kv_arg, tile_keys_arg, key_stride_arg) = (i32_of(longest, "max_kv")?, tile_keys as i32, i32_of(key_stride, "key_stride")?);
         let round: i32 = round_probs.into();
-        let mut b = match &self.cache {
-            KvCache::F32 { k, v } => {
-                let mut b = self.stream.launch_builder(&self.k.attention_f32);
-                b.arg(&*q.data).arg(&k[layer]).arg(&v[layer]);
-                b
-            }
-            KvCache::F16 { k, v } => {
-                let mut b = self.stream.launch_builder(&self.k.attention_f16);
-                b.arg(&*q.data).arg(&k[layer]).arg(&v[layer]);
-                b
-            }
+        let kernel = match (&self.cache, rows) {
+            (KvCache::F32 { .. }, 8) => &self.k.attention_rows8_f32,
+            (KvCache::F16 { .. }, 8) => &self.k.attention_rows8_f16,
+            (KvCache::F32 { .. }, 4) => &self.k.attention_rows4_f32,
+            (KvCache::F16 { .. }, 4) => &self.k.attention_rows4_f16,
+            (KvCache::F32 { .. }, _) => &self.k.attention_f32,
+            (KvCache::F16 { .. }, _) => &self.k.attention_f16,
+        };
+        let mut b = self.stream.launch_builder(kernel);
+        match &self.cache {
+            KvCache::F32 { k, v } => b.arg(&*q.data).arg(&k[layer]).arg(&v[layer]),
+            KvCache::F16 { k, v } => b.arg(&*q.data).arg(&k[layer]).arg(&v[layer]),
         };
         b.arg(&mut *out.data);
         let null = 0u64;
@@ -2124,15 +2169,21 @@ impl Backend for CudaBackend {
         for v in &a {
             b.arg(v);
         }
-        b.arg(&scale).arg(&round).arg(&step_pos).arg(&max_kv_arg).arg(&tile_keys_arg).arg(&key_stride_arg);
+        b.arg(&scale).arg(&round);
+        if rows == 1 {
+            b.arg(&step_pos);
+        }
+        b.arg(&max_kv_arg).arg(&tile_keys_arg).arg(&key_stride_arg);
         // SAFETY: q is [nt, nh, hd], the layer's caches hold max_ctx >= n_kv
         // rows of n_head_kv * hd, out is [nt, nh, hd]; the dynamic shared
         // memory holds the scores of the longest row (n_kv <= FUSED_ATTENTION_MAX_KV;
         // recording: max_ctx, which replays never pass, <= FUSED_ATTENTION_MAX_KV)
-        // and tile_keys padded key rows, under the limit set at load (ATTENTION_MAX_SHARED);
-        // the kept scores and probabilities, when given, are [nh, nt, n_kv] (never while recording).
+        // (`rows` of them for the several-row kernels, which take no step position and are
+        // never recorded) and tile_keys padded key rows, under the limit set at load
+        // (ATTENTION_MAX_SHARED); the grid has a block per head and `rows` query rows; the
+        // kept scores and probabilities, when given, are [nh, nt, n_kv] (never while recording).
         unsafe { b.launch(cfg) }.context("launching attention")?;
-        self.prof_end("attention (fused)", t0)?;
+        self.prof_end(if rows == 1 { "attention (fused)" } else { "attention (fused, rows)" }, t0)?;
         Ok((out, kept))
     }
 
