@@ -97,11 +97,14 @@ const ATTENTION_TILE_BYTES: usize = 64 * 1024;
 const ATTENTION_MAX_SHARED: usize = FUSED_ATTENTION_MAX_KV * 4 + ATTENTION_TILE_BYTES;
 
 /// Query rows a block of the fused attention takes in a prefill:
-/// `QWEN2_PARITY_CUDA_ATTENTION_ROWS` (1 or 4; the same bits), else 4.
+/// `QWEN2_PARITY_CUDA_ATTENTION_ROWS` (1 or 4; the same bits), else 1.
+/// Opt-in until the choice below (4 rows where the launch keeps twice as
+/// many blocks as SMs) has run on a GPU: the 4-row kernel itself passed
+/// the kernel tests on the H100 (reports/gpu/2026-12-07-h100-attention-rows/).
 fn attention_rows_from_env() -> Result<usize> {
     match std::env::var("QWEN2_PARITY_CUDA_ATTENTION_ROWS").ok().as_deref() {
-        None | Some("4") => Ok(4),
-        Some("1") => Ok(1),
+        None | Some("1") => Ok(1),
+        Some("4") => Ok(4),
         Some(other) => bail!("QWEN2_PARITY_CUDA_ATTENTION_ROWS={other}: expected 1 or 4"),
     }
 }
@@ -654,8 +657,8 @@ pub struct CudaBackend {
     prefill_matmul: PrefillMatmul,
     /// How GEMVs are launched ([`GemvTuning`]).
     gemv_tuning: GemvTuning,
-    /// Query rows one block of the fused attention takes in a prefill (4,
-    /// or 1 with `QWEN2_PARITY_CUDA_ATTENTION_ROWS=1`), see `attention`.
+    /// Query rows one block of the fused attention takes in a prefill (1,
+    /// or 4 with `QWEN2_PARITY_CUDA_ATTENTION_ROWS=4`), see `attention`.
     attention_rows: usize,
     /// The least blocks a several-row attention launch must have (twice
     /// the SMs): with fewer, one row a block fills the GPU better.
@@ -2133,12 +2136,13 @@ impl Backend for CudaBackend {
         let tile_keys = attention_tile_keys(key_stride, elem);
         let (row_bytes, tile_bytes) = (longest.next_multiple_of(4) * 4, tile_keys * key_stride * elem);
         // Query rows a block takes: a prefill's rows of one head read the
-        // same keys and values, so a block takes 4 of them where shared
-        // memory holds their scores and the launch still has twice as many
-        // blocks as the GPU has SMs (H100: 30% less time at 512 tokens, 32%
-        // at 128, 20% more at 32 tokens, where 4 rows a block leave SMs
-        // idle). A single row (decode, recording) takes the one-row kernel,
-        // which reads the step's position from device memory.
+        // same keys and values, so with `attention_rows` 4 a block takes 4
+        // of them where shared memory holds their scores and the launch
+        // still has twice as many blocks as the GPU has SMs (H100, 4 rows
+        // for every launch: 29% less time at 512 tokens, 32% at 128, 20%
+        // more at 32 tokens, where 4 rows a block leave SMs idle). A single
+        // row (decode, recording) takes the one-row kernel, which reads the
+        // step's position from device memory.
         let four = 4 * row_bytes + tile_bytes <= ATTENTION_MAX_SHARED && nh * nt.div_ceil(4) >= self.attention_rows_min_blocks;
         let rows = if nt > 1 && !self.capturing() && self.attention_rows == 4 && four { 4 } else { 1 };
         let shared = rows * row_bytes + tile_bytes;
