@@ -242,6 +242,33 @@ __device__ void attn_ctx(const float* __restrict__ probs, const T* __restrict__ 
             n_head_kv, kvh, partial);
 }
 
+// A fused attention row's scores (in shared memory, 0 past `limit`) made
+// its probabilities in place, as the separate kernels make them:
+// softmax_row, then the f16 rounding when round_probs. `scores_out` and
+// `probs_out`, when not null (checkpoints observe them), get the row's
+// scores and its probabilities before any rounding at element `row_at`.
+// Block-wide; the caller syncs before other threads read the row.
+__device__ void softmax_kept(float* row, int limit, int n_kv, float scale, int round_probs,
+                             float* __restrict__ scores_out, float* __restrict__ probs_out, u64 row_at, float* smax,
+                             double* ssum) {
+    // softmax_row overwrites the row only after its own barriers: these reads come first.
+    if (scores_out) {
+        for (int j = threadIdx.x; j < n_kv; j += blockDim.x) scores_out[row_at + j] = row[j];
+    }
+    softmax_row(row, row, limit, n_kv, scale, smax, ssum);
+    // Each thread reads back the probabilities it wrote itself (softmax_row's stride).
+    if (probs_out) {
+        for (int j = threadIdx.x; j < n_kv; j += blockDim.x) probs_out[row_at + j] = row[j];
+    }
+    if (round_probs) {
+        for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
+            half_bits hb;
+            st(&hb, 0, row[j]);
+            row[j] = ld(&hb, 0);
+        }
+    }
+}
+
 // Keys j0 .. j0 + nk - 1 of kv head kvh into `tile` (rows of key_stride
 // elements), by the whole block. When a key row is whole 16-byte pieces
 // (head_dim 64 in f16 or f32) each thread loads KEY_TILE_LOADS pieces
@@ -334,23 +361,8 @@ __device__ void attention(const float* __restrict__ q, const T* __restrict__ kc,
         __syncthreads();
     }
     // This block's row of [n_head, n_tokens, n_kv] (blockIdx.x = h * n_tokens + t).
-    const u64 row_at = (u64)blockIdx.x * n_kv;
-    // softmax_row overwrites the row only after its own barriers: these reads come first.
-    if (scores_out) {
-        for (int j = threadIdx.x; j < n_kv; j += blockDim.x) scores_out[row_at + j] = row[j];
-    }
-    softmax_row(row, row, min(pos0 + t + 1, n_kv), n_kv, scale, smax, ssum);
-    // Each thread reads back the probabilities it wrote itself (softmax_row's stride).
-    if (probs_out) {
-        for (int j = threadIdx.x; j < n_kv; j += blockDim.x) probs_out[row_at + j] = row[j];
-    }
-    if (round_probs) {
-        for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
-            half_bits hb;
-            st(&hb, 0, row[j]);
-            row[j] = ld(&hb, 0);
-        }
-    }
+    softmax_kept(row, limit, n_kv, scale, round_probs, scores_out, probs_out,
+                 (u64)blockIdx.x * n_kv, smax, ssum);
     __syncthreads();
     ctx_row(row, vc, out + ((u64)t * n_head + h) * head_dim, n_kv, limit, head_dim, n_head_kv, kvh, partial);
 }
@@ -463,24 +475,8 @@ __device__ void attention_rows(const float* __restrict__ q, const T* __restrict_
         __syncthreads();
     }
     for (int r = 0; r < nr; r++) {
-        float* row = rows + r * row_stride;
-        const u64 row_at = ((u64)h * n_tokens + t0 + r) * n_kv;
-        // softmax_row overwrites the row only after its own barriers: these reads come first.
-        if (scores_out) {
-            for (int j = threadIdx.x; j < n_kv; j += blockDim.x) scores_out[row_at + j] = row[j];
-        }
-        softmax_row(row, row, min(pos0 + t0 + r + 1, n_kv), n_kv, scale, smax, ssum);
-        // Each thread reads back the probabilities it wrote itself (softmax_row's stride).
-        if (probs_out) {
-            for (int j = threadIdx.x; j < n_kv; j += blockDim.x) probs_out[row_at + j] = row[j];
-        }
-        if (round_probs) {
-            for (int j = threadIdx.x; j < n_kv; j += blockDim.x) {
-                half_bits hb;
-                st(&hb, 0, row[j]);
-                row[j] = ld(&hb, 0);
-            }
-        }
+        softmax_kept(rows + r * row_stride, min(pos0 + t0 + r + 1, n_kv), n_kv, scale, round_probs, scores_out,
+                     probs_out, ((u64)h * n_tokens + t0 + r) * n_kv, smax, ssum);
     }
     __syncthreads();
     ctx_rows<T, R>(rows, row_stride, nr, vc, out + ((u64)t0 * n_head + h) * head_dim, (u64)n_head * head_dim, n_kv,
