@@ -1176,6 +1176,17 @@ fn norm_fused_into_the_gemvs_gives_the_bits_of_the_norm_then_the_gemvs() {
     }
 }
 
+/// A CUDA backend of `cfg` with `f32_weights` and then `blocks` (from
+/// [`block_model`]) uploaded over them, its KV cache `kv`.
+fn cuda_on_blocks(cfg: &Qwen2Config, f32_weights: &HashMap<Weight, Tensor>, blocks: &[(Weight, GgmlType, Vec<u8>)], kv: KvType) -> CudaBackend {
+    let opts = BackendOptions { kv_type: kv, max_ctx: MAX_CTX, dequant_bug: None };
+    let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
+    for (w, ty, bytes) in blocks {
+        g.upload_blocks(*w, *ty, bytes, 0).unwrap();
+    }
+    g
+}
+
 /// A random model of `cfg` whose matrices are blocks in the real model's
 /// mix of types: the f32 values (for the CPU oracle) and the blocks.
 #[allow(clippy::type_complexity)]
@@ -1230,11 +1241,7 @@ fn recorded_decode_steps_give_the_bits_of_op_by_op() {
     for kv in [KvType::F32, KvType::F16] {
         for fault in Fault::all() {
             let make = |record: bool| {
-                let opts = BackendOptions { kv_type: kv, max_ctx: MAX_CTX, dequant_bug: None };
-                let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
-                for (w, ty, bytes) in &blocks {
-                    g.upload_blocks(*w, *ty, bytes, 0).unwrap();
-                }
+                let mut g = cuda_on_blocks(&cfg, &f32_weights, &blocks, kv);
                 if !record {
                     g.disable_recording("the test's op-by-op model");
                 }
@@ -1278,11 +1285,7 @@ fn kept_stages_are_the_bits_of_the_separate_ops_on_block_weights() {
     let forced: Vec<i32> = (0..3).map(|_| rng.gen_range(0..cfg.n_vocab as i32)).collect();
     for kv in [KvType::F32, KvType::F16] {
         for fault in Fault::all() {
-            let opts = BackendOptions { kv_type: kv, max_ctx: MAX_CTX, dequant_bug: None };
-            let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
-            for (w, ty, bytes) in &blocks {
-                g.upload_blocks(*w, *ty, bytes, 0).unwrap();
-            }
+            let g = cuda_on_blocks(&cfg, &f32_weights, &blocks, kv);
             let mut m = Model::new(g, cfg.clone(), FaultSpec::from(fault));
             let mut observed = Recorder::new(StageFilter::default(), "cuda");
             m.generate(&prompt, forced.len(), Some(&forced), &mut observed).unwrap();
@@ -1314,10 +1317,7 @@ fn forward_pass_on_block_weights_matches_cpu() {
         for fault in Fault::all() {
             let opts = BackendOptions { kv_type: kv, max_ctx: MAX_CTX, dequant_bug: None };
             let cpu = CpuBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
-            let mut g = CudaBackend::from_weights(cfg.clone(), f32_weights.clone(), opts).unwrap();
-            for (w, ty, bytes) in &blocks {
-                g.upload_blocks(*w, *ty, bytes, 0).unwrap();
-            }
+            let g = cuda_on_blocks(&cfg, &f32_weights, &blocks, kv);
             let worst = passes_agree(cpu, g, &cfg, fault, &prompt, &forced, kv, "blocks");
             println!("block weights kv {kv:?} fault {fault}: max |cpu - cuda| = {worst:e}");
         }
